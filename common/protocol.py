@@ -1,0 +1,180 @@
+"""Every wire message between the gateway and the stages, in one place.
+
+Glossary
+--------
+level      Index of a model in the hierarchy: 0 is the smallest drafter (M0), K = levels-1 is the
+           target (MK). Level i drafts for level i+1 and verifies level i-1.
+position   Index into the *generated* tokens of a request (the prompt is not counted): position 0 is
+           the first token after the prompt.
+sequence   A level's own list of generated tokens. The target's sequence is *committed*: it never
+           changes and is what the user sees. A lower level's sequence is speculative.
+span       A run of a level's sequence, ``tokens[start:]``, pushed up to the next level as drafts.
+           Spans are latest-state: each one repeats everything from ``start`` so a lost span is
+           repaired by the next one.
+epoch      A per-request counter owned by each level, bumped whenever that level invalidates the
+           drafts it was sent: when it rejects a draft, or when its own sequence is rewritten by a
+           level above. A span carries the receiver's epoch it was built on (``base_epoch``); a span
+           whose base_epoch is older than the receiver's epoch is *stale* and dropped.
+accepted   Draft tokens that equal the verifier's own greedy prediction at their position.
+correction The verifier's own token at the first rejected position.
+bonus      The verifier's own token after the last draft when every draft was accepted.
+notice     A level's state broadcast down (PUB/SUB) to all lower levels after it changes: its
+           sequence from ``start``. Lower levels reconcile to it (roll back where they diverge,
+           adopt what they lack). A notice that follows a rejection is a *rollback*; otherwise a
+           *commit*. Notices are idempotent: applying one twice changes nothing.
+
+Transport
+---------
+Start, Cancel           gateway  -> every stage of the route   (PUSH -> stage inbox PULL)
+Span                    level i  -> level i+1                  (PUSH -> stage inbox PULL)
+Notice                  level j  -> all lower levels           (PUB  -> SUB, topic = request id)
+Output, RequestError    target   -> gateway                    (PUSH -> gateway PULL)
+Heartbeat               stage    -> gateway                    (PUSH -> gateway PULL)
+
+Every message is one msgpack map with ``v`` (protocol version) and ``t`` (type tag); see
+``common.codec``. Fields are checked strictly on decode.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+
+
+class Message(BaseModel):
+    """Base of all wire messages: strict types, unknown fields rejected, immutable."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    TYPE: ClassVar[str] = ""  # overridden per class; the ``t`` tag on the wire (not a field)
+
+
+class RouteHop(Message):
+    """One replica of one level on a request's route."""
+
+    level: int = Field(ge=0)
+    replica: str  # replica id, unique per process incarnation
+    inbox: str  # ZMQ endpoint of the replica's PULL socket, e.g. tcp://10.0.0.5:5601
+    notices: str  # ZMQ endpoint of the replica's PUB socket
+
+
+class LevelStats(BaseModel):
+    """Counters one level keeps for one request (vLLM spec-decode vocabulary where it applies)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    level: int
+    forward_passes: int = 0  # model calls (prefill excluded)
+    drafts: int = 0  # verification passes that checked >= 1 draft token ("num_drafts")
+    draft_tokens: int = 0  # draft tokens checked ("num_draft_tokens")
+    accepted_tokens: int = 0  # draft tokens accepted ("num_accepted_tokens")
+    emitted_tokens: int = 0  # tokens appended by this level's own passes (accepted + corrections/bonus)
+    rollbacks_issued: int = 0  # passes that rejected a draft (a rollback notice followed)
+    rollbacks_applied: int = 0  # times this level's sequence was rewritten by a level above
+    stale_spans: int = 0  # spans dropped because their base_epoch was old
+    busy_s: float = 0.0  # seconds spent in forward passes (prefill included)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+class Start(Message):
+    """Begin (or resume, or re-sync) a request at one stage. Idempotent.
+
+    A stage that already holds the request only updates its route; the target also re-sends its
+    output from ``have``. A stage that does not hold it (lost message, restart) starts from
+    ``prompt + committed``.
+    """
+
+    TYPE: ClassVar[str] = "start"
+    request_id: str
+    prompt: list[int]  # token ids
+    committed: list[int] = []  # output token ids the gateway already has (resume point)
+    have: int = Field(default=0, ge=0)  # output tokens the gateway has received
+    max_tokens: int = Field(ge=1)  # cap on generated tokens, counted from position 0
+    eos_ids: list[int] = []
+    route: list[RouteHop]  # route[i] is the replica serving level i
+    reply_to: str  # gateway endpoint for Output messages
+
+
+class Span(Message):
+    """Drafts from level ``level`` for level ``level + 1``: the sender's ``sequence[start:]``."""
+
+    TYPE: ClassVar[str] = "span"
+    request_id: str
+    level: int = Field(ge=0)  # sender's level
+    replica: str  # sender replica id
+    start: int = Field(ge=0)  # position of tokens[0]
+    tokens: list[int]
+    base_epoch: int = Field(ge=0)  # receiver's epoch the sender had seen when building this span
+    epoch: int = Field(ge=0)  # sender's own epoch (orders spans from one sender)
+    stats: list[LevelStats] = []  # cumulative stats of the sender and every level below it
+
+
+class Notice(Message):
+    """State of level ``level``: its ``sequence[start:]``, broadcast to all lower levels."""
+
+    TYPE: ClassVar[str] = "notice"
+    request_id: str
+    level: int = Field(ge=0)  # issuing level
+    start: int = Field(ge=0)  # position of tokens[0]
+    tokens: list[int]  # authoritative for lower levels
+    epoch: int = Field(ge=0)  # issuer's epoch after this change
+    rollback: bool = False  # this notice follows a rejection of drafts
+    final: bool = False  # the request is finished at the target: free its state
+
+
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str
+    reason: str = "cancelled"
+
+
+class Output(Message):
+    """Committed tokens from the target: ``committed[start:start+len(tokens)]``."""
+
+    TYPE: ClassVar[str] = "output"
+    request_id: str
+    replica: str
+    start: int = Field(ge=0)
+    tokens: list[int]
+    done: bool = False
+    finish_reason: Optional[Literal["stop", "length", "cancelled"]] = None  # set when done
+    stats: list[LevelStats] = []  # per level, index = level; set when done
+
+
+class RequestError(Message):
+    """A stage could not serve a request (bad input, model error). The request fails."""
+
+    TYPE: ClassVar[str] = "error"
+    request_id: str
+    replica: str
+    level: int
+    message: str
+
+
+class Heartbeat(Message):
+    """Registration and liveness of one stage replica; sent every heartbeat interval."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    replica: str
+    incarnation: str  # changes on every process start
+    level: int = Field(ge=0)
+    inbox: str
+    notices: str
+    ready: bool  # model loaded
+    draining: bool = False  # takes no new requests
+    active_requests: int = Field(default=0, ge=0)
+    model: str = ""
+    backend: str = ""
+    can_verify: bool = True
+    tokenizer_fingerprint: Optional[str] = None  # None: works on raw ids (n-gram)
+    max_context: int = 0  # positions; 0 = unknown
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Start, Span, Notice, Cancel, Output, RequestError, Heartbeat)
+}

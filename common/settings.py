@@ -1,0 +1,78 @@
+"""One pydantic-settings class per service. Constructed once in ``main`` and passed explicitly.
+
+Every field can be overridden from the environment: ``PIPESPEC_STAGE_<FIELD>`` for a stage,
+``PIPESPEC_GATEWAY_<FIELD>`` for the gateway (e.g. ``PIPESPEC_STAGE_DEVICE=cuda:1``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendKind = Literal["hf", "early-exit", "ngram", "simulated"]
+
+
+class StageSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIPESPEC_STAGE_", extra="forbid")
+
+    level: int = Field(ge=0, description="0 = smallest drafter; the target is the highest level")
+    backend: BackendKind = "hf"
+    model: str = Field("", description="HF model id, local directory, or a .gguf file")
+    tokenizer: Optional[str] = Field(None, description="where the tokenizer is, if not `model`")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N")
+    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
+    early_exit_layers: Optional[int] = Field(None, ge=1, description="early-exit: layers kept")
+    ngram_max: int = Field(3, ge=1, description="n-gram drafter: longest suffix to match")
+    ngram_min: int = Field(1, ge=1, description="n-gram drafter: shortest suffix to match")
+
+    bind_host: str = "127.0.0.1"
+    advertise_host: Optional[str] = Field(None, description="host peers use; default bind_host")
+    inbox_port: int = Field(0, ge=0, le=65535, description="PULL port; 0 = ephemeral")
+    notices_port: int = Field(0, ge=0, le=65535, description="PUB port; 0 = ephemeral")
+    gateway: str = Field("tcp://127.0.0.1:5550", description="gateway's PULL endpoint")
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    max_lead: int = Field(16, ge=1, description="tokens a lower level may run past the target")
+    max_verify_tokens: int = Field(32, ge=1, description="draft tokens checked per pass, at most")
+    heartbeat_interval_s: float = Field(0.5, gt=0)
+    request_ttl_s: float = Field(60.0, gt=0, description="drafter drops a silent request after")
+    done_retention_s: float = Field(60.0, gt=0, description="target keeps finished output for")
+    hwm: int = Field(10_000, ge=0)
+    linger_ms: int = Field(500, ge=0)
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageSettings":
+        if self.backend in ("hf", "early-exit") and not self.model:
+            raise ValueError(f"backend {self.backend!r} needs `model`")
+        if self.backend == "early-exit" and self.early_exit_layers is None:
+            raise ValueError("backend 'early-exit' needs `early_exit_layers`")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("ngram_min must be <= ngram_max")
+        return self
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIPESPEC_GATEWAY_", extra="forbid")
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    bind_host: str = "127.0.0.1"
+    advertise_host: Optional[str] = None
+    registry_port: int = Field(5550, ge=0, le=65535, description="PULL: heartbeats and outputs")
+    client_port: int = Field(5551, ge=0, le=65535, description="ROUTER: ZMQ client API")
+    tokenizer: str = Field(description="the target's tokenizer: HF id, directory or .gguf")
+    served_model_name: str = "pipespec"
+    num_levels: int = Field(ge=1, description="levels a route must have")
+    default_max_tokens: int = Field(128, ge=1)
+    heartbeat_timeout_s: float = Field(3.0, gt=0)
+    resend_after_s: float = Field(5.0, gt=0, description="re-sync a request silent for this long")
+    request_timeout_s: float = Field(600.0, gt=0)
+    hwm: int = Field(10_000, ge=0)
+    linger_ms: int = Field(500, ge=0)
+    log_level: str = "info"
