@@ -120,6 +120,7 @@ class Notice(Message):
     TYPE: ClassVar[str] = "notice"
     request_id: str
     level: int = Field(ge=0)  # issuing level
+    replica: str  # issuing replica id (epochs are per replica incarnation)
     start: int = Field(ge=0)  # position of tokens[0]
     tokens: list[int]  # authoritative for lower levels
     epoch: int = Field(ge=0)  # issuer's epoch after this change
