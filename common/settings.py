@@ -29,6 +29,11 @@ class StageSettings(BaseSettings):
     early_exit_layers: Optional[int] = Field(None, ge=1, description="early-exit: layers kept")
     ngram_max: int = Field(3, ge=1, description="n-gram drafter: longest suffix to match")
     ngram_min: int = Field(1, ge=1, description="n-gram drafter: shortest suffix to match")
+    sim_agreement: float = Field(1.0, ge=0, le=1, description="simulated: P(token == target's)")
+    sim_cost_ms: float = Field(0.0, ge=0, description="simulated: ms per forward pass")
+    sim_cost_per_token_ms: float = Field(0.0, ge=0, description="simulated: ms per extra token")
+    sim_seed: int = Field(0, description="simulated: the text; same seed at every level")
+    sim_vocab: int = Field(32_000, ge=2, description="simulated: vocabulary size")
 
     bind_host: str = "127.0.0.1"
     advertise_host: Optional[str] = Field(None, description="host peers use; default bind_host")

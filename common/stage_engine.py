@@ -1,0 +1,441 @@
+"""One level of the PipeSpec hierarchy, for many requests, with no I/O of its own.
+
+The stage service feeds it decoded messages (:meth:`StageEngine.handle`) and calls
+:meth:`StageEngine.step` to run one forward pass for one request; everything it sends goes
+through an :class:`Outbox`. The same engine runs over real ZeroMQ sockets (``services.stage``)
+and over the in-process fake transport of the tests.
+
+Every level runs the same step (``_run_pass``): feed the tokens the KV cache lacks, plus any
+drafts from below, in one forward pass; accept the longest matching prefix of the drafts and
+append one correction/bonus token. Level 0 has no drafts, so its step is a plain greedy step;
+a verifier with no drafts makes its own greedy step instead of idling (the paper's rho model).
+
+Lossless by construction: a level appends only its own greedy predictions (accepted drafts equal
+them), so the target's sequence is its greedy output whatever the drafts, their timing or their
+loss. Drafts, epochs and notices only decide how *fast* that happens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import structlog
+
+from common.backends.base import Backend, Session
+from common.decoding import accept_greedy, anchor_drafts, apply_stop, reconcile
+from common.protocol import (
+    Cancel,
+    LevelStats,
+    Message,
+    Notice,
+    Output,
+    RequestError,
+    RouteHop,
+    Span,
+    Start,
+)
+from common.settings import StageSettings
+
+log = structlog.get_logger("stage")
+
+
+class Outbox(Protocol):
+    """Where the engine's messages go (ZeroMQ sockets, or the tests' fake transport)."""
+
+    def send_span(self, hop: RouteHop, span: Span) -> None: ...
+    def publish(self, notice: Notice) -> None: ...
+    def send_reply(self, endpoint: str, msg: Output | RequestError) -> None: ...
+    def subscribe(self, request_id: str, hops: list[RouteHop]) -> None: ...
+    def unsubscribe(self, request_id: str) -> None: ...
+
+
+@dataclass
+class SeenNotice:
+    replica: str
+    epoch: int
+    end: int  # issuer's sequence length
+
+
+@dataclass
+class LevelRequest:
+    """One request's state at this level."""
+
+    request_id: str
+    prompt: list[int]
+    tokens: list[int]  # this level's own sequence of generated tokens
+    max_tokens: int
+    eos_ids: frozenset[int]
+    route: list[RouteHop]
+    reply_to: str
+    last_heard: float
+    stats: LevelStats
+    session: Optional[Session] = None  # KV cache: holds prompt + tokens[:-1] (or a prefix of it)
+    epoch: int = 0  # bumped when drafts sent to this level become invalid
+    span: Optional[Span] = None  # best drafts received from the level below
+    seen: dict[int, SeenNotice] = field(default_factory=dict)  # latest notice per upper level
+    target_len: int = 0  # the target's committed length, as last heard
+    sent: int = 0  # target only: tokens already sent to the gateway
+    stalled: bool = False  # drafter had no prediction; wait for new information
+    finish_reason: Optional[str] = None  # target only, once finished
+    last_publish: float = 0.0
+
+
+@dataclass
+class FinishedRequest:
+    tokens: list[int]
+    finish_reason: str
+    stats: list[LevelStats]
+    expires: float
+
+
+class StageEngine:
+    def __init__(
+        self,
+        settings: StageSettings,
+        backend: Backend,
+        outbox: Outbox,
+        replica: str,
+        clock: Callable[[], float] = time.monotonic,
+        republish_interval_s: float = 0.05,
+    ):
+        self.level = settings.level
+        self.settings = settings
+        self.backend = backend
+        self.outbox = outbox
+        self.replica = replica
+        self.clock = clock
+        self.republish_interval_s = republish_interval_s
+        self.requests: dict[str, LevelRequest] = {}
+        self.finished: dict[str, FinishedRequest] = {}  # target only: for re-sends
+        self._order: deque[str] = deque()  # round-robin over requests
+        self.draining = False
+        self.counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ messages in
+    def handle(self, msg: Message) -> None:
+        if isinstance(msg, Span):
+            self._on_span(msg)
+        elif isinstance(msg, Notice):
+            self._on_notice(msg)
+        elif isinstance(msg, Start):
+            self._on_start(msg)
+        elif isinstance(msg, Cancel):
+            self._on_cancel(msg)
+        else:
+            self._count("unexpected_message")
+            log.warning("unexpected_message", type=msg.TYPE, level=self.level)
+
+    def is_target(self, r: LevelRequest) -> bool:
+        return self.level == len(r.route) - 1
+
+    def _on_start(self, msg: Start) -> None:
+        r = self.requests.get(msg.request_id)
+        if r is not None:  # re-sync: update the route, re-send what the gateway lacks
+            r.last_heard = self.clock()
+            if r.route != msg.route:
+                r.route = list(msg.route)
+                self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
+            r.reply_to = msg.reply_to
+            if self.is_target(r):
+                r.sent = min(r.sent, msg.have)
+                self._send_output(r, done=False)
+            return
+        done = self.finished.get(msg.request_id)
+        if done is not None:  # lost output: repeat the end, and tell lower levels to let go
+            self.outbox.publish(
+                Notice(request_id=msg.request_id, level=self.level, replica=self.replica,
+                       start=len(done.tokens), tokens=[], epoch=0, final=True)
+            )  # fmt: skip
+            self.outbox.send_reply(
+                msg.reply_to,
+                Output(
+                    request_id=msg.request_id, replica=self.replica, start=msg.have,
+                    tokens=done.tokens[msg.have :], done=True,
+                    finish_reason=done.finish_reason, stats=done.stats,
+                ),
+            )  # fmt: skip
+            return
+        problem = self._check_start(msg)
+        if problem:
+            self._count("rejected_start")
+            log.warning("start_rejected", request_id=msg.request_id, reason=problem)
+            if self.level == len(msg.route) - 1:
+                self.outbox.send_reply(
+                    msg.reply_to,
+                    RequestError(request_id=msg.request_id, replica=self.replica,
+                                 level=self.level, message=problem),
+                )  # fmt: skip
+            return
+        r = LevelRequest(
+            request_id=msg.request_id,
+            prompt=list(msg.prompt),
+            tokens=list(msg.committed),
+            max_tokens=msg.max_tokens,
+            eos_ids=frozenset(msg.eos_ids),
+            route=list(msg.route),
+            reply_to=msg.reply_to,
+            last_heard=self.clock(),
+            stats=LevelStats(level=self.level),
+        )
+        r.sent = msg.have
+        r.target_len = len(msg.committed)
+        self.requests[r.request_id] = r
+        self._order.append(r.request_id)
+        self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
+        log.debug("request_started", request_id=r.request_id, level=self.level,
+                  prompt_tokens=len(r.prompt), resumed_from=len(r.tokens))  # fmt: skip
+
+    def _check_start(self, msg: Start) -> Optional[str]:
+        if self.level >= len(msg.route) or msg.route[self.level].replica != self.replica:
+            return f"route does not name this replica ({self.replica}) for level {self.level}"
+        if not msg.prompt:
+            return "empty prompt"
+        if self.level == len(msg.route) - 1 and not self.backend.can_verify:
+            return f"backend {self.backend.kind!r} cannot be the target"
+        limit = self.backend.max_context
+        if limit and len(msg.prompt) + msg.max_tokens > limit:
+            return (f"prompt ({len(msg.prompt)} tokens) + max_tokens ({msg.max_tokens}) exceeds "
+                    f"the model context of {limit} tokens")  # fmt: skip
+        if len(msg.committed) > msg.max_tokens:
+            return "committed output longer than max_tokens"
+        return None
+
+    def _on_cancel(self, msg: Cancel) -> None:
+        r = self.requests.get(msg.request_id)
+        if r is None:
+            return
+        if self.is_target(r):
+            self._publish(r, start=len(r.tokens), final=True)
+        self._drop(r, reason=msg.reason)
+
+    def _on_span(self, span: Span) -> None:
+        r = self.requests.get(span.request_id)
+        if r is None:
+            self._count("span_unknown_request")
+            return
+        if span.level != self.level - 1:
+            self._count("span_wrong_level")
+            return
+        if span.base_epoch < r.epoch:  # built before a rollback the sender had not yet seen
+            r.stats.stale_spans += 1
+            self._maybe_republish(r)
+            return
+        old = r.span
+        end = span.start + len(span.tokens)
+        if old is not None and old.replica == span.replica:
+            if (span.epoch, end) < (old.epoch, old.start + len(old.tokens)):
+                return  # an older span, overtaken
+        r.span = span
+
+    def _on_notice(self, n: Notice) -> None:
+        r = self.requests.get(n.request_id)
+        if r is None or n.level <= self.level:
+            return
+        end = n.start + len(n.tokens)
+        prev = r.seen.get(n.level)
+        if prev is not None and prev.replica == n.replica and (n.epoch, end) < (prev.epoch, prev.end):
+            return  # older state of that level
+        r.seen[n.level] = SeenNotice(n.replica, n.epoch, end)
+        r.last_heard = self.clock()
+        if n.level == len(r.route) - 1:
+            r.target_len = max(r.target_len, end)
+        if n.final:
+            self._drop(r, reason="finished")
+            return
+        plan = reconcile(r.tokens, n.start, n.tokens)
+        if plan is None:
+            return  # it lies beyond our sequence; a later notice will cover the gap
+        if plan.rewrote:
+            r.tokens = r.tokens[: plan.keep] + plan.adopt
+            r.epoch += 1
+            r.stats.rollbacks_applied += 1
+            if r.session is not None:
+                r.session.crop(min(r.session.length, len(r.prompt) + plan.keep))
+        elif plan.adopt:
+            r.tokens.extend(plan.adopt)
+        else:
+            return
+        r.tokens, _ = apply_stop(r.tokens, r.eos_ids, r.max_tokens)
+        r.stalled = False
+        if self.level > 0:
+            self._publish(r, start=plan.keep)
+
+    # ------------------------------------------------------------------ scheduling
+    def has_work(self) -> bool:
+        return any(self._wants_pass(r) for r in self.requests.values())
+
+    def _wants_pass(self, r: LevelRequest) -> bool:
+        if self.is_target(r):
+            return r.finish_reason is None
+        if r.stalled or self._ended(r):
+            return False
+        return len(r.tokens) < r.target_len + self.settings.max_lead
+
+    def _ended(self, r: LevelRequest) -> bool:
+        return len(r.tokens) >= r.max_tokens or bool(r.tokens and r.tokens[-1] in r.eos_ids)
+
+    def step(self) -> bool:
+        """Run one forward pass for the next request that wants one. False if none does."""
+        for _ in range(len(self._order)):
+            rid = self._order[0]
+            self._order.rotate(-1)
+            r = self.requests.get(rid)
+            if r is not None and self._wants_pass(r):
+                try:
+                    self._run_pass(r)
+                except Exception as exc:  # a model error fails this request, not the process
+                    self._count("pass_failed")
+                    log.exception("pass_failed", request_id=rid, level=self.level)
+                    self._fail(r, f"model error at level {self.level}: {exc}")
+                return True
+        return False
+
+    def tick(self) -> None:
+        """Timers: forget silent drafter requests and expired finished ones."""
+        now = self.clock()
+        for r in list(self.requests.values()):
+            if not self.is_target(r) and now - r.last_heard > self.settings.request_ttl_s:
+                self._drop(r, reason="ttl")
+        for rid in [k for k, f in self.finished.items() if f.expires < now]:
+            del self.finished[rid]
+
+    # ------------------------------------------------------------------ the pass
+    def _drafts(self, r: LevelRequest) -> list[int]:
+        if r.span is None or self.level == 0:
+            return []
+        drafts = anchor_drafts(r.tokens, r.span.start, r.span.tokens)
+        if drafts is None:
+            return []
+        room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
+        return drafts[: max(0, min(self.settings.max_verify_tokens, room))]
+
+    def _run_pass(self, r: LevelRequest) -> None:
+        t0 = time.perf_counter()
+        seq = r.prompt + r.tokens
+        if r.session is None:
+            r.session = self.backend.new_session(seq[:-1])
+        pending = seq[r.session.length :]  # tokens the cache lacks; the last one at least
+        drafts = self._drafts(r)
+        preds = r.session.forward(pending + drafts)[len(pending) - 1 :]
+        base = len(seq)
+        if preds[0] is None:  # a drafter with nothing to propose: wait for news from above
+            r.session.crop(base - 1)
+            r.stalled = True
+            r.stats.busy_s += time.perf_counter() - t0
+            return
+        m = accept_greedy(drafts, preds)
+        new = drafts[:m] + [preds[m]]
+        r.session.crop(base + m)  # keep everything but the new last token
+        old_len = len(r.tokens)
+        r.tokens, finish = apply_stop(r.tokens + new, r.eos_ids, r.max_tokens)
+        if len(r.prompt) + len(r.tokens) - 1 < r.session.length:
+            r.session.crop(len(r.prompt) + len(r.tokens) - 1)
+        rejected = m < len(drafts)
+        st = r.stats
+        st.forward_passes += 1
+        st.emitted_tokens += len(r.tokens) - old_len
+        if drafts:
+            st.drafts += 1
+            st.draft_tokens += len(drafts)
+            st.accepted_tokens += m
+        if rejected:
+            r.epoch += 1
+            st.rollbacks_issued += 1
+        st.busy_s += time.perf_counter() - t0
+        if self.is_target(r):
+            r.target_len = len(r.tokens)
+            if finish is not None:
+                r.finish_reason = finish
+        if self.level > 0:
+            below_end = r.span.start + len(r.span.tokens) if r.span else 0
+            self._publish(r, start=min(old_len, below_end), rollback=rejected,
+                          final=r.finish_reason is not None)  # fmt: skip
+        if self.is_target(r):
+            self._send_output(r, done=r.finish_reason is not None)
+            if r.finish_reason is not None:
+                self._finish_target(r)
+        else:
+            self._send_span(r)
+
+    # ------------------------------------------------------------------ messages out
+    def _all_stats(self, r: LevelRequest) -> list[LevelStats]:
+        below = list(r.span.stats) if r.span is not None else []
+        have = {s.level for s in below}
+        below += [LevelStats(level=i) for i in range(self.level) if i not in have]
+        return sorted(below, key=lambda s: s.level) + [r.stats.model_copy()]
+
+    def _send_span(self, r: LevelRequest) -> None:
+        above = r.seen.get(self.level + 1)
+        hop = r.route[self.level + 1]
+        fresh = above is not None and above.replica == hop.replica
+        start = min(above.end, len(r.tokens)) if fresh else 0
+        self.outbox.send_span(
+            hop,
+            Span(request_id=r.request_id, level=self.level, replica=self.replica, start=start,
+                 tokens=r.tokens[start:], base_epoch=above.epoch if fresh else 0,
+                 epoch=r.epoch, stats=self._all_stats(r)),
+        )  # fmt: skip
+
+    def _publish(self, r: LevelRequest, start: int, rollback: bool = False, final: bool = False) -> None:
+        start = max(0, min(start, len(r.tokens)))
+        r.last_publish = self.clock()
+        self.outbox.publish(
+            Notice(request_id=r.request_id, level=self.level, replica=self.replica, start=start,
+                   tokens=r.tokens[start:], epoch=r.epoch, rollback=rollback, final=final)
+        )  # fmt: skip
+
+    def _maybe_republish(self, r: LevelRequest) -> None:
+        """A drafter is behind on our rollbacks (its notice may be lost): repeat our state."""
+        if self.clock() - r.last_publish >= self.republish_interval_s:
+            self._count("republished")
+            self._publish(r, start=0)
+
+    def _send_output(self, r: LevelRequest, done: bool) -> None:
+        start = r.sent
+        self.outbox.send_reply(
+            r.reply_to,
+            Output(request_id=r.request_id, replica=self.replica, start=start,
+                   tokens=r.tokens[start:], done=done, finish_reason=r.finish_reason,
+                   stats=self._all_stats(r) if done else []),
+        )  # fmt: skip
+        r.sent = len(r.tokens)
+
+    # ------------------------------------------------------------------ endings
+    def _finish_target(self, r: LevelRequest) -> None:
+        self.finished[r.request_id] = FinishedRequest(
+            tokens=list(r.tokens), finish_reason=r.finish_reason or "stop",
+            stats=self._all_stats(r), expires=self.clock() + self.settings.done_retention_s,
+        )  # fmt: skip
+        log.info("request_finished", request_id=r.request_id, level=self.level,
+                 tokens=len(r.tokens), finish_reason=r.finish_reason,
+                 forward_passes=r.stats.forward_passes,
+                 accepted=r.stats.accepted_tokens, draft_tokens=r.stats.draft_tokens)  # fmt: skip
+        self._drop(r, reason="finished")
+
+    def _fail(self, r: LevelRequest, message: str) -> None:
+        if self.is_target(r):
+            self.outbox.send_reply(
+                r.reply_to,
+                RequestError(request_id=r.request_id, replica=self.replica, level=self.level,
+                             message=message),
+            )  # fmt: skip
+            self._publish(r, start=len(r.tokens), final=True)
+        self._drop(r, reason="failed")
+
+    def _drop(self, r: LevelRequest, reason: str) -> None:
+        self.requests.pop(r.request_id, None)
+        try:
+            self._order.remove(r.request_id)
+        except ValueError:
+            pass
+        if r.session is not None:
+            r.session.close()
+            r.session = None
+        self.outbox.unsubscribe(r.request_id)
+        log.debug("request_dropped", request_id=r.request_id, level=self.level, reason=reason)
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1

@@ -1,0 +1,35 @@
+"""StageEngines on the fake network with simulated backends: fast checks of the protocol."""
+
+import pytest
+
+from common.backends.simulated import SimulatedBackend
+from tests.fakes.hierarchy import build, greedy_reference, run_request
+from tests.fakes.network import Faults
+
+
+def sims(agreements, seed=3):
+    return [SimulatedBackend(agreement=a, seed=seed, vocab=50, sleep=lambda s: None) for a in agreements]
+
+
+@pytest.mark.parametrize("agreements", [(0.9, 1.0), (0.6, 0.8, 1.0), (0.2, 0.5, 1.0)])
+def test_clean_network_matches_target(agreements):
+    backends = sims(agreements)
+    prompt = [1, 2, 3, 4]
+    want = greedy_reference(backends[-1], prompt, 60, eos=())
+    h = build(backends, costs=[1.0, 3.0, 9.0][-len(backends):], seed=0)
+    req = run_request(h, prompt, 60)
+    assert req is not None and req.tokens == want and req.finish_reason == "length"
+    stats = {s.level: s for s in req.stats}
+    assert stats[len(backends) - 1].forward_passes < 60  # drafts were used
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_faulty_network_matches_target(seed):
+    backends = sims((0.5, 0.8, 1.0), seed=seed)
+    prompt = [seed % 7 + 1, 5, 9]
+    want = greedy_reference(backends[-1], prompt, 40, eos=())
+    h = build(backends, costs=[1.0, 3.0, 9.0], seed=seed,
+              faults=Faults(drop=0.15, duplicate=0.15, max_delay=6.0))
+    req = run_request(h, prompt, 40)
+    assert req is not None, "hung"
+    assert req.tokens == want
