@@ -126,7 +126,7 @@ class StageEngine:
             self._on_cancel(msg)
         else:
             self._count("unexpected_message")
-            log.warning("unexpected_message", type=msg.TYPE, level=self.level)
+            log.warning("unexpected_message", type=msg.TYPE, stage_level=self.level)
 
     def is_target(self, r: LevelRequest) -> bool:
         return self.level == len(r.route) - 1
@@ -185,7 +185,7 @@ class StageEngine:
         self.requests[r.request_id] = r
         self._order.append(r.request_id)
         self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
-        log.debug("request_started", request_id=r.request_id, level=self.level,
+        log.debug("request_started", request_id=r.request_id, stage_level=self.level,
                   prompt_tokens=len(r.prompt), resumed_from=len(r.tokens))  # fmt: skip
 
     def _check_start(self, msg: Start) -> Optional[str]:
@@ -288,7 +288,7 @@ class StageEngine:
                     self._run_pass(r)
                 except Exception as exc:  # a model error fails this request, not the process
                     self._count("pass_failed")
-                    log.exception("pass_failed", request_id=rid, level=self.level)
+                    log.exception("pass_failed", request_id=rid, stage_level=self.level)
                     self._fail(r, f"model error at level {self.level}: {exc}")
                 return True
         return False
@@ -409,7 +409,7 @@ class StageEngine:
             tokens=list(r.tokens), finish_reason=r.finish_reason or "stop",
             stats=self._all_stats(r), expires=self.clock() + self.settings.done_retention_s,
         )  # fmt: skip
-        log.info("request_finished", request_id=r.request_id, level=self.level,
+        log.info("request_finished", request_id=r.request_id, stage_level=self.level,
                  tokens=len(r.tokens), finish_reason=r.finish_reason,
                  forward_passes=r.stats.forward_passes,
                  accepted=r.stats.accepted_tokens, draft_tokens=r.stats.draft_tokens)  # fmt: skip
@@ -435,7 +435,7 @@ class StageEngine:
             r.session.close()
             r.session = None
         self.outbox.unsubscribe(r.request_id)
-        log.debug("request_dropped", request_id=r.request_id, level=self.level, reason=reason)
+        log.debug("request_dropped", request_id=r.request_id, stage_level=self.level, reason=reason)
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1

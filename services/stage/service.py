@@ -1,0 +1,166 @@
+"""The stage service: a StageEngine behind ZeroMQ sockets, one process per model replica.
+
+Sockets (see common.sockets for the bind/connect rule):
+  inbox    PULL, bound    Start/Cancel from the gateway, Span from the level below
+  notices  PUB,  bound    Notice to lower levels; topic = request id + NUL
+  sub      SUB,  connects to the notices of the upper levels on each request's route
+  push     PUSH, connects one per peer endpoint: spans up, outputs and heartbeats to the gateway
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import structlog
+import zmq
+
+from common.backends.base import Backend
+from common.codec import DecodeError, decode, encode
+from common.protocol import Heartbeat, Message, Notice, Output, RequestError, RouteHop, Span
+from common.settings import StageSettings
+from common.sockets import bound_endpoint, open_socket
+from common.stage_engine import StageEngine
+
+log = structlog.get_logger("stage")
+DRAIN_LIMIT = 10_000  # messages handled between two passes, at most
+
+
+def topic(request_id: str) -> bytes:
+    return request_id.encode() + b"\0"
+
+
+class ZmqOutbox:
+    """The engine's Outbox over real sockets. Sends never block: a full or absent peer costs a
+    counted drop, which the protocol repairs (state-based messages, re-sync)."""
+
+    def __init__(self, ctx: zmq.Context, settings: StageSettings, notices: zmq.Socket, sub: zmq.Socket):
+        self.ctx, self.settings, self.notices, self.sub = ctx, settings, notices, sub
+        self.pushes: dict[str, zmq.Socket] = {}
+        self.sub_connected: set[str] = set()
+        self.subscribed: set[str] = set()
+        self.dropped = 0
+
+    def _push(self, endpoint: str, msg: Message) -> None:
+        sock = self.pushes.get(endpoint)
+        if sock is None:
+            sock = open_socket(self.ctx, zmq.PUSH, endpoint, linger_ms=self.settings.linger_ms,
+                               hwm=self.settings.hwm)  # fmt: skip
+            self.pushes[endpoint] = sock
+        try:
+            sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+
+    def send_span(self, hop: RouteHop, span: Span) -> None:
+        self._push(hop.inbox, span)
+
+    def send_reply(self, endpoint: str, msg: Output | RequestError | Heartbeat) -> None:
+        self._push(endpoint, msg)
+
+    def publish(self, notice: Notice) -> None:
+        self.notices.send_multipart([topic(notice.request_id), encode(notice)])
+
+    def subscribe(self, request_id: str, hops: list[RouteHop]) -> None:
+        for hop in hops:
+            if hop.notices not in self.sub_connected:
+                self.sub.connect(hop.notices)
+                self.sub_connected.add(hop.notices)
+        if request_id not in self.subscribed:
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic(request_id))
+            self.subscribed.add(request_id)
+
+    def unsubscribe(self, request_id: str) -> None:
+        if request_id in self.subscribed:
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, topic(request_id))
+            self.subscribed.discard(request_id)
+
+    def close(self) -> None:
+        for sock in self.pushes.values():
+            sock.close(linger=self.settings.linger_ms)
+
+
+class StageService:
+    def __init__(self, settings: StageSettings, backend: Backend):
+        self.settings = settings
+        self.backend = backend
+        self.replica = f"{settings.replica_id}-L{settings.level}-{uuid.uuid4().hex[:8]}"
+        self.ctx = zmq.Context()
+        s = settings
+        self.inbox = open_socket(self.ctx, zmq.PULL, f"tcp://{s.bind_host}:{s.inbox_port or '*'}",
+                                 linger_ms=s.linger_ms, hwm=s.hwm)  # fmt: skip
+        self.notices = open_socket(self.ctx, zmq.PUB, f"tcp://{s.bind_host}:{s.notices_port or '*'}",
+                                   linger_ms=s.linger_ms, hwm=s.hwm)  # fmt: skip
+        self.sub = self.ctx.socket(zmq.SUB)  # connects lazily, per route
+        self.sub.setsockopt(zmq.LINGER, s.linger_ms)
+        self.sub.setsockopt(zmq.RCVHWM, s.hwm)
+        host = s.advertise_host or s.bind_host
+        self.inbox_endpoint = bound_endpoint(self.inbox, host)
+        self.notices_endpoint = bound_endpoint(self.notices, host)
+        self.outbox = ZmqOutbox(self.ctx, s, self.notices, self.sub)
+        self.engine = StageEngine(s, backend, self.outbox, self.replica)
+        self.rejected_frames = 0
+        self.running = True
+
+    def heartbeat(self) -> Heartbeat:
+        b = self.backend
+        return Heartbeat(
+            replica=self.replica, incarnation=self.replica, level=self.settings.level,
+            inbox=self.inbox_endpoint, notices=self.notices_endpoint, ready=True,
+            draining=self.engine.draining, active_requests=len(self.engine.requests),
+            model=b.name, backend=b.kind, can_verify=b.can_verify,
+            tokenizer_fingerprint=b.tokenizer_fingerprint, max_context=b.max_context,
+        )  # fmt: skip
+
+    def _drain(self, sock: zmq.Socket, multipart: bool) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frame = sock.recv_multipart(zmq.NOBLOCK)[-1] if multipart else sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(frame)
+            except DecodeError as exc:
+                self.rejected_frames += 1
+                log.warning("frame_rejected", reason=str(exc), bytes=len(frame),
+                            total_rejected=self.rejected_frames)  # fmt: skip
+                continue
+            self.engine.handle(msg)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        poller.register(self.sub, zmq.POLLIN)
+        log.info("stage_ready", replica=self.replica, level=self.settings.level,
+                 inbox=self.inbox_endpoint, notices=self.notices_endpoint, model=self.backend.name)  # fmt: skip
+        interval = self.settings.heartbeat_interval_s
+        next_beat = 0.0
+        while self.running:
+            now = time.monotonic()
+            if now >= next_beat:
+                self.outbox.send_reply(self.settings.gateway, self.heartbeat())
+                self.engine.tick()
+                next_beat = now + interval
+            busy = self.engine.has_work()
+            timeout_ms = 0 if busy else max(1, min(50, int((next_beat - now) * 1000)))
+            ready = dict(poller.poll(timeout_ms))
+            if self.inbox in ready:
+                self._drain(self.inbox, multipart=False)
+            if self.sub in ready:
+                self._drain(self.sub, multipart=True)
+            self.engine.step()
+        self.close()
+
+    def _stop(self, signum, frame) -> None:
+        log.info("stage_stopping", signal=signum)
+        self.running = False
+
+    def close(self) -> None:
+        self.outbox.close()
+        for sock in (self.inbox, self.notices, self.sub):
+            sock.close(linger=self.settings.linger_ms)
+        self.ctx.term()
+        log.info("stage_stopped", replica=self.replica)
