@@ -179,3 +179,42 @@ class Heartbeat(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Start, Span, Notice, Cancel, Output, RequestError, Heartbeat)
 }
+
+
+# -- Client API (gateway ROUTER <-> client DEALER) ----------------------------------------------
+# A separate, client-facing schema: plain msgpack maps without ``v``/``t``, not part of the stage
+# protocol above, and deliberately not in MESSAGE_TYPES (``common.codec`` never sees them).
+
+
+class ClientRequest(BaseModel):
+    """A completion request from a ZMQ client (client-facing schema, not a stage message).
+
+    Wire form: ``{"prompt": str, "max_tokens": int, "request_id": str}``; ``max_tokens``
+    defaults to the gateway's ``default_max_tokens``; ``request_id`` is the client's own label,
+    echoed in every event of the reply.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    prompt: str
+    max_tokens: Optional[int] = None
+    request_id: Optional[str] = None
+
+
+class ClientEvent(BaseModel):
+    """One reply message to a ZMQ client (client-facing schema, not a stage message).
+
+    ``{"type": "token", "text", "token_ids"}`` for each piece of output, then either
+    ``{"type": "done", "finish_reason", "stats"}`` or ``{"type": "error", "message"}``.
+    Sent with ``model_dump(exclude_none=True)``; ``request_id`` echoes the request's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["token", "done", "error"]
+    request_id: Optional[str] = None
+    text: Optional[str] = None  # token: the text these tokens complete (may be "")
+    token_ids: Optional[list[int]] = None  # token: the new committed token ids
+    finish_reason: Optional[Literal["stop", "length", "cancelled"]] = None  # done
+    stats: Optional[dict] = None  # done: per-request statistics (gateway's RequestStats)
+    message: Optional[str] = None  # error

@@ -47,6 +47,11 @@ class StageSettings(BaseSettings):
     heartbeat_interval_s: float = Field(0.5, gt=0)
     request_ttl_s: float = Field(60.0, gt=0, description="drafter drops a silent request after")
     done_retention_s: float = Field(60.0, gt=0, description="target keeps finished output for")
+    metrics_port: Optional[int] = Field(
+        None, ge=0, le=65535, description="HTTP /metrics and /health/{live,ready}; None = off"
+    )
+    drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: finish in-flight work for")
+    liveness_timeout_s: float = Field(60.0, gt=0, description="main loop silent this long = dead")
     hwm: int = Field(10_000, ge=0)
     linger_ms: int = Field(500, ge=0)
     log_level: str = "info"

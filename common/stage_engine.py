@@ -52,6 +52,14 @@ class Outbox(Protocol):
     def unsubscribe(self, request_id: str) -> None: ...
 
 
+class PassObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_pass(self, drafts: int, accepted: int, emitted: int, rejected: bool, seconds: float) -> None: ...
+    def on_rollback_applied(self) -> None: ...
+    def on_stale_span(self) -> None: ...
+
+
 @dataclass
 class SeenNotice:
     replica: str
@@ -100,6 +108,7 @@ class StageEngine:
         replica: str,
         clock: Callable[[], float] = time.monotonic,
         republish_interval_s: float = 0.05,
+        observer: Optional[PassObserver] = None,
     ):
         self.level = settings.level
         self.settings = settings
@@ -108,6 +117,7 @@ class StageEngine:
         self.replica = replica
         self.clock = clock
         self.republish_interval_s = republish_interval_s
+        self.observer = observer or PassObserver()
         self.requests: dict[str, LevelRequest] = {}
         self.finished: dict[str, FinishedRequest] = {}  # target only: for re-sends
         self._order: deque[str] = deque()  # round-robin over requests
@@ -221,6 +231,7 @@ class StageEngine:
             return
         if span.base_epoch < r.epoch:  # built before a rollback the sender had not yet seen
             r.stats.stale_spans += 1
+            self.observer.on_stale_span()
             self._maybe_republish(r)
             return
         old = r.span
@@ -252,6 +263,7 @@ class StageEngine:
             r.tokens = r.tokens[: plan.keep] + plan.adopt
             r.epoch += 1
             r.stats.rollbacks_applied += 1
+            self.observer.on_rollback_applied()
             if r.session is not None:
                 r.session.crop(min(r.session.length, len(r.prompt) + plan.keep))
         elif plan.adopt:
@@ -266,6 +278,10 @@ class StageEngine:
     # ------------------------------------------------------------------ scheduling
     def has_work(self) -> bool:
         return any(self._wants_pass(r) for r in self.requests.values())
+
+    def queue_depth(self) -> int:
+        """Requests that want a forward pass now."""
+        return sum(1 for r in self.requests.values() if self._wants_pass(r))
 
     def _wants_pass(self, r: LevelRequest) -> bool:
         if self.is_target(r):
@@ -344,7 +360,9 @@ class StageEngine:
         if rejected:
             r.epoch += 1
             st.rollbacks_issued += 1
-        st.busy_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        st.busy_s += seconds
+        self.observer.on_pass(len(drafts), m, len(r.tokens) - old_len, rejected, seconds)
         if self.is_target(r):
             r.target_len = len(r.tokens)
             if finish is not None:

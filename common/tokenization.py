@@ -6,25 +6,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+
+from common import model_store
 
 
 def load_tokenizer(source: str):
-    """Tokenizer from an HF model id, a local directory, or a ``.gguf`` file."""
+    """Tokenizer from a prepared model name, a local directory, a ``.gguf`` file, or an HF id
+    already in the local cache (nothing is downloaded)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    path = Path(source)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {source}")
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    where, gguf_file = model_store.locate(source)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(where, gguf_file=gguf_file)
     except OSError as exc:
         raise OSError(
             f"cannot load tokenizer {source!r} offline ({exc}). Give a local directory or .gguf "
-            "file, or prepare the embedded models: python -m common.model_store prepare"
+            f"file, or prepare the embedded models: {model_store.PREPARE_COMMAND} smollm2"
         ) from None
 
 

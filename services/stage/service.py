@@ -22,6 +22,7 @@ from common.protocol import Heartbeat, Message, Notice, Output, RequestError, Ro
 from common.settings import StageSettings
 from common.sockets import bound_endpoint, open_socket
 from common.stage_engine import StageEngine
+from services.stage.metrics import LoopWatch, StageMetrics, serve_http
 
 log = structlog.get_logger("stage")
 DRAIN_LIMIT = 10_000  # messages handled between two passes, at most
@@ -99,9 +100,16 @@ class StageService:
         self.inbox_endpoint = bound_endpoint(self.inbox, host)
         self.notices_endpoint = bound_endpoint(self.notices, host)
         self.outbox = ZmqOutbox(self.ctx, s, self.notices, self.sub)
-        self.engine = StageEngine(s, backend, self.outbox, self.replica)
+        self.metrics = StageMetrics(s.level)
+        self.engine = StageEngine(s, backend, self.outbox, self.replica, observer=self.metrics)
+        self.watch = LoopWatch(s.liveness_timeout_s)
+        self.http = None
+        if s.metrics_port is not None:
+            self.http = serve_http(self.metrics, s.bind_host, s.metrics_port, live=self.watch.alive,
+                                   ready=lambda: not self.engine.draining)  # fmt: skip
         self.rejected_frames = 0
         self.running = True
+        self.drain_deadline: float | None = None
 
     def heartbeat(self) -> Heartbeat:
         b = self.backend
@@ -123,6 +131,7 @@ class StageService:
                 msg = decode(frame)
             except DecodeError as exc:
                 self.rejected_frames += 1
+                self.metrics.rejected_frames.inc()
                 log.warning("frame_rejected", reason=str(exc), bytes=len(frame),
                             total_rejected=self.rejected_frames)  # fmt: skip
                 continue
@@ -140,10 +149,18 @@ class StageService:
         next_beat = 0.0
         while self.running:
             now = time.monotonic()
+            self.watch.beat()
             if now >= next_beat:
                 self.outbox.send_reply(self.settings.gateway, self.heartbeat())
                 self.engine.tick()
+                self.metrics.active_requests.set(len(self.engine.requests))
+                self.metrics.queue_depth.set(self.engine.queue_depth())
                 next_beat = now + interval
+                if self.drain_deadline is not None and (
+                    not self.engine.requests or now >= self.drain_deadline
+                ):
+                    log.info("stage_drained", unfinished=len(self.engine.requests))
+                    break
             busy = self.engine.has_work()
             timeout_ms = 0 if busy else max(1, min(50, int((next_beat - now) * 1000)))
             ready = dict(poller.poll(timeout_ms))
@@ -155,10 +172,20 @@ class StageService:
         self.close()
 
     def _stop(self, signum, frame) -> None:
+        """First SIGTERM: drain (take no new requests, finish in-flight ones, at most
+        drain_timeout_s; the gateway moves what is left). SIGINT or a second signal: stop now."""
+        if signum == signal.SIGTERM and self.drain_deadline is None and self.settings.drain_timeout_s > 0:
+            self.engine.draining = True
+            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            log.info("stage_draining", active_requests=len(self.engine.requests),
+                     timeout_s=self.settings.drain_timeout_s)  # fmt: skip
+            return
         log.info("stage_stopping", signal=signum)
         self.running = False
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.shutdown()
         self.outbox.close()
         for sock in (self.inbox, self.notices, self.sub):
             sock.close(linger=self.settings.linger_ms)

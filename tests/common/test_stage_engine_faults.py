@@ -20,8 +20,8 @@ def models(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("fault-models")
     target = tiny_llama(root / "target", layers=3)
-    mid = noisy_copy(target, root / "mid", noise=0.25)
-    low = noisy_copy(target, root / "low", noise=0.6, seed=2)
+    mid = noisy_copy(target, root / "mid", noise=0.02)
+    low = noisy_copy(target, root / "low", noise=0.08, seed=2)
     return {name: HFBackend(str(path)) for name, path in
             (("target", target), ("mid", mid), ("low", low))}  # fmt: skip
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from common.codec import decode, encode
-from common.protocol import Message, Notice, Output, RequestError, RouteHop, Span, Start
+from common.protocol import Message, Notice, Output, RequestError, RouteHop, Span
 from common.request_tracker import RequestTracker, TrackedRequest
 from common.stage_engine import StageEngine
 

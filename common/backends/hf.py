@@ -1,0 +1,152 @@
+"""Transformers causal LMs as backends: full models ("hf") and early-exit views ("early-exit").
+
+``model`` may be a prepared model name (see :mod:`common.model_store`), a local directory saved with
+``save_pretrained``, a ``.gguf`` file, or a hub id already in the local HF cache: nothing is ever
+downloaded. Tests load their tiny random models through exactly this code.
+
+An early-exit view with ``early_exit_layers=N`` keeps only the model's first N decoder layers (its
+config then says N layers, so the KV cache has N layers too), followed by the model's own final
+norm and lm_head, untrained.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub when first imported
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel  # noqa: E402
+
+from common import model_store  # noqa: E402
+from common.backends.base import Backend, Session  # noqa: E402
+from common.tokenization import fingerprint, load_tokenizer  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_causal_lm(model: str, dtype: str = "float32", layers: Optional[int] = None) -> PreTrainedModel:
+    """Load ``model`` (see ``model_store.locate``) offline on the CPU in eval mode;
+    ``layers``: keep only the first N decoder layers."""
+    source, gguf_file = model_store.locate(model)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, local_files_only=True, dtype=DTYPES[dtype]
+        ).eval()
+    except OSError as e:
+        if Path(source).exists():
+            raise
+        raise FileNotFoundError(
+            f"{model!r} is not a local path, a prepared model ({', '.join(model_store.MODELS)}) "
+            f"nor in the local HF cache, and model hubs are not reachable. Prepare one with "
+            f"`{model_store.PREPARE_COMMAND} smollm2|qwen|all` and pass its name or directory."
+        ) from e
+    if layers is not None:
+        _keep_first_layers(lm, layers)
+    return lm
+
+
+def _keep_first_layers(lm: PreTrainedModel, n: int) -> None:
+    """Drop every decoder layer after the first ``n``; the config (and so the KV cache) follows.
+
+    The whole model is loaded first: asking ``from_pretrained`` for fewer layers would work too,
+    but logs every later layer's weights as UNEXPECTED, and early exits keep most layers anyway.
+    """
+    decoder, config = lm.base_model, lm.config.get_text_config(decoder=True)
+    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
+        raise ValueError(f"early exit: {type(lm).__name__} has no `{lm.base_model_prefix}.layers` list")
+    if not 1 <= n <= len(decoder.layers):
+        raise ValueError(f"early_exit_layers={n}: the model has {len(decoder.layers)} layers")
+    decoder.layers = decoder.layers[:n]
+    config.num_hidden_layers = n
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:n]
+
+
+def _ids(value) -> tuple[int, ...]:
+    """``None`` / int / list of ints -> tuple of ints."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+class HFSession(Session):
+    def __init__(self, model: PreTrainedModel, device: torch.device, context: list[int]):
+        self._model = model
+        self._device = device
+        self._cache = DynamicCache(config=model.config)
+        if context:
+            self._run(context, logits_to_keep=1)  # prefill: no predictions needed
+
+    @property
+    def length(self) -> int:
+        return self._cache.get_seq_length()
+
+    @torch.inference_mode()
+    def _run(self, tokens: list[int], logits_to_keep: int) -> torch.Tensor:
+        ids = torch.tensor([tokens], dtype=torch.long, device=self._device)
+        out = self._model(input_ids=ids, cache=self._cache, use_cache=True, logits_to_keep=logits_to_keep)
+        return out.logits
+
+    def forward(self, tokens: list[int]) -> list[Optional[int]]:
+        if not tokens:
+            return []
+        return self._run(tokens, logits_to_keep=0)[0].argmax(dim=-1).tolist()
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions.
+
+        transformers 5.24's ``DynamicCache.crop(k)`` takes minus the number of positions to drop
+        (a positive ``k`` raises): 13 held, keep 11 -> ``crop(-2)``; ``crop(0)`` does nothing.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop({length}) on a session of length {self.length}")
+        self._cache.crop(length - self.length)
+
+    def close(self) -> None:
+        self._cache.reset()
+
+
+class HFBackend(Backend):
+    """A transformers causal LM; with ``early_exit_layers`` only its first N layers (kind "early-exit").
+
+    ``threads`` sets torch's intra-op threads for the whole process (one stage per process).
+    ``tokenizer`` is only read for :attr:`tokenizer_fingerprint` (default: ``model``'s own).
+    """
+
+    can_verify = True
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: Optional[str] = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        threads: Optional[int] = None,
+        early_exit_layers: Optional[int] = None,
+    ):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.model = load_causal_lm(model, dtype, early_exit_layers).to(self.device)
+        self.kind = "hf" if early_exit_layers is None else "early-exit"
+        self.name = model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"
+        config = self.model.config.get_text_config(decoder=True)
+        self.max_context = getattr(config, "max_position_embeddings", None) or 0
+        generation = self.model.generation_config
+        self.eos_token_ids = _ids(generation and generation.eos_token_id) or _ids(config.eos_token_id)
+        self._tokenizer_source = tokenizer or model
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        """Computed on first use (loads the tokenizer), then remembered by this backend."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(load_tokenizer(self._tokenizer_source))
+        return self._fingerprint
+
+    def new_session(self, context: list[int]) -> HFSession:
+        return HFSession(self.model, self.device, context)

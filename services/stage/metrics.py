@@ -1,0 +1,109 @@
+"""A stage's Prometheus metrics (vLLM spec-decode vocabulary) and its HTTP side:
+``/metrics``, ``/health/live`` (main loop responsive) and ``/health/ready`` (model loaded and
+taking requests), served by the standard library's WSGI server in a daemon thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+MAX_POSITION_LABEL = 32  # accepted-per-position is counted for the first 32 draft positions
+
+
+class StageMetrics:
+    """Implements the engine's PassObserver."""
+
+    def __init__(self, level: int):
+        self.registry = CollectorRegistry()
+        lv = {"level": str(level)}
+        r = self.registry
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"pipespec:{name}", doc, ["level"], registry=r).labels(**lv)
+
+        self.forward_passes = counter("stage_forward_passes", "Model forward passes")
+        self.drafts = counter("spec_decode_num_drafts", "Passes that verified >= 1 draft token")
+        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified")
+        self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted")
+        self.emitted_tokens = counter("stage_emitted_tokens", "Tokens appended by passes")
+        self.rollbacks_issued = counter("stage_rollbacks_issued", "Passes that rejected a draft")
+        self.rollbacks_applied = counter("stage_rollbacks_applied", "Rewrites from a level above")
+        self.stale_spans = counter("stage_stale_spans", "Spans dropped as stale")
+        self.rejected_frames = counter("stage_rejected_frames", "Frames that failed to decode")
+        self.accepted_per_pos = Counter(
+            "pipespec:spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position",
+            ["level", "position"], registry=r,
+        )  # fmt: skip
+        self.pass_seconds = Histogram(
+            "pipespec:stage_pass_seconds", "Forward pass wall time", ["level"], registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        ).labels(**lv)  # fmt: skip
+        self.active_requests = Gauge("pipespec:stage_active_requests", "Requests held", ["level"],
+                                     registry=r).labels(**lv)  # fmt: skip
+        self.queue_depth = Gauge("pipespec:stage_queue_depth", "Requests waiting for a pass",
+                                 ["level"], registry=r).labels(**lv)  # fmt: skip
+        self._level = str(level)
+
+    def on_pass(self, drafts: int, accepted: int, emitted: int, rejected: bool, seconds: float) -> None:
+        self.forward_passes.inc()
+        self.emitted_tokens.inc(emitted)
+        self.pass_seconds.observe(seconds)
+        if drafts:
+            self.drafts.inc()
+            self.draft_tokens.inc(drafts)
+            self.accepted_tokens.inc(accepted)
+            for pos in range(min(accepted, MAX_POSITION_LABEL)):
+                self.accepted_per_pos.labels(level=self._level, position=str(pos)).inc()
+        if rejected:
+            self.rollbacks_issued.inc()
+
+    def on_rollback_applied(self) -> None:
+        self.rollbacks_applied.inc()
+
+    def on_stale_span(self) -> None:
+        self.stale_spans.inc()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # probes every few seconds would flood the log
+        pass
+
+
+def serve_http(
+    metrics: StageMetrics, host: str, port: int, live: Callable[[], bool], ready: Callable[[], bool]
+) -> WSGIServer:
+    """Start the stage's HTTP endpoints in a daemon thread; returns the server (``.server_port``)."""
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path in ("/health/live", "/health/ready"):
+            ok = live() if path.endswith("live") else (live() and ready())
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])  # fmt: skip
+            return [b"ok\n" if ok else b"unavailable\n"]
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    server = make_server(host, port, app, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="stage-http", daemon=True).start()
+    return server
+
+
+class LoopWatch:
+    """Liveness: the main loop calls ``beat()``; live while the last beat is recent."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s, self.last = timeout_s, time.monotonic()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.last < self.timeout_s
