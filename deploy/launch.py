@@ -1,0 +1,340 @@
+"""Run a whole PipeSpec system on this machine, from one TOML file.
+
+    python -m deploy.launch deploy/configs/smollm2-k3.toml                          # until Ctrl-C
+    python -m deploy.launch deploy/configs/smollm2-k3.toml --demo "def fibonacci(n):"
+
+The gateway and every stage run as child processes on loopback. By default the gateway serves
+HTTP on http://127.0.0.1:8000 (OpenAI API: POST /v1/completions) and the ZMQ client API on
+tcp://127.0.0.1:5551; ``[gateway] http_port / client_port`` change that, and a port of 0 means
+"pick a free one". Children's logs go to one file each in ``--log-dir`` (default: a new
+temporary directory, printed at start).
+
+Config file::
+
+    [gateway]                  # GatewaySettings fields (PIPESPEC_GATEWAY_*)
+    tokenizer = "@smollm2-135m"
+    num_levels = 2
+
+    [[stages]]                 # StageSettings fields (PIPESPEC_STAGE_*), one table per level
+    level = 0
+    backend = "ngram"
+
+    [[stages]]
+    level = 1
+    model = "@smollm2-135m"    # "@name": common.model_store.model_dir(name)
+    replicas = 2               # start this many identical replicas (default 1)
+
+Each child gets its settings as PIPESPEC_* environment variables on top of this process's
+environment; every stage's ``gateway`` is set to the gateway's registry endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+
+from common.settings import GatewaySettings, StageSettings
+
+STARTUP_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 10.0
+POLL_S = 0.5
+LOG_TAIL_LINES = 30
+PORT_FIELDS = ("http_port", "registry_port", "client_port")
+MODEL_FIELDS = ("model", "tokenizer")
+
+
+class LaunchError(Exception):
+    """The config is wrong, a model is missing, or a child failed; the message says what to do."""
+
+
+@dataclass
+class ChildSpec:
+    name: str  # "gateway", "stage0", "stage1.2" (level 1, replica 2)
+    module: str  # run as ``python -m module``
+    env: dict[str, str]  # PIPESPEC_* variables
+
+
+@dataclass
+class Plan:
+    gateway: GatewaySettings
+    children: list[ChildSpec]
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{connect_host(self.gateway.http_host)}:{self.gateway.http_port}"
+
+    @property
+    def client_endpoint(self) -> str:
+        return f"tcp://{connect_host(self.gateway.bind_host)}:{self.gateway.client_port}"
+
+
+def connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "*", "::", "") else host
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_model(value: Any) -> Any:
+    """``"@name"`` -> the prepared directory of ``name`` in common.model_store."""
+    if not (isinstance(value, str) and value.startswith("@")):
+        return value
+    from common import model_store  # lazily: only configs that name stored models need it
+
+    name = value[1:]
+    try:
+        path = model_store.model_dir(name)
+    except KeyError as exc:
+        raise LaunchError(str(exc.args[0])) from None
+    if not model_store.is_prepared(name):
+        raise LaunchError(
+            f"model {name!r} is not prepared (expected in {path}). Prepare it with:\n"
+            f"    {model_store.PREPARE_COMMAND} {model_store.group_for(name)}"
+        )
+    return str(path)
+
+
+def env_value(value: Any) -> str:
+    """A settings value as pydantic-settings parses it back from the environment."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def settings_env(prefix: str, table: dict[str, Any]) -> dict[str, str]:
+    return {f"{prefix}{key.upper()}": env_value(value) for key, value in table.items() if value is not None}
+
+
+def plan_from_config(config: dict[str, Any]) -> Plan:
+    """Validate a parsed config and turn it into the processes to start."""
+    unknown = set(config) - {"gateway", "stages"}
+    if unknown:
+        raise LaunchError(f"unknown top-level key(s) {sorted(unknown)}; expected [gateway] and [[stages]]")
+    gateway_table = {key: resolve_model(value) for key, value in config.get("gateway", {}).items()}
+    for port in PORT_FIELDS:
+        if gateway_table.get(port, GatewaySettings.model_fields[port].default) == 0:
+            gateway_table[port] = free_port()
+    try:
+        gateway = GatewaySettings(**gateway_table)
+    except ValueError as exc:
+        raise LaunchError(f"[gateway]: {exc}") from None
+    registry = f"tcp://{connect_host(gateway.advertise_host or gateway.bind_host)}:{gateway.registry_port}"
+    children = [ChildSpec("gateway", "services.gateway", settings_env("PIPESPEC_GATEWAY_", gateway_table))]
+    stages, levels = config.get("stages", []), set()
+    if not stages or not all(isinstance(entry, dict) for entry in stages):
+        raise LaunchError("the config needs one or more [[stages]] tables")
+    for i, entry in enumerate(stages):
+        table = {key: resolve_model(value) for key, value in entry.items() if key != "replicas"}
+        table.setdefault("gateway", registry)
+        replicas = entry.get("replicas", 1)
+        if not isinstance(replicas, int) or replicas < 1:
+            raise LaunchError(f"[[stages]] #{i + 1}: replicas must be a positive integer, got {replicas!r}")
+        try:
+            stage = StageSettings(**table)
+        except ValueError as exc:
+            raise LaunchError(f"[[stages]] #{i + 1}: {exc}") from None
+        levels.add(stage.level)
+        for r in range(replicas):
+            name = f"stage{stage.level}" + (f".{r}" if replicas > 1 else "")
+            children.append(ChildSpec(name, "services.stage", settings_env("PIPESPEC_STAGE_", table)))
+    if sorted(levels) != list(range(gateway.num_levels)):
+        raise LaunchError(
+            f"stages cover levels {sorted(levels)}, but the gateway needs 0..{gateway.num_levels - 1}"
+        )
+    return Plan(gateway, children)
+
+
+def load_plan(path: Path) -> Plan:
+    try:
+        config = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise LaunchError(f"cannot read {path}: {exc}") from None
+    return plan_from_config(config)
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    process: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class System:
+    """The running children of a Plan."""
+
+    plan: Plan
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for spec in self.plan.children:
+            log_path = self.log_dir / f"{spec.name}.log"
+            with open(log_path, "wb") as log_file:  # the child keeps its own descriptor
+                process = subprocess.Popen(
+                    [sys.executable, "-m", spec.module],
+                    env=os.environ | spec.env,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            self.children.append(Child(spec, process, log_path))
+
+    def exited(self) -> Optional[Child]:
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Until GET /health is 200; LaunchError if a child exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        with httpx.Client(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                dead = self.exited()
+                if dead is not None:
+                    raise LaunchError(
+                        f"{dead.spec.name} exited with code {dead.process.returncode} during "
+                        f"start-up; its last log lines ({dead.log_path}):\n{dead.tail()}"
+                    )
+                try:
+                    response = http.get(f"{self.plan.http_url}/health")
+                    if response.status_code == 200:
+                        return
+                    last = response.json().get("reason") or response.text
+                except (httpx.HTTPError, ValueError) as exc:  # not up yet, or not our server
+                    last = str(exc) or type(exc).__name__
+                time.sleep(POLL_S)
+        raise LaunchError(f"not healthy after {timeout_s:g} s: {last}; logs in {self.log_dir}")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM every child, SIGKILL those still running after ``timeout_s``."""
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                print(f"{child.spec.name} did not stop in {timeout_s:g} s; killing it", file=sys.stderr)
+                child.process.kill()
+                child.process.wait(timeout=timeout_s)
+
+
+def run_demo(url: str, prompt: str, max_tokens: int) -> bool:
+    """Stream one completion to stdout, then its statistics. False on an error."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
+    stats = None
+    print(f"\n{prompt}", end="", flush=True)
+    with httpx.Client(timeout=httpx.Timeout(10.0, read=300.0)) as http:
+        with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                print(f"\nerror {response.status_code}: {response.read().decode()}", file=sys.stderr)
+                return False
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if "error" in chunk:
+                    print(f"\nerror: {chunk['error']['message']}", file=sys.stderr)
+                    return False
+                print(chunk["choices"][0]["text"], end="", flush=True)
+                stats = chunk.get("spec_decode_stats", stats)
+    print("\n")
+    if stats is not None:
+        print(format_stats(stats))
+    return True
+
+
+def format_stats(s: dict) -> str:
+    """The final chunk's ``spec_decode_stats`` for people."""
+    first = s["time_to_first_token_s"]
+    lines = [
+        f"--- {s['request_id']}",
+        f"{s['completion_tokens']} tokens in {s['wall_time_s']:.2f} s ({s['tokens_per_s']:.1f} tokens/s)"
+        + ("" if first is None else f", first token after {first:.2f} s"),
+        f"target forward passes: {s['target_forward_passes']} "
+        f"({s['tokens_per_target_pass']:.2f} tokens per pass)",
+    ]
+    for a in s["acceptance"]:
+        lines.append(
+            f"level {a['level']} accepted {a['accepted_tokens']}/{a['draft_tokens']} draft tokens "
+            f"({a['acceptance_rate']:.1%}) in {a['drafts']} verifications, {a['rollbacks']} rollbacks"
+        )
+    return "\n".join(lines)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__.split("\n")[0])
+    parser.add_argument("config", type=Path, help="TOML file with [gateway] and [[stages]]")
+    parser.add_argument("--demo", metavar="PROMPT", help="stream one completion of PROMPT, then stop")
+    parser.add_argument("--max-tokens", type=int, default=64, help="for --demo (default 64)")
+    parser.add_argument("--log-dir", type=Path, help="where children's logs go (default: a new temp dir)")
+    parser.add_argument(
+        "--startup-timeout", type=float, default=STARTUP_TIMEOUT_S, help="seconds (default 300)"
+    )
+    args = parser.parse_args(argv)
+
+    try:
+        plan = load_plan(args.config)
+    except LaunchError as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return 1
+    system = System(plan, args.log_dir or Path(tempfile.mkdtemp(prefix="pipespec-")))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(f"starting {len(plan.children)} processes; logs in {system.log_dir}", flush=True)
+        system.start()
+        system.wait_healthy(args.startup_timeout)
+        print(
+            f"PipeSpec is up: {plan.http_url}/v1/completions (OpenAI API), ZMQ client API at "
+            f"{plan.client_endpoint}",
+            flush=True,
+        )
+        if args.demo is not None:
+            return 0 if run_demo(plan.http_url, args.demo, args.max_tokens) else 1
+        print("Ctrl-C to stop", flush=True)
+        while (dead := system.exited()) is None:
+            time.sleep(POLL_S)
+        raise LaunchError(
+            f"{dead.spec.name} exited with code {dead.process.returncode}; "
+            f"its last log lines ({dead.log_path}):\n{dead.tail()}"
+        )
+    except LaunchError as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        system.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

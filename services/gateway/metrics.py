@@ -1,0 +1,92 @@
+"""Prometheus metrics of the gateway, in vLLM's vocabulary with a ``pipespec:`` prefix.
+
+Counters get ``_total`` on exposition. Derived values, as in vLLM's docs:
+    acceptance rate per level = rate(pipespec:spec_decode_num_accepted_tokens_total{level="i"})
+                              / rate(pipespec:spec_decode_num_draft_tokens_total{level="i"})
+    mean acceptance length    = 1 + rate(..._num_accepted_tokens_total) / rate(..._num_drafts_total)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from common.protocol import LevelStats
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class GatewayMetrics:
+    """One registry per gateway (not the process-global one), so tests can build several."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pipespec:requests", "Requests ended, by outcome", ["outcome"], registry=r)
+        self.rejected_requests = Counter(
+            "pipespec:rejected_requests", "Requests refused as invalid", ["api"], registry=r
+        )
+        self.requests_running = Gauge("pipespec:num_requests_running", "Requests in flight", registry=r)
+        self.prompt_tokens = Counter("pipespec:prompt_tokens", "Prompt tokens of ended requests", registry=r)
+        self.generation_tokens = Counter(
+            "pipespec:generation_tokens", "Output tokens of ended requests", registry=r
+        )
+        self.target_forward_passes = Counter(
+            "pipespec:target_forward_passes", "Target model passes of finished requests", registry=r
+        )
+        self.num_drafts = Counter(
+            "pipespec:spec_decode_num_drafts",
+            "Verification passes that checked >= 1 draft token",
+            ["level"],
+            registry=r,
+        )
+        self.num_draft_tokens = Counter(
+            "pipespec:spec_decode_num_draft_tokens",
+            "Draft tokens checked by this verifier level",
+            ["level"],
+            registry=r,
+        )
+        self.num_accepted_tokens = Counter(
+            "pipespec:spec_decode_num_accepted_tokens",
+            "Draft tokens accepted by this verifier level",
+            ["level"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "pipespec:rollbacks", "Passes of this verifier level that rejected a draft", ["level"], registry=r
+        )
+        self.decode_rejects = Counter(
+            "pipespec:decode_rejects", "Frames dropped because they did not decode", ["socket"], registry=r
+        )
+        self.send_drops = Counter(
+            "pipespec:send_drops", "Messages to stages dropped at the high-water mark", registry=r
+        )
+        self.resyncs = Counter(
+            "pipespec:resyncs", "Start messages re-sent to repair lost or late output", registry=r
+        )
+        self.reroutes = Counter("pipespec:reroutes", "Requests moved off a lost replica", registry=r)
+        self.replicas_refused = Counter(
+            "pipespec:replicas_refused", "Replicas refused at registration", registry=r
+        )
+        self.live_replicas = Gauge("pipespec:live_replicas", "Live replicas", ["level"], registry=r)
+        self.time_to_first_token = Histogram(
+            "pipespec:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e_latency = Histogram(
+            "pipespec:e2e_request_latency_seconds", "Request latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+
+    def record_levels(self, levels: list[LevelStats]) -> None:
+        """Add one finished request's per-level counters (verifier levels only)."""
+        for s in levels:
+            if s.level < 1:
+                continue
+            level = str(s.level)
+            self.num_drafts.labels(level).inc(s.drafts)
+            self.num_draft_tokens.labels(level).inc(s.draft_tokens)
+            self.num_accepted_tokens.labels(level).inc(s.accepted_tokens)
+            self.rollbacks.labels(level).inc(s.rollbacks_issued)
+        if levels:
+            self.target_forward_passes.inc(levels[-1].forward_passes)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,209 @@
+"""Which stage replicas exist, which are alive, and which one of each level serves a new request.
+
+Pure bookkeeping with an injected clock (no sockets): the gateway feeds it every ``Heartbeat``
+and asks it for routes. A replica is *live* while its last heartbeat is younger than
+``heartbeat_timeout_s``; *routable* when it is also ready and not draining. Load is what the
+replica last reported (``active_requests``) plus the requests routed to it since that heartbeat.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import structlog
+
+from common.protocol import Heartbeat, RouteHop
+
+log = structlog.get_logger("gateway.registry")
+
+
+class NoRoute(Exception):
+    """Some level has no routable replica; ``str(exc)`` says which and why."""
+
+
+@dataclass
+class Replica:
+    heartbeat: Heartbeat  # the latest one
+    last_seen: float
+    assigned: int = 0  # requests routed here since ``heartbeat``
+
+    @property
+    def id(self) -> str:
+        return self.heartbeat.replica
+
+    @property
+    def level(self) -> int:
+        return self.heartbeat.level
+
+    @property
+    def load(self) -> int:
+        return self.heartbeat.active_requests + self.assigned
+
+    @property
+    def routable(self) -> bool:
+        return self.heartbeat.ready and not self.heartbeat.draining
+
+    def hop(self) -> RouteHop:
+        hb = self.heartbeat
+        return RouteHop(level=hb.level, replica=hb.replica, inbox=hb.inbox, notices=hb.notices)
+
+    def describe(self) -> dict:
+        hb = self.heartbeat
+        return {
+            "replica": hb.replica,
+            "level": hb.level,
+            "model": hb.model,
+            "backend": hb.backend,
+            "ready": hb.ready,
+            "draining": hb.draining,
+            "load": self.load,
+            "max_context": hb.max_context,
+        }
+
+
+@dataclass
+class Refusal:
+    reason: str
+    last_seen: float
+
+
+class ReplicaRegistry:
+    def __init__(
+        self,
+        num_levels: int,
+        tokenizer_fingerprint: Optional[str],
+        heartbeat_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.num_levels = num_levels
+        self.target_level = num_levels - 1
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self.replicas: dict[str, Replica] = {}
+        self.refusals: dict[str, Refusal] = {}  # replica id -> why its heartbeats are refused
+        self.refused_total = 0  # distinct refusals (one per replica and reason)
+        self._died: list[Replica] = []  # reported by the next ``reap``
+
+    # -- heartbeats ----------------------------------------------------------------------------
+
+    def apply(self, hb: Heartbeat) -> bool:
+        """Register or refresh a replica. False if it is refused (see ``refusal_reason``)."""
+        now = self.clock()
+        reason = self.refusal_reason(hb)
+        if reason is not None:
+            self._refuse(hb, reason, now)
+            return False
+        self.refusals.pop(hb.replica, None)
+        known = self.replicas.get(hb.replica)
+        if known is not None and (known.heartbeat.incarnation, known.level) != (hb.incarnation, hb.level):
+            self._forget(known, why="restarted")  # its requests must be re-sent to the new one
+            known = None
+        if known is None:
+            self.replicas[hb.replica] = Replica(hb, now)
+            log.info(
+                "replica_registered",
+                replica=hb.replica,
+                stage_level=hb.level,
+                model=hb.model,
+                backend=hb.backend,
+                inbox=hb.inbox,
+                ready=hb.ready,
+            )
+        else:
+            known.heartbeat, known.last_seen, known.assigned = hb, now, 0
+        return True
+
+    def refusal_reason(self, hb: Heartbeat) -> Optional[str]:
+        if hb.level >= self.num_levels:
+            return f"level {hb.level} is not below num_levels={self.num_levels}"
+        if hb.level == self.target_level and not hb.can_verify:
+            return f"level {hb.level} is the target but backend {hb.backend!r} cannot verify"
+        fp = hb.tokenizer_fingerprint
+        if fp is not None and self.tokenizer_fingerprint is not None and fp != self.tokenizer_fingerprint:
+            return f"tokenizer fingerprint {fp} differs from the gateway's {self.tokenizer_fingerprint}"
+        return None
+
+    def _refuse(self, hb: Heartbeat, reason: str, now: float) -> None:
+        known = self.replicas.get(hb.replica)
+        if known is not None:
+            self._forget(known, why="refused")
+        previous = self.refusals.get(hb.replica)
+        self.refusals[hb.replica] = Refusal(reason, now)
+        if previous is None or previous.reason != reason:
+            self.refused_total += 1
+            log.warning(
+                "replica_refused", replica=hb.replica, stage_level=hb.level, model=hb.model, reason=reason
+            )
+
+    def _forget(self, replica: Replica, why: str) -> None:
+        del self.replicas[replica.id]
+        self._died.append(replica)
+        log.warning(
+            "replica_lost",
+            replica=replica.id,
+            stage_level=replica.level,
+            why=why,
+            silent_s=round(self.clock() - replica.last_seen, 3),
+        )
+
+    def reap(self) -> list[Replica]:
+        """Forget replicas silent for ``heartbeat_timeout_s``; returns every replica lost since
+        the last call (timed out, restarted under the same id, or refused)."""
+        now = self.clock()
+        for replica in list(self.replicas.values()):
+            if now - replica.last_seen >= self.heartbeat_timeout_s:
+                self._forget(replica, why="heartbeat timeout")
+        for rid, refusal in list(self.refusals.items()):
+            if now - refusal.last_seen >= self.heartbeat_timeout_s:
+                del self.refusals[rid]
+        died, self._died = self._died, []
+        return died
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def is_live(self, replica_id: str) -> bool:
+        replica = self.replicas.get(replica_id)
+        return replica is not None and self.clock() - replica.last_seen < self.heartbeat_timeout_s
+
+    def live(self, level: int) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.level == level and self.is_live(r.id)]
+
+    def pick(self, level: int) -> Optional[RouteHop]:
+        """The least-loaded routable replica of ``level`` (counted as assigned), or None."""
+        candidates = [r for r in self.live(level) if r.routable]
+        if not candidates:
+            return None
+        best = min(candidates, key=lambda r: (r.load, r.id))
+        best.assigned += 1
+        return best.hop()
+
+    def pick_route(self) -> list[RouteHop]:
+        """One replica per level, least loaded first. Raises NoRoute naming the missing level."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise NoRoute(reason)
+        return [self.pick(level) for level in range(self.num_levels)]
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when every level has a live, ready, non-draining replica; else why not."""
+        for level in range(self.num_levels):
+            live = self.live(level)
+            if any(r.routable for r in live):
+                continue
+            if live:
+                states = ", ".join(
+                    f"{r.id} {'draining' if r.heartbeat.draining else 'not ready'}" for r in live
+                )
+                return f"no ready replica at level {level} ({states})"
+            refused = [f"{rid}: {ref.reason}" for rid, ref in self.refusals.items()]
+            suffix = f"; refused replicas: {'; '.join(refused)}" if refused else ""
+            return f"no live replica at level {level}{suffix}"
+        return None
+
+    def target_max_context(self) -> int:
+        """Smallest context (positions) among live targets that report one; 0 if unknown."""
+        contexts = [r.heartbeat.max_context for r in self.live(self.target_level) if r.heartbeat.max_context]
+        return min(contexts, default=0)

@@ -1,0 +1,227 @@
+"""Gateway over real loopback sockets with faked stages: streaming, statistics, cancellation,
+rerouting off dead replicas, timeouts, stage errors and undecodable frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+import zmq
+
+from common.codec import encode
+from common.protocol import RequestError
+from common.settings import GatewaySettings
+from common.tokenization import fingerprint
+from services.gateway.core import Gateway
+from services.gateway.events import FinishEvent, GenerationError, GenerationTimeout, TokensEvent
+from tests.services.gateway.fake_stage import FakeStage
+
+TEXT = "Ça coûte 3 € — 日本語 🙂"
+
+
+@pytest.fixture
+def script(tokenizer) -> list[int]:
+    return tokenizer.encode(TEXT) + [tokenizer.eos_token_id]
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(tokenizer, **overrides):
+    fields = (
+        dict(
+            tokenizer="built-in-test",
+            num_levels=2,
+            registry_port=0,
+            client_port=0,
+            linger_ms=0,
+            heartbeat_timeout_s=0.3,
+            resend_after_s=0.2,
+        )
+        | overrides
+    )
+    gateway = Gateway(GatewaySettings(**fields), fingerprint(tokenizer), [tokenizer.eos_token_id])
+    await gateway.start()
+    stages: list[FakeStage] = []
+
+    def stage(level: int, script=None, **kw) -> FakeStage:
+        stages.append(FakeStage(gateway.reply_to, level, script, fingerprint=fingerprint(tokenizer), **kw))
+        return stages[-1]
+
+    try:
+        yield gateway, stage
+    finally:
+        for s in stages:
+            s.stop()
+        await gateway.stop()
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def collect(generation) -> tuple[list[int], FinishEvent]:
+    ids = []
+    async for event in generation:
+        if isinstance(event, TokensEvent):
+            ids += event.token_ids
+        else:
+            return ids, event
+    raise AssertionError("no finish event")
+
+
+def test_streams_the_targets_output_with_statistics(tokenizer, script):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            drafter, target = stage(0), stage(1, script)
+            await until(lambda: gateway.unavailable_reason() is None)
+            ids, finish = await collect(gateway.generate(tokenizer.encode("Le café"), max_tokens=64))
+            assert ids == script and finish.finish_reason == "stop"
+            s = finish.stats
+            assert (s.completion_tokens, s.target_forward_passes, s.tokens_per_target_pass) == (
+                len(script),
+                4,
+                len(script) / 4,
+            )
+            assert [(a.level, a.acceptance_rate, a.rollbacks) for a in s.acceptance] == [(1, 0.75, 2)]
+            start = target.starts()[0]
+            assert start.eos_ids == [tokenizer.eos_token_id] and start.reply_to == gateway.reply_to
+            assert [hop.replica for hop in start.route] == [drafter.replica, target.replica]
+            assert drafter.starts()[0] == start
+            assert gateway.tracker.requests == {}
+            text = gateway.metrics.exposition().decode()
+            assert 'pipespec:spec_decode_num_accepted_tokens_total{level="1"} 9.0' in text
+            assert 'pipespec:requests_total{outcome="stop"} 1.0' in text
+
+    asyncio.run(main())
+
+
+def test_max_tokens_is_passed_to_the_target(tokenizer, script):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            stage(0), stage(1, script)
+            await until(lambda: gateway.unavailable_reason() is None)
+            ids, finish = await collect(gateway.generate([5, 6], max_tokens=3))
+            assert ids == script[:3] and finish.finish_reason == "length"
+
+    asyncio.run(main())
+
+
+def test_leaving_early_cancels_at_every_stage(tokenizer, script):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            drafter, target = stage(0), stage(1, script, piece=1, delay_s=0.05)
+            await until(lambda: gateway.unavailable_reason() is None)
+            async with gateway.generate([5, 6], max_tokens=64) as generation:
+                assert isinstance(await generation.__anext__(), TokensEvent)
+            await until(lambda: drafter.cancels() and target.cancels())
+            assert gateway.tracker.requests == {}
+            generation.cancel()  # idempotent: nothing more is sent
+            await asyncio.sleep(0.1)
+            assert len(target.cancels()) == 1
+
+    asyncio.run(main())
+
+
+def test_task_cancellation_while_waiting_cancels_the_request(tokenizer):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            stage(0), stage(1)  # a target that never answers
+            await until(lambda: gateway.unavailable_reason() is None)
+            task = asyncio.create_task(collect(gateway.generate([5], max_tokens=4)))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert gateway.tracker.requests == {}
+
+    asyncio.run(main())
+
+
+def test_a_dead_target_is_replaced_when_one_appears(tokenizer, script):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            stage(0), stage(1, script, die_on_start=True)
+            await until(lambda: gateway.unavailable_reason() is None)
+            generation = gateway.generate([5, 6], max_tokens=64)
+            await asyncio.sleep(0.5)  # the first target is gone; the request waits for another
+            replacement = stage(1, script)
+            ids, finish = await collect(generation)
+            assert ids == script
+            assert replacement.starts()[0].route[1].replica == replacement.replica
+            assert "pipespec:reroutes_total 1.0" in gateway.metrics.exposition().decode()
+
+    asyncio.run(main())
+
+
+def test_a_dead_drafter_without_replacement_does_not_stop_the_request(tokenizer, script):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            drafter, _ = stage(0, die_on_start=True), stage(1, script, piece=1, delay_s=0.025)
+            await until(lambda: gateway.unavailable_reason() is None)
+            ids, finish = await collect(gateway.generate([5, 6], max_tokens=64))
+            assert ids == script and finish.finish_reason == "stop"
+            assert not gateway.registry.is_live(drafter.replica)  # it died while the target decoded
+
+    asyncio.run(main())
+
+
+def test_requests_time_out_and_are_cancelled(tokenizer):
+    async def main():
+        async with running_gateway(tokenizer, request_timeout_s=0.3) as (gateway, stage):
+            _, target = stage(0), stage(1)
+            await until(lambda: gateway.unavailable_reason() is None)
+            with pytest.raises(GenerationTimeout, match="timed out"):
+                await collect(gateway.generate([5], max_tokens=4))
+            await until(lambda: target.cancels())
+
+    asyncio.run(main())
+
+
+def test_a_stage_error_fails_the_request(tokenizer):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            stage(0), stage(1)
+            await until(lambda: gateway.unavailable_reason() is None)
+            generation = gateway.generate([5], max_tokens=4)
+            push = gateway.context.socket(zmq.PUSH)
+            push.connect(gateway.reply_to)
+            await push.send(
+                encode(
+                    RequestError(
+                        request_id=generation.request_id, replica="r", level=1, message="prompt too long"
+                    )
+                )
+            )
+            with pytest.raises(GenerationError, match="level 1 \\(r\\): prompt too long"):
+                await collect(generation)
+            push.close(linger=0)
+
+    asyncio.run(main())
+
+
+def test_undecodable_frames_are_counted_and_dropped(tokenizer, script):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            push = gateway.context.socket(zmq.PUSH)
+            push.connect(gateway.reply_to)
+            for junk in (
+                b"\x00garbage",
+                b"\x81\xa1v\x63",
+                encode(RequestError(request_id="x", replica="r", level=0, message="m"))[:-3],
+            ):
+                await push.send(junk)
+            stage(0), stage(1, script)
+            await until(lambda: gateway.unavailable_reason() is None)
+            ids, _ = await collect(gateway.generate([5], max_tokens=64))
+            assert ids == script
+            assert (
+                'pipespec:decode_rejects_total{socket="registry"} 3.0'
+                in gateway.metrics.exposition().decode()
+            )
+            push.close(linger=0)
+
+    asyncio.run(main())
