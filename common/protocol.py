@@ -66,6 +66,7 @@ class LevelStats(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     level: int
+    replica: str = ""  # the replica that served this level
     forward_passes: int = 0  # model calls (prefill excluded)
     drafts: int = 0  # verification passes that checked >= 1 draft token ("num_drafts")
     draft_tokens: int = 0  # draft tokens checked ("num_draft_tokens")

@@ -34,6 +34,9 @@ def open_socket(
     if sock_type in BINDS:
         sock.bind(endpoint.replace(":0", ":*") if endpoint.endswith(":0") else endpoint)
     elif sock_type in CONNECTS:
+        # ZMTP heartbeats: notice a peer that vanished without closing (node loss) and reconnect
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         sock.connect(endpoint)
     else:
         sock.close(linger=0)

@@ -188,7 +188,7 @@ class StageEngine:
             route=list(msg.route),
             reply_to=msg.reply_to,
             last_heard=self.clock(),
-            stats=LevelStats(level=self.level),
+            stats=LevelStats(level=self.level, replica=self.replica),
         )
         r.sent = msg.have
         r.target_len = len(msg.committed)
@@ -382,7 +382,7 @@ class StageEngine:
     def _all_stats(self, r: LevelRequest) -> list[LevelStats]:
         below = list(r.span.stats) if r.span is not None else []
         have = {s.level for s in below}
-        below += [LevelStats(level=i) for i in range(self.level) if i not in have]
+        below += [LevelStats(level=i, replica=r.route[i].replica) for i in range(self.level) if i not in have]
         return sorted(below, key=lambda s: s.level) + [r.stats.model_copy()]
 
     def _send_span(self, r: LevelRequest) -> None:

@@ -34,6 +34,7 @@ class RequestStats(BaseModel):
     tokens_per_target_pass: float
     acceptance: list[LevelAcceptance]  # one per verifier level, level 1 first
     rollbacks: int  # over all verifier levels
+    replicas: list[str] = []  # the replica that served each level, level 0 first
     resyncs: int  # Start messages re-sent because output was lost or late
     time_to_first_token_s: Optional[float]
     wall_time_s: float
@@ -71,6 +72,7 @@ def request_stats(
         tokens_per_target_pass=round(completion_tokens / target_passes, 4) if target_passes else 0.0,
         acceptance=acceptance,
         rollbacks=sum(a.rollbacks for a in acceptance),
+        replicas=[s.replica for s in levels],
         resyncs=resyncs,
         time_to_first_token_s=None if time_to_first_token_s is None else round(time_to_first_token_s, 4),
         wall_time_s=round(wall_time_s, 4),

@@ -10,6 +10,7 @@ Sockets (see common.sockets for the bind/connect rule):
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import uuid
 
@@ -96,6 +97,8 @@ class StageService:
         self.sub = self.ctx.socket(zmq.SUB)  # connects lazily, per route
         self.sub.setsockopt(zmq.LINGER, s.linger_ms)
         self.sub.setsockopt(zmq.RCVHWM, s.hwm)
+        self.sub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         host = s.advertise_host or s.bind_host
         self.inbox_endpoint = bound_endpoint(self.inbox, host)
         self.notices_endpoint = bound_endpoint(self.notices, host)
@@ -110,12 +113,27 @@ class StageService:
         self.rejected_frames = 0
         self.running = True
         self.drain_deadline: float | None = None
+        self._beating = threading.Event()
+
+    def _heartbeat_loop(self) -> None:
+        """Heartbeats from their own thread and socket, so a long forward pass does not make the
+        stage look dead; ``ready`` still turns false if the main loop stops beating."""
+        sock = open_socket(self.ctx, zmq.PUSH, self.settings.gateway, linger_ms=0, hwm=16)
+        try:
+            while self._beating.is_set():
+                try:
+                    sock.send(encode(self.heartbeat()), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                time.sleep(self.settings.heartbeat_interval_s)
+        finally:
+            sock.close(linger=0)
 
     def heartbeat(self) -> Heartbeat:
         b = self.backend
         return Heartbeat(
             replica=self.replica, incarnation=self.replica, level=self.settings.level,
-            inbox=self.inbox_endpoint, notices=self.notices_endpoint, ready=True,
+            inbox=self.inbox_endpoint, notices=self.notices_endpoint, ready=self.watch.alive(),
             draining=self.engine.draining, active_requests=len(self.engine.requests),
             model=b.name, backend=b.kind, can_verify=b.can_verify,
             tokenizer_fingerprint=b.tokenizer_fingerprint, max_context=b.max_context,
@@ -147,11 +165,13 @@ class StageService:
                  inbox=self.inbox_endpoint, notices=self.notices_endpoint, model=self.backend.name)  # fmt: skip
         interval = self.settings.heartbeat_interval_s
         next_beat = 0.0
+        self._beating.set()
+        beats = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beats.start()
         while self.running:
             now = time.monotonic()
             self.watch.beat()
             if now >= next_beat:
-                self.outbox.send_reply(self.settings.gateway, self.heartbeat())
                 self.engine.tick()
                 self.metrics.active_requests.set(len(self.engine.requests))
                 self.metrics.queue_depth.set(self.engine.queue_depth())
@@ -169,6 +189,8 @@ class StageService:
             if self.sub in ready:
                 self._drain(self.sub, multipart=True)
             self.engine.step()
+        self._beating.clear()
+        beats.join(timeout=2 * interval + 1)
         self.close()
 
     def _stop(self, signum, frame) -> None:

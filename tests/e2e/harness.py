@@ -1,0 +1,91 @@
+"""Multi-process loopback systems for end-to-end tests, started by the launcher's own code
+(the path users take), and the oracle they are checked against: the target's ``generate``."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Optional
+
+import httpx
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deploy.launch import Plan, System, plan_from_config
+
+
+def system_config(tokenizer: str, stages: list[dict], **gateway) -> dict:
+    """A launcher config on ephemeral ports; each stage gets one thread (2-core machine)."""
+    return {
+        "gateway": {"tokenizer": tokenizer, "num_levels": 1 + max(s["level"] for s in stages),
+                    "http_port": 0, "registry_port": 0, "client_port": 0,
+                    "served_model_name": "test", **gateway},
+        "stages": [{"threads": 1, **s} if s.get("backend") != "ngram" else s for s in stages],
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def running(config: dict, log_dir: Path, startup_timeout_s: float = 180) -> Iterator[Plan]:
+    """Start the system, wait for /health, yield its plan; stop it and require every process to
+    have exited with status 0 (none left running)."""
+    plan = plan_from_config(config)
+    system = System(plan, log_dir)
+    system.start()
+    try:
+        system.wait_healthy(timeout_s=startup_timeout_s)
+        yield plan
+    finally:
+        system.stop()
+        codes = {c.spec.name: c.process.returncode for c in system.children}
+        assert all(code == 0 for code in codes.values()), (
+            f"exit codes {codes}\n" + "\n".join(c.tail() for c in system.children))  # fmt: skip
+
+
+def complete(plan: Plan, prompt: str, max_tokens: int, timeout_s: float = 300) -> dict:
+    """One non-streaming completion over HTTP; returns the response body."""
+    body = {"model": "test", "prompt": prompt, "max_tokens": max_tokens}
+    resp = httpx.post(f"{plan.http_url}/v1/completions", json=body, timeout=timeout_s)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def complete_all(plan: Plan, prompts: list[str], max_tokens: int, concurrency: int) -> list[dict]:
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda p: complete(plan, p, max_tokens), prompts))
+
+
+class GreedyOracle:
+    """The target model's own ``generate(do_sample=False)``: the output every run must equal."""
+
+    def __init__(self, model_dir: str, threads: Optional[int] = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def ids(self, prompt: str, max_tokens: int) -> list[int]:
+        prompt_ids = self.tokenizer.encode(prompt)
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(
+                1, len(prompt_ids), dtype=torch.long), max_new_tokens=max_tokens, do_sample=False)  # fmt: skip
+        return out[0, len(prompt_ids) :].tolist()
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def assert_same_as_oracle(oracle: GreedyOracle, prompts: list[str], results: list[dict], max_tokens: int) -> None:
+    wrong = []
+    for prompt, res in zip(prompts, results):
+        ids = oracle.ids(prompt, max_tokens)
+        got = res["choices"][0]["text"], res["usage"]["completion_tokens"]
+        if got != (oracle.text(ids), len(ids)):
+            wrong.append((prompt, got, (oracle.text(ids), len(ids))))
+    assert not wrong, f"{len(wrong)}/{len(prompts)} differ from the target's greedy output: {wrong[:2]}"
+
+
+def leftover_service_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", r"services\.(stage|gateway)"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line]

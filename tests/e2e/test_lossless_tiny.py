@@ -1,0 +1,67 @@
+"""Full multi-process systems on tiny random transformer models whose drafts are often wrong
+(rollback-heavy): for 20 prompts each, k=2 and k=3, the text equals the target's own greedy
+``generate``. Also: 8 concurrent requests through k=3 with 2 replicas of the middle level."""
+
+import random
+
+import pytest
+
+from tests.e2e.harness import GreedyOracle, assert_same_as_oracle, complete_all, running, system_config
+from tests.tiny_models import VOCAB_SIZE, noisy_copy, tiny_llama
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-e2e")
+    target = tiny_llama(root / "target")
+    return {
+        "target": str(target),
+        "close": str(noisy_copy(target, root / "close", noise=0.02)),  # agrees ~40 %
+        "far": str(noisy_copy(target, root / "far", noise=0.08, seed=3)),  # agrees rarely
+    }
+
+
+def prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = [f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(rng.randint(2, 10))]
+        if i % 3 == 0:
+            words = words * 2  # repetition gives the n-gram drafter something to find
+        out.append(" ".join(words))
+    return out
+
+
+HIERARCHIES = {
+    "k2": [("hf", "far"), ("hf", "target")],
+    "k3": [("hf", "far"), ("hf", "close"), ("hf", "target")],
+    "k3-ngram": [("ngram", None), ("hf", "close"), ("hf", "target")],
+}
+
+
+@pytest.mark.parametrize("name", HIERARCHIES)
+def test_twenty_prompts_equal_target_greedy(tiny, tmp_path, name):
+    stages = [{"level": i, "backend": b, **({"model": tiny[m]} if m else {})}
+              for i, (b, m) in enumerate(HIERARCHIES[name])]  # fmt: skip
+    ps = prompts(20, seed=len(name))
+    with running(system_config(tiny["target"], stages), tmp_path / "logs") as plan:
+        results = complete_all(plan, ps, MAX_TOKENS, concurrency=4)
+    assert_same_as_oracle(GreedyOracle(tiny["target"]), ps, results, MAX_TOKENS)
+    stats = [r["spec_decode_stats"] for r in results]
+    assert sum(s["rollbacks"] for s in stats) > 20, "drafts should often be wrong here"
+    assert sum(a["accepted_tokens"] for s in stats for a in s["acceptance"]) > 0
+
+
+def test_eight_concurrent_requests_two_replicas_of_a_level(tiny, tmp_path):
+    stages = [{"level": 0, "backend": "ngram"},
+              {"level": 1, "backend": "hf", "model": tiny["close"], "replicas": 2},
+              {"level": 2, "backend": "hf", "model": tiny["target"]}]  # fmt: skip
+    ps = prompts(8, seed=99)
+    with running(system_config(tiny["target"], stages), tmp_path / "logs") as plan:
+        results = complete_all(plan, ps, MAX_TOKENS, concurrency=8)
+    assert_same_as_oracle(GreedyOracle(tiny["target"]), ps, results, MAX_TOKENS)
+    middle = {r["spec_decode_stats"]["replicas"][1] for r in results}
+    assert len(middle) == 2 and "" not in middle, f"level-1 replicas used: {middle}"
