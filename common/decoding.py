@@ -100,10 +100,11 @@ def reconcile(own: Sequence[int], start: int, theirs: Sequence[int]) -> Optional
 
 
 def apply_stop(
-    tokens: Sequence[int], eos_ids: Iterable[int], max_tokens: int
+    tokens: Sequence[int], eos_ids: Iterable[int], max_tokens: int, checked: int = 0
 ) -> tuple[list[int], Optional[str]]:
     """Cut generated tokens at the first end-of-sequence token (kept, as ``generate`` keeps it)
     or at ``max_tokens``; the finish reason is "stop", "length" or None (not finished).
+    ``checked``: a prefix already known to hold no end token, not scanned again.
 
     >>> apply_stop([4, 2, 9, 2], {2}, 10)
     ([4, 2], 'stop')
@@ -111,10 +112,12 @@ def apply_stop(
     ([4, 5], 'length')
     >>> apply_stop([4, 5], {2}, 3)
     ([4, 5], None)
+    >>> apply_stop([4, 5, 2], {2}, 9, checked=2)
+    ([4, 5, 2], 'stop')
     """
-    eos = set(eos_ids)
+    eos = eos_ids if isinstance(eos_ids, (set, frozenset)) else set(eos_ids)
     limit = min(len(tokens), max_tokens)
-    for i in range(limit):
+    for i in range(checked, limit):
         if tokens[i] in eos:
             return list(tokens[: i + 1]), "stop"
     if len(tokens) >= max_tokens:

@@ -270,7 +270,7 @@ class StageEngine:
             r.tokens.extend(plan.adopt)
         else:
             return
-        r.tokens, _ = apply_stop(r.tokens, r.eos_ids, r.max_tokens)
+        r.tokens, _ = apply_stop(r.tokens, r.eos_ids, r.max_tokens, checked=max(0, plan.keep - 1))
         r.stalled = False
         if self.level > 0:
             self._publish(r, start=plan.keep)
@@ -346,7 +346,7 @@ class StageEngine:
         new = drafts[:m] + [preds[m]]
         r.session.crop(base + m)  # keep everything but the new last token
         old_len = len(r.tokens)
-        r.tokens, finish = apply_stop(r.tokens + new, r.eos_ids, r.max_tokens)
+        r.tokens, finish = apply_stop(r.tokens + new, r.eos_ids, r.max_tokens, checked=old_len)
         if len(r.prompt) + len(r.tokens) - 1 < r.session.length:
             r.session.crop(len(r.prompt) + len(r.tokens) - 1)
         rejected = m < len(drafts)

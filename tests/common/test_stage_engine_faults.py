@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from common.backends.hf import HFBackend
-from tests.fakes.hierarchy import build, greedy_reference, run_request
-from tests.fakes.network import Faults
+from common.simnet import Faults, build, greedy_reference, run_request
 from tests.tiny_models import EOS, VOCAB_SIZE, noisy_copy, tiny_llama
 
 RUNS = 500

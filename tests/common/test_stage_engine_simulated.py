@@ -3,8 +3,7 @@
 import pytest
 
 from common.backends.simulated import SimulatedBackend
-from tests.fakes.hierarchy import build, greedy_reference, run_request
-from tests.fakes.network import Faults
+from common.simnet import Faults, build, greedy_reference, run_request
 
 
 def sims(agreements, seed=3):

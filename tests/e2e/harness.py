@@ -27,15 +27,15 @@ def system_config(tokenizer: str, stages: list[dict], **gateway) -> dict:
 
 
 @contextlib.contextmanager
-def running(config: dict, log_dir: Path, startup_timeout_s: float = 180) -> Iterator[Plan]:
-    """Start the system, wait for /health, yield its plan; stop it and require every process to
-    have exited with status 0 (none left running)."""
+def running(config: dict, log_dir: Path, startup_timeout_s: float = 180) -> Iterator[System]:
+    """Start the system, wait for /health, yield it; stop it and require every process to have
+    exited with status 0 (none left running)."""
     plan = plan_from_config(config)
     system = System(plan, log_dir)
     system.start()
     try:
         system.wait_healthy(timeout_s=startup_timeout_s)
-        yield plan
+        yield system
     finally:
         system.stop()
         codes = {c.spec.name: c.process.returncode for c in system.children}

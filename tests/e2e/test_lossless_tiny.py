@@ -47,8 +47,8 @@ def test_twenty_prompts_equal_target_greedy(tiny, tmp_path, name):
     stages = [{"level": i, "backend": b, **({"model": tiny[m]} if m else {})}
               for i, (b, m) in enumerate(HIERARCHIES[name])]  # fmt: skip
     ps = prompts(20, seed=len(name))
-    with running(system_config(tiny["target"], stages), tmp_path / "logs") as plan:
-        results = complete_all(plan, ps, MAX_TOKENS, concurrency=4)
+    with running(system_config(tiny["target"], stages), tmp_path / "logs") as system:
+        results = complete_all(system.plan, ps, MAX_TOKENS, concurrency=4)
     assert_same_as_oracle(GreedyOracle(tiny["target"]), ps, results, MAX_TOKENS)
     stats = [r["spec_decode_stats"] for r in results]
     assert sum(s["rollbacks"] for s in stats) > 20, "drafts should often be wrong here"
@@ -60,8 +60,8 @@ def test_eight_concurrent_requests_two_replicas_of_a_level(tiny, tmp_path):
               {"level": 1, "backend": "hf", "model": tiny["close"], "replicas": 2},
               {"level": 2, "backend": "hf", "model": tiny["target"]}]  # fmt: skip
     ps = prompts(8, seed=99)
-    with running(system_config(tiny["target"], stages), tmp_path / "logs") as plan:
-        results = complete_all(plan, ps, MAX_TOKENS, concurrency=8)
+    with running(system_config(tiny["target"], stages), tmp_path / "logs") as system:
+        results = complete_all(system.plan, ps, MAX_TOKENS, concurrency=8)
     assert_same_as_oracle(GreedyOracle(tiny["target"]), ps, results, MAX_TOKENS)
     middle = {r["spec_decode_stats"]["replicas"][1] for r in results}
     assert len(middle) == 2 and "" not in middle, f"level-1 replicas used: {middle}"

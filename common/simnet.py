@@ -1,9 +1,14 @@
-"""An in-process network with a virtual clock that delays, reorders, duplicates and drops
-messages, for running real StageEngines and a RequestTracker together deterministically.
+"""A discrete-event network with a virtual clock, for running real StageEngines and a
+RequestTracker together, deterministically for a seed.
+
+Two uses: the tests' fake transport, which delays, reorders, duplicates and drops messages; and
+the *ideal schedule* of the benchmarks: the same algorithm with zero communication and scheduling
+overhead, where a pass takes exactly what the simulated backend says it costs.
 
 Each stage is a node that, like the real service, drains the messages that arrived while it was
-busy, then runs one forward pass that takes ``cost`` virtual seconds; what a pass sends leaves
-when the pass ends. Every message goes through the real codec (encode, then decode).
+busy, then runs one forward pass; the pass lasts the virtual time the backend spent in ``sleep``
+(simulated backends) plus ``cost()``; what a pass sends leaves when the pass ends. Every message
+goes through the real codec (encode, then decode).
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from common.codec import decode, encode
 from common.protocol import Message, Notice, Output, RequestError, RouteHop, Span
 from common.request_tracker import RequestTracker, TrackedRequest
+from common.backends.base import Backend
+from common.decoding import apply_stop
+from common.settings import StageSettings
 from common.stage_engine import StageEngine
 
 GATEWAY = "gateway"
@@ -38,6 +46,11 @@ class FakeNetwork:
         self.on_arrival: dict[str, Callable[[], None]] = {}
         self.subscribers: dict[tuple[str, str], set[str]] = {}  # (publisher, request) -> nodes
         self.sent = self.dropped = 0
+        self.spent = 0.0  # virtual seconds the current pass spent in backends' sleep
+
+    def spend(self, seconds: float) -> None:
+        """A simulated backend's ``sleep``: advances the running pass, not the wall clock."""
+        self.spent += seconds
 
     def at(self, when: float, fn: Callable[[], None]) -> None:
         self._seq += 1
@@ -77,17 +90,32 @@ class FakeOutbox:
 
     def __init__(self, net: FakeNetwork, node: str):
         self.net, self.node = net, node
-        self.depart: Optional[float] = None  # set while a pass runs: its end time
+        self._held: Optional[list[tuple[str, Message]]] = None  # sends of the running pass
+
+    def hold(self) -> None:
+        """Keep what the pass sends until it ends (its duration is known only then)."""
+        self._held = []
+
+    def release(self, depart: float) -> None:
+        held, self._held = self._held or [], None
+        for dest, msg in held:
+            self.net.send(dest, msg, depart)
+
+    def _send(self, dest: str, msg: Message) -> None:
+        if self._held is not None:
+            self._held.append((dest, msg))
+        else:
+            self.net.send(dest, msg)
 
     def send_span(self, hop: RouteHop, span: Span) -> None:
-        self.net.send(hop.replica, span, self.depart)
+        self._send(hop.replica, span)
 
     def publish(self, notice: Notice) -> None:
         for sub in sorted(self.net.subscribers.get((self.node, notice.request_id), ())):
-            self.net.send(sub, notice, self.depart)
+            self._send(sub, notice)
 
     def send_reply(self, endpoint: str, msg: Output | RequestError) -> None:
-        self.net.send(endpoint, msg, self.depart)
+        self._send(endpoint, msg)
 
     def subscribe(self, request_id: str, hops: list[RouteHop]) -> None:
         self.unsubscribe(request_id)
@@ -101,7 +129,7 @@ class FakeOutbox:
 
 
 class StageNode:
-    """Runs one engine on the fake network: drain, one pass of ``cost()`` seconds, repeat."""
+    """Runs one engine on the network: drain, one pass, repeat."""
 
     def __init__(self, net: FakeNetwork, engine: StageEngine, outbox: FakeOutbox,
                  cost: Callable[[], float], tick_every: float):  # fmt: skip
@@ -122,10 +150,11 @@ class StageNode:
         if not self.engine.has_work():
             self.busy = False
             return
-        end = self.net.now + self.cost()
-        self.outbox.depart = end
+        self.net.spent = 0.0
+        self.outbox.hold()
         self.engine.step()
-        self.outbox.depart = None
+        end = self.net.now + self.net.spent + self.cost()
+        self.outbox.release(depart=end)
         self.net.at(end, self._run)
 
     def _tick(self) -> None:
@@ -172,3 +201,66 @@ class Hierarchy:
     def route(self) -> list[RouteHop]:
         return [RouteHop(level=i, replica=n.engine.replica, inbox=n.engine.replica,
                          notices=n.engine.replica) for i, n in enumerate(self.nodes)]  # fmt: skip
+
+
+def greedy_reference(backend: Backend, prompt: list[int], max_tokens: int, eos: Sequence[int]) -> list[int]:
+    """The target alone, one token per step: what every run must reproduce exactly."""
+    session = backend.new_session(prompt[:-1])
+    tokens: list[int] = []
+    last = prompt[-1]
+    while True:
+        last = session.forward([last])[0]
+        tokens.append(last)
+        tokens, finish = apply_stop(tokens, eos, max_tokens)
+        if finish:
+            return tokens
+
+
+def build(
+    backends: Sequence[Backend],
+    costs: Optional[Sequence[float]] = None,
+    seed: int = 0,
+    faults: Faults = Faults(),
+    jitter: float = 0.5,
+    max_lead: int = 8,
+    max_verify_tokens: int = 16,
+    resend_after: float = 40.0,
+) -> Hierarchy:
+    """One engine per backend (level = index) on one network.
+
+    ``costs``: virtual seconds per pass for each level, varied by +-``jitter`` at random. Without
+    ``costs``, a pass lasts what the backends spend in ``sleep`` (simulated backends, whose
+    ``sleep`` is pointed at the network's virtual clock): the ideal schedule.
+    """
+    rng = random.Random(seed)
+    net = FakeNetwork(rng, faults)
+    tracker = RequestTracker(resend_after_s=resend_after, clock=lambda: net.now)
+    h = Hierarchy(net=net, gateway=GatewayNode(net, tracker, tick_every=resend_after / 4))
+    for level, backend in enumerate(backends):
+        if costs is None:
+            backend.sleep = net.spend  # type: ignore[attr-defined]
+            cost, republish = (lambda: 0.0), max(backend.pass_seconds(1), 1e-3)  # type: ignore[attr-defined]
+        else:
+            c = republish = costs[level]
+            cost = lambda c=c: c * (1 + rng.uniform(-jitter, jitter))  # noqa: E731
+        settings = StageSettings(level=level, backend="simulated", max_lead=max_lead,
+                                 max_verify_tokens=max_verify_tokens, request_ttl_s=50 * resend_after,
+                                 done_retention_s=100 * resend_after)  # fmt: skip
+        replica = f"L{level}"
+        outbox = FakeOutbox(net, replica)
+        engine = StageEngine(settings, backend, outbox, replica, clock=lambda: net.now,
+                             republish_interval_s=republish)  # fmt: skip
+        h.nodes.append(StageNode(net, engine, outbox, cost=cost, tick_every=resend_after))
+    return h
+
+
+def run_request(
+    h: Hierarchy, prompt: list[int], max_tokens: int, eos: Sequence[int] = (),
+    request_id: str = "r0", max_time: float = 1e6,
+) -> Optional[TrackedRequest]:  # fmt: skip
+    """Submit one request and run the network until it is done; None if it hangs."""
+    req = TrackedRequest(request_id=request_id, prompt=list(prompt), max_tokens=max_tokens,
+                         eos_ids=list(eos), route=h.route, reply_to=GATEWAY, created=h.net.now)  # fmt: skip
+    h.gateway.submit(req)
+    ok = h.net.run_until(lambda: req.done, max_time=max_time)
+    return req if ok else None
