@@ -159,6 +159,7 @@ class StageNode:
 
     def _tick(self) -> None:
         self.engine.tick()
+        self._wake_if_idle()  # time-based conditions (sync waits) need a look now and then
         self.net.at(self.net.now + self.tick_every, self._tick)
 
 

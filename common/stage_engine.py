@@ -87,6 +87,7 @@ class LevelRequest:
     target_len: int = 0  # the target's committed length, as last heard
     sent: int = 0  # target only: tokens already sent to the gateway
     stalled: bool = False  # drafter had no prediction; wait for new information
+    waiting_since: Optional[float] = None  # sync schedule: since when the verifier waits for drafts
     finish_reason: Optional[str] = None  # target only, once finished
     last_publish: float = 0.0
 
@@ -284,11 +285,38 @@ class StageEngine:
         return sum(1 for r in self.requests.values() if self._wants_pass(r))
 
     def _wants_pass(self, r: LevelRequest) -> bool:
+        if self.settings.schedule == "sync":
+            return self._wants_pass_sync(r)
         if self.is_target(r):
             return r.finish_reason is None
         if r.stalled or self._ended(r):
             return False
         return len(r.tokens) < r.target_len + self.settings.max_lead
+
+    def _wants_pass_sync(self, r: LevelRequest) -> bool:
+        """Lockstep speculative decoding (the paper's "Speculative" baseline): a drafter runs at
+        most ``lookahead`` tokens past the level above, and a verifier waits until it has
+        ``lookahead`` drafts (or the drafter has ended, or ``sync_wait_s`` has passed)."""
+        if r.finish_reason is not None or (not self.is_target(r) and (r.stalled or self._ended(r))):
+            return False
+        if not self.is_target(r):
+            above = r.seen.get(self.level + 1)
+            if len(r.tokens) >= (above.end if above else 0) + self.settings.lookahead:
+                return False
+        if self.level == 0:
+            return True
+        span = r.span
+        drafts = self._drafts(r)
+        room = r.max_tokens - len(r.tokens) - 1
+        drafter_done = span is not None and bool(span.tokens) and (
+            span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
+        if len(drafts) >= min(self.settings.lookahead, room) or drafter_done:
+            r.waiting_since = None
+            return True
+        now = self.clock()
+        if r.waiting_since is None:
+            r.waiting_since = now
+        return now - r.waiting_since >= self.settings.sync_wait_s
 
     def _ended(self, r: LevelRequest) -> bool:
         return len(r.tokens) >= r.max_tokens or bool(r.tokens and r.tokens[-1] in r.eos_ids)
@@ -326,7 +354,8 @@ class StageEngine:
         if drafts is None:
             return []
         room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
-        return drafts[: max(0, min(self.settings.max_verify_tokens, room))]
+        cap = self.settings.lookahead if self.settings.schedule == "sync" else self.settings.max_verify_tokens
+        return drafts[: max(0, min(cap, room))]
 
     def _run_pass(self, r: LevelRequest) -> None:
         t0 = time.perf_counter()
