@@ -43,6 +43,11 @@ class StageSettings(BaseSettings):
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     max_lead: int = Field(16, ge=1, description="tokens a lower level may run past the target")
+    schedule: Literal["async", "sync"] = Field(
+        "async", description="async: PipeSpec; sync: lockstep speculative decoding (a baseline)"
+    )
+    lookahead: int = Field(8, ge=1, description="sync: drafts per verification (paper's SD: 8)")
+    sync_wait_s: float = Field(2.0, gt=0, description="sync: verify with fewer drafts after")
     max_verify_tokens: int = Field(32, ge=1, description="draft tokens checked per pass, at most")
     heartbeat_interval_s: float = Field(0.5, gt=0)
     request_ttl_s: float = Field(60.0, gt=0, description="drafter drops a silent request after")
