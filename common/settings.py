@@ -84,7 +84,19 @@ class GatewaySettings(BaseSettings):
     tokenizer: str = Field(description="the target's tokenizer: HF id, directory or .gguf")
     served_model_name: str = "pipespec"
     num_levels: int = Field(ge=1, description="levels a route must have")
-    default_max_tokens: int = Field(128, ge=1)
+    default_max_tokens: int = Field(
+        128, ge=1, description="when a request gives none (capped by the context)"
+    )
+    max_tokens_limit: int = Field(1 << 16, ge=1, description="larger max_tokens are refused")
+    max_requests_in_flight: int = Field(128, ge=1, description="requests decoding at once")
+    max_queued_requests: int = Field(256, ge=0, description="requests waiting for a slot; more get 429")
+    queue_timeout_s: float = Field(
+        30.0, gt=0, description="a queued request gets 429 after waiting this long"
+    )
+    max_request_bytes: int = Field(1 << 20, ge=1, description="larger HTTP bodies get 413")
+    chat_template: Optional[str] = Field(
+        None, description="Jinja chat template, or a file holding one; overrides the tokenizer's"
+    )
     heartbeat_timeout_s: float = Field(3.0, gt=0)
     resend_after_s: float = Field(5.0, gt=0, description="re-sync a request silent for this long")
     request_timeout_s: float = Field(600.0, gt=0)

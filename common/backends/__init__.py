@@ -45,6 +45,7 @@ def _simulated(settings: StageSettings) -> Backend:
         vocab=settings.sim_vocab,
         cost_ms=settings.sim_cost_ms,
         cost_per_token_ms=settings.sim_cost_per_token_ms,
+        tokenizer=settings.tokenizer,
     )
 
 

@@ -9,6 +9,10 @@ re-computation give the same answers), and level i agrees with the target on a f
 of contexts. A forward pass over ``n`` tokens takes ``cost_ms + (n - 1) * cost_per_token_ms``,
 spent in ``sleep`` (or reported to a virtual clock by the tests).
 
+Its ids mean nothing, so it reports the fingerprint ``simulated-<vocab>``; given a ``tokenizer``
+(``vocab`` at most that tokenizer's size) it reports that tokenizer's fingerprint instead, so a
+gateway serving text with that tokenizer accepts it (load tests through the HTTP API).
+
 >>> b = SimulatedBackend(agreement=1.0, seed=7, vocab=50)
 >>> s = b.new_session([1, 2, 3]); t = s.forward([4])[0]
 >>> SimulatedBackend(agreement=1.0, seed=7, vocab=50).new_session([1, 2, 3]).forward([4])[0] == t
@@ -43,15 +47,17 @@ class SimulatedBackend(Backend):
         cost_ms: float = 0.0,
         cost_per_token_ms: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
+        tokenizer: Optional[str] = None,
     ):
         self.agreement, self.seed, self.vocab = agreement, seed, vocab
         self.cost_ms, self.cost_per_token_ms, self.sleep = cost_ms, cost_per_token_ms, sleep
         self.name = f"simulated(agreement={agreement}, seed={seed}, {cost_ms}+{cost_per_token_ms}ms/tok)"
         self._salt = int(agreement * 1_000_000)
+        self._fingerprint = f"simulated-{vocab}" if tokenizer is None else _fingerprint_of(tokenizer, vocab)
 
     @property
     def tokenizer_fingerprint(self) -> Optional[str]:
-        return f"simulated-{self.vocab}"
+        return self._fingerprint
 
     def pass_seconds(self, n_tokens: int) -> float:
         return (self.cost_ms + max(0, n_tokens - 1) * self.cost_per_token_ms) / 1000.0
@@ -68,6 +74,17 @@ class SimulatedBackend(Backend):
 
     def new_session(self, context: list[int]) -> Session:
         return SimulatedSession(self, context)
+
+
+def _fingerprint_of(tokenizer: str, vocab: int) -> str:
+    from common.tokenization import fingerprint, load_tokenizer  # only simulations with text need it
+
+    loaded = load_tokenizer(tokenizer)
+    if vocab > len(loaded):
+        raise ValueError(
+            f"sim_vocab={vocab} is more than the {len(loaded)} tokens of tokenizer {tokenizer!r}"
+        )
+    return fingerprint(loaded)
 
 
 class SimulatedSession(Session):

@@ -85,7 +85,11 @@ def main() -> int:
         print(f"gateway: cannot load tokenizer {settings.tokenizer!r}: {exc}", file=sys.stderr)
         return 2
     gateway = Gateway(settings, fingerprint(tokenizer), eos_token_ids(tokenizer, settings.tokenizer))
-    app = create_app(gateway, tokenizer, ClientApi(gateway, tokenizer))
+    try:
+        app = create_app(gateway, tokenizer, ClientApi(gateway, tokenizer))
+    except (OSError, ValueError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     return 0 if asyncio.run(serve(app, settings)) else 1
 
 

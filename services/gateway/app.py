@@ -1,125 +1,92 @@
-"""The HTTP face of the gateway: a minimal OpenAI-compatible completions API.
+"""The HTTP face of the gateway: an OpenAI-compatible API plus probes and metrics.
 
-    POST /v1/completions   {"prompt": str, "max_tokens"?: int, "stream"?: bool, "model"?: str}
-    GET  /v1/models        the served model
-    GET  /health           200 when every level has a live ready replica, else 503 with the reason
-    GET  /metrics          Prometheus text
+    POST /v1/completions        OpenAI completions (``schemas.CompletionRequest``), JSON or SSE
+    POST /v1/chat/completions   OpenAI chat completions through the tokenizer's chat template
+    GET  /v1/models             the served model
+    GET  /health                200 when every level has a live ready replica, else 503 + reason
+    GET  /health/live           200 while the gateway's own loops run (no dependency checks)
+    GET  /metrics               Prometheus text
+    GET  /openapi.json, /docs   the schema, request bodies included
 
 Decoding is greedy. The final chunk (stream) or the response (non-stream) carries
 ``spec_decode_stats``: per-request speculative-decoding statistics (see ``events.RequestStats``).
-Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad input,
+404 unknown model or path, 413 body over ``max_request_bytes``, 429 over the admission limits,
+503 no route, 500/504 a failed or timed-out request.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
-import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import Optional
 
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway.admission import Overloaded
 from services.gateway.client_api import ClientApi
-from services.gateway.core import Gateway, Generation
-from services.gateway.detokenizer import IncrementalDetokenizer
-from services.gateway.events import (
-    FinishEvent,
-    GenerationError,
-    GenerationTimeout,
-    InvalidRequest,
-    TokensEvent,
-)
+from services.gateway.core import Gateway
+from services.gateway.events import InvalidRequest
 from services.gateway.registry import NoRoute
+from services.gateway.replies import error_body
+from services.gateway.schemas import ChatCompletionRequest, CompletionRequest, Strict, parse_body
+from services.gateway.serving import OpenAIServing
 
 log = structlog.get_logger("gateway.http")
 
-DISCONNECT_POLL_S = 0.5
+RETRY_AFTER_S = 1
 
 
-class CompletionRequest(BaseModel):
-    """The supported subset of OpenAI's completion request; anything else is refused by name."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    model: Optional[str] = None
-    prompt: str
-    max_tokens: Optional[int] = None  # default: GatewaySettings.default_max_tokens
-    stream: bool = False
+class BodyTooLarge(InvalidRequest):
+    status = 413
 
 
-def error_response(status: int, message: str, type_: str, param: Optional[str] = None) -> JSONResponse:
-    return JSONResponse({"error": error_body(status, message, type_, param)}, status_code=status)
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, never holding more than ``limit`` bytes of it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def error_body(status: int, message: str, type_: str, param: Optional[str] = None) -> dict:
-    return {"message": message, "type": type_, "param": param, "code": status}
+def json_body(model: type[Strict]) -> dict:
+    """``openapi_extra`` naming ``model`` as a route's body (bodies are parsed by ``parse_body``)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def parse_completion_request(raw: bytes) -> CompletionRequest:
-    """The request body, or InvalidRequest saying what is wrong with it."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    try:
-        return CompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        field = ".".join(str(part) for part in error["loc"])
-        if error["type"] == "extra_forbidden":
-            supported = ", ".join(CompletionRequest.model_fields)
-            raise InvalidRequest(f"unsupported field {field!r} (supported: {supported})", field) from None
-        if error["type"] == "missing":
-            raise InvalidRequest(f"field {field!r} is required", field) from None
-        raise InvalidRequest(f"{field}: {error['msg']}", field) from None
+def install_openapi(app: FastAPI, models: list[type[Strict]]) -> None:
+    """Serve ``models`` (and the models they use) in /openapi.json's components."""
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
 
-@dataclass(frozen=True)
-class CompletionMeta:
-    """What every chunk of one completion repeats."""
-
-    id: str
-    created: int
-    model: str
-
-    def body(self, text: str, finish_reason: Optional[str]) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-
-
-def final_fields(finish: FinishEvent) -> dict:
-    s = finish.stats
-    usage = {
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "total_tokens": s.prompt_tokens + s.completion_tokens,
-    }
-    return {"usage": usage, "spec_decode_stats": s.model_dump()}
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    app.openapi = openapi
 
 
 def create_app(gateway: Gateway, tokenizer, client_api: Optional[ClientApi] = None) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the gateway (and the ZMQ client API)."""
     settings = gateway.settings
+    serving = OpenAIServing(gateway, tokenizer)
     started_at = int(time.time())
 
     @asynccontextmanager
@@ -134,90 +101,57 @@ def create_app(gateway: Gateway, tokenizer, client_api: Optional[ClientApi] = No
                 await client_api.stop()
             await gateway.stop()
 
-    app = FastAPI(title="PipeSpec gateway", lifespan=lifespan)
+    app = FastAPI(title="PipeSpec gateway", version="1", lifespan=lifespan)
+    install_openapi(app, [CompletionRequest, ChatCompletionRequest])
+
+    def refuse(
+        status: int, message: str, type_: str, param: Optional[str] = None, headers: Optional[dict] = None
+    ) -> JSONResponse:
+        gateway.metrics.rejected_requests.labels("http", str(status)).inc()
+        log.info("request_rejected", api="http", status=status, reason=message)
+        return JSONResponse(error_body(status, message, type_, param), status_code=status, headers=headers)
+
+    @app.exception_handler(InvalidRequest)
+    async def invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
+        return refuse(exc.status, str(exc), "invalid_request_error", exc.param)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return refuse(429, str(exc), "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(NoRoute)
+    async def no_route(request: Request, exc: NoRoute) -> JSONResponse:
+        return refuse(503, f"no route for the request: {exc}", "service_unavailable")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail), "invalid_request_error"), exc.status_code
+        )
 
-    def reject(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
-        gateway.metrics.rejected_requests.labels("http").inc()
-        log.info("request_rejected", api="http", status=status, reason=message)
-        return error_response(status, message, "invalid_request_error", param)
+    async def body_of(request: Request, model: type[Strict]) -> Strict:
+        return parse_body(await read_body(request, settings.max_request_bytes), model)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
-        try:
-            body = parse_completion_request(await request.body())
-        except InvalidRequest as exc:
-            return reject(400, str(exc), exc.param)
-        if body.model is not None and body.model != settings.served_model_name:
-            return reject(
-                404,
-                f"model {body.model!r} does not exist; this server serves {settings.served_model_name!r}",
-                "model",
-            )
-        if not body.prompt:
-            return reject(400, "prompt must not be empty", "prompt")
-        meta = CompletionMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), settings.served_model_name)
-        max_tokens = settings.default_max_tokens if body.max_tokens is None else body.max_tokens
-        try:
-            generation = gateway.generate(tokenizer.encode(body.prompt), max_tokens, request_id=meta.id)
-        except InvalidRequest as exc:
-            return reject(400, str(exc), exc.param)
-        except NoRoute as exc:
-            return error_response(503, f"no route for the request: {exc}", "service_unavailable")
-        if body.stream:
-            return StreamingResponse(stream_completion(generation, meta), media_type="text/event-stream")
-        return await complete(generation, meta, request)
+        job = serving.completion_job(await body_of(request, CompletionRequest))
+        return await serving.respond(request, job)
 
-    async def stream_completion(generation: Generation, meta: CompletionMeta) -> AsyncIterator[str]:
-        detokenizer = IncrementalDetokenizer(tokenizer)
-        try:
-            async for event in generation:
-                if isinstance(event, TokensEvent):
-                    text = detokenizer.add(event.token_ids)
-                    if text:
-                        yield sse(meta.body(text, None))
-                else:
-                    yield sse(meta.body(detokenizer.flush(), event.finish_reason) | final_fields(event))
-        except GenerationError as exc:
-            yield sse({"error": error_body(500, str(exc), "server_error")})
-        finally:
-            generation.cancel("client disconnected")  # no-op once the request has ended
-        yield "data: [DONE]\n\n"
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        job = serving.chat_job(await body_of(request, ChatCompletionRequest))
+        return await serving.respond(request, job)
 
-    async def complete(generation: Generation, meta: CompletionMeta, request: Request) -> Response:
-        collect = asyncio.ensure_future(collect_completion(generation))
-        watch = asyncio.ensure_future(wait_for_disconnect(request))
-        try:
-            await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            finished = collect.done()
-            if not finished:  # the client left first (or the server is stopping)
-                generation.cancel("client disconnected")
-                collect.cancel()
-        if not finished:
-            return Response(status_code=499)  # nobody reads this
-        try:
-            text, finish = collect.result()
-        except GenerationTimeout as exc:
-            return error_response(504, str(exc), "timeout")
-        except GenerationError as exc:
-            return error_response(500, str(exc), "server_error")
-        return JSONResponse(meta.body(text, finish.finish_reason) | final_fields(finish))
-
-    async def collect_completion(generation: Generation) -> tuple[str, FinishEvent]:
-        detokenizer = IncrementalDetokenizer(tokenizer)
-        parts = []
-        async for event in generation:
-            if isinstance(event, TokensEvent):
-                parts.append(detokenizer.add(event.token_ids))
-            else:
-                parts.append(detokenizer.flush())
-                return "".join(parts), event
-        raise GenerationError("the request ended without a finish event")
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {
+            "id": settings.served_model_name,
+            "object": "model",
+            "created": started_at,
+            "owned_by": "pipespec",
+            "max_model_len": gateway.registry.target_max_context() or None,
+        }
+        return {"object": "list", "data": [card]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -228,28 +162,18 @@ def create_app(gateway: Gateway, tokenizer, client_api: Optional[ClientApi] = No
             "reason": reason,
             "levels": [[r.describe() for r in registry.live(level)] for level in range(settings.num_levels)],
             "refused": {replica: refusal.reason for replica, refusal in registry.refusals.items()},
+            "requests_running": gateway.admission.running,
+            "requests_waiting": gateway.admission.waiting,
         }
         return JSONResponse(body, status_code=200 if reason is None else 503)
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        context = gateway.registry.target_max_context() or None
-        card = {
-            "id": settings.served_model_name,
-            "object": "model",
-            "created": started_at,
-            "owned_by": "pipespec",
-            "max_model_len": context,
-        }
-        return {"object": "list", "data": [card]}
+    @app.get("/health/live")
+    async def live() -> JSONResponse:
+        alive = gateway.alive()
+        return JSONResponse({"status": "alive" if alive else "dead"}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)

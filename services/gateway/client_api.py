@@ -6,8 +6,10 @@ msgpack maps (``common.protocol.ClientEvent``): ``token`` events as output is co
 ``request_id`` so one client may have several requests in flight. ``services.gateway.zmq_client``
 is the matching client.
 
-Replies never block the gateway: ROUTER_MANDATORY makes a vanished client an error, and a client
-that stops reading until its queue is full is treated the same way; either cancels the request.
+Requests go through the gateway's admission control like HTTP ones (an ``error`` event when it
+is full). Replies never block the gateway: ROUTER_MANDATORY makes a vanished client an error, and
+a client that stops reading until its queue is full is treated the same way; either cancels the
+request.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pydantic import ValidationError
 
 from common.protocol import ClientEvent, ClientRequest
 from common.sockets import bound_endpoint, open_socket
+from services.gateway.admission import Overloaded
 from services.gateway.core import Gateway, Generation, advertised_host
 from services.gateway.detokenizer import IncrementalDetokenizer
 from services.gateway.events import GenerationError, InvalidRequest, TokensEvent
@@ -127,23 +130,24 @@ class ClientApi:
                 await self._send(identity, ClientEvent(type="error", request_id=label, message=str(exc)))
 
     async def _start(self, identity: bytes, request: ClientRequest) -> Optional[Generation]:
-        """The started request, or None after telling the client why not."""
-        settings, label = self.gateway.settings, request.request_id
-        max_tokens = settings.default_max_tokens if request.max_tokens is None else request.max_tokens
+        """The started request (once admitted), or None after telling the client why not."""
+        label = request.request_id
         try:
             if not request.prompt:
                 raise InvalidRequest("prompt must not be empty", "prompt")
-            return self.gateway.generate(self.tokenizer.encode(request.prompt), max_tokens)
+            return await self.gateway.generate(self.tokenizer.encode(request.prompt), request.max_tokens)
         except InvalidRequest as exc:
             await self._reject(identity, label, str(exc))
+        except Overloaded as exc:
+            await self._reject(identity, label, str(exc), code=429)
         except NoRoute as exc:
             await self._send(
                 identity, ClientEvent(type="error", request_id=label, message=f"no route: {exc}")
             )
         return None
 
-    async def _reject(self, identity: bytes, label: Optional[str], message: str) -> None:
-        self.gateway.metrics.rejected_requests.labels("zmq").inc()
+    async def _reject(self, identity: bytes, label: Optional[str], message: str, code: int = 400) -> None:
+        self.gateway.metrics.rejected_requests.labels("zmq", str(code)).inc()
         log.info("request_rejected", api="zmq", client_request_id=label, reason=message)
         await self._send(identity, ClientEvent(type="error", request_id=label, message=message))
 

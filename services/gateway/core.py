@@ -2,10 +2,13 @@
 
     gateway = Gateway(settings, fingerprint(tokenizer), eos_ids=[tokenizer.eos_token_id])
     await gateway.start()
-    async with gateway.generate(prompt_ids, max_tokens=32) as generation:
+    async with await gateway.generate(prompt_ids, max_tokens=32) as generation:
         async for event in generation:      # TokensEvent ..., then one FinishEvent
             ...
     await gateway.stop()
+
+``generate`` first takes a slot from the admission control (``admission.Admission``): it may
+queue for one, and raises ``Overloaded`` when the gateway is full.
 
 Two tasks run beside the requests: one drains the registry PULL socket (Heartbeat -> registry,
 Output/RequestError -> tracker and the request's queue); a ticker re-sends Start where output is
@@ -31,11 +34,13 @@ from common.protocol import Cancel, Heartbeat, Message, Output, RequestError, Ro
 from common.request_tracker import RequestTracker, Send, TrackedRequest
 from common.settings import GatewaySettings
 from common.sockets import bound_endpoint, open_socket
+from services.gateway.admission import Admission
 from services.gateway.events import (
     FinishEvent,
     GenerationError,
     GenerationTimeout,
     InvalidRequest,
+    RequestCancelled,
     RequestStats,
     TokensEvent,
     request_stats,
@@ -46,7 +51,6 @@ from services.gateway.registry import Replica, ReplicaRegistry
 log = structlog.get_logger("gateway")
 
 TICK_S = 0.05
-MAX_TOKENS_LIMIT = 1 << 16  # sanity cap when the target reports no context length
 DEADLINE_GRACE_S = 1.0  # a consumer waits this long past the ticker's timeout before giving up
 WILDCARD_HOSTS = {"0.0.0.0", "*", "::", ""}
 
@@ -62,19 +66,21 @@ def advertised_host(settings: GatewaySettings) -> str:
 @dataclass
 class _InFlight:
     queue: asyncio.Queue  # Event | GenerationError, consumed by the request's Generation
-    prompt_tokens: int
+    req: TrackedRequest  # kept after the tracker lets go of it, for the final statistics
     first_token_at: Optional[float] = None
+    last_token_at: Optional[float] = None
 
 
 class Generation:
     """One request in flight: an async iterator of ``TokensEvent`` then one ``FinishEvent``;
-    raises ``GenerationError`` if the request fails. Leaving it early (``break`` inside
-    ``async with``, ``aclose()``, ``cancel()``, or task cancellation while waiting) sends
-    ``Cancel`` to every stage of the route; cancelling is synchronous and idempotent."""
+    raises ``GenerationError`` if the request fails (``RequestCancelled`` if it was cancelled
+    while the iterator waited). Leaving it early (``break`` inside ``async with``, ``aclose()``,
+    ``cancel()``, ``stop()``, or task cancellation while waiting) sends ``Cancel`` to every stage
+    of the route; cancelling is synchronous and idempotent."""
 
-    def __init__(self, gateway: Gateway, request_id: str, queue: asyncio.Queue, deadline: float):
-        self.request_id = request_id
-        self._gateway, self._queue, self._deadline = gateway, queue, deadline
+    def __init__(self, gateway: Gateway, flight: _InFlight, deadline: float):
+        self.request_id = flight.req.request_id
+        self._gateway, self._flight, self._queue, self._deadline = gateway, flight, flight.queue, deadline
         self._closed = False
 
     def __aiter__(self) -> Generation:
@@ -104,6 +110,14 @@ class Generation:
             self._closed = True
             self._gateway.cancel(self.request_id, reason)
 
+    def stop(self, completion_tokens: int) -> RequestStats:
+        """End the request because its output is complete (a stop string matched): cancels it at
+        every stage and returns its statistics counting ``completion_tokens`` (stages report
+        their own counters only at a natural end, so ``acceptance`` is then empty)."""
+        self._closed = True
+        self._gateway.cancel(self.request_id, "stop string", outcome="stop")
+        return self._gateway.summary(self._flight, completion_tokens)
+
     async def aclose(self) -> None:
         self.cancel()
 
@@ -125,6 +139,10 @@ class Gateway:
         self.settings = settings
         self.eos_ids = list(eos_ids)
         self.metrics = metrics or GatewayMetrics()
+        self.admission = Admission(
+            settings.max_requests_in_flight, settings.max_queued_requests, settings.queue_timeout_s
+        )
+        self.metrics.requests_waiting.set_function(lambda: self.admission.waiting)
         self.registry = ReplicaRegistry(
             settings.num_levels, tokenizer_fingerprint, settings.heartbeat_timeout_s
         )
@@ -171,6 +189,10 @@ class Gateway:
         self._ctx = self._send_ctx = self._pull = None
         log.info("gateway_stopped")
 
+    def alive(self) -> bool:
+        """The background tasks run (for /health/live): a crashed loop means restart me."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+
     @property
     def context(self) -> zmq.asyncio.Context:
         """The process's ZMQ context, for other front ends (the client API); set by start()."""
@@ -180,50 +202,68 @@ class Gateway:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def check(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
-        """Raise InvalidRequest if the request cannot be served as asked."""
-        if not prompt_ids:
+    def max_tokens_for(self, prompt_tokens: int, max_tokens: Optional[int], param: str = "max_tokens") -> int:
+        """``max_tokens``, checked; or, when the client gave none, ``default_max_tokens`` capped
+        to the context left after the prompt. Raises InvalidRequest naming what is wrong
+        (``param``: the field's name as the client spelled it)."""
+        s, context = self.settings, self.registry.target_max_context()
+        if not prompt_tokens:
             raise InvalidRequest("prompt must not be empty", "prompt")
+        if context and prompt_tokens >= context:
+            raise InvalidRequest(
+                f"the prompt is {prompt_tokens} tokens, but the model's context is {context} tokens "
+                "(prompt and output together)",
+                "prompt",
+            )
+        if max_tokens is None:
+            return min(s.default_max_tokens, context - prompt_tokens) if context else s.default_max_tokens
         if max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-        if max_tokens > MAX_TOKENS_LIMIT:
+            raise InvalidRequest(f"{param} must be at least 1, got {max_tokens}", param)
+        if max_tokens > s.max_tokens_limit:
+            raise InvalidRequest(f"{param} must be at most {s.max_tokens_limit}, got {max_tokens}", param)
+        if context and prompt_tokens + max_tokens > context:
             raise InvalidRequest(
-                f"max_tokens must be at most {MAX_TOKENS_LIMIT}, got {max_tokens}", "max_tokens"
+                f"prompt ({prompt_tokens} tokens) plus {param} ({max_tokens}) is "
+                f"{prompt_tokens + max_tokens} tokens, more than the model's context of {context} tokens",
+                param,
             )
-        context = self.registry.target_max_context()
-        total = len(prompt_ids) + max_tokens
-        if context and total > context:
-            raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) is {total} tokens, "
-                f"more than the model's context of {context} tokens",
-                "max_tokens",
-            )
+        return max_tokens
 
-    def generate(
-        self, prompt_ids: Sequence[int], max_tokens: int, request_id: Optional[str] = None
+    async def generate(
+        self, prompt_ids: Sequence[int], max_tokens: Optional[int] = None, request_id: Optional[str] = None
     ) -> Generation:
-        """Start a request now; iterate the result for its events.
+        """Start a request once admitted; iterate the result for its events.
 
-        Raises InvalidRequest (bad input) or NoRoute (some level has no replica) at once,
-        before anything is sent.
+        Raises InvalidRequest (bad input) at once, Overloaded when no slot is free or frees in
+        time, NoRoute (some level has no replica); nothing is sent to a stage before that.
         """
         if self._ctx is None:
             raise RuntimeError("Gateway.start() has not been awaited")
-        self.check(prompt_ids, max_tokens)
+        max_tokens = self.max_tokens_for(len(prompt_ids), max_tokens)
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         if request_id in self._flights:
             raise InvalidRequest(f"request_id {request_id!r} is already in flight", "request_id")
+        queued_at = time.monotonic()
+        await self.admission.acquire()
+        self.metrics.queue_time.observe(time.monotonic() - queued_at)
+        try:
+            return self._launch(list(prompt_ids), max_tokens, request_id)
+        except BaseException:
+            self.admission.release()
+            raise
+
+    def _launch(self, prompt_ids: list[int], max_tokens: int, request_id: str) -> Generation:
         route = self.registry.pick_route()
         req = TrackedRequest(
             request_id=request_id,
-            prompt=list(prompt_ids),
+            prompt=prompt_ids,
             max_tokens=max_tokens,
             eos_ids=self.eos_ids,
             route=route,
             reply_to=self.reply_to,
             created=time.monotonic(),
         )
-        flight = _InFlight(asyncio.Queue(), len(prompt_ids))
+        flight = _InFlight(asyncio.Queue(), req)
         self._flights[request_id] = flight
         self.metrics.requests_running.inc()
         self._send_all(self.tracker.add(req))
@@ -235,16 +275,19 @@ class Gateway:
             route=[hop.replica for hop in route],
         )
         deadline = req.created + self.settings.request_timeout_s + DEADLINE_GRACE_S
-        return Generation(self, request_id, flight.queue, deadline)
+        return Generation(self, flight, deadline)
 
-    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
-        """Stop a request at every stage of its route. Idempotent; never blocks."""
+    def cancel(self, request_id: str, reason: str = "cancelled", outcome: str = "cancelled") -> None:
+        """Stop a request at every stage of its route; a consumer waiting on it gets
+        RequestCancelled. Idempotent; never blocks."""
         req = self.tracker.requests.get(request_id)
-        if req is None or request_id not in self._flights:
+        flight = self._flights.get(request_id)
+        if req is None or flight is None:
             return
         self._send_cancel(req, reason)
+        flight.queue.put_nowait(RequestCancelled(f"request {request_id} was cancelled: {reason}"))
         log.info("request_cancelled", request_id=request_id, reason=reason, tokens=len(req.tokens))
-        self._end(request_id, outcome="cancelled")
+        self._end(request_id, outcome=outcome)
 
     def unavailable_reason(self) -> Optional[str]:
         """None when every level has a live ready replica; else why not (for /health)."""
@@ -285,15 +328,25 @@ class Gateway:
             return  # finished or cancelled already: a late duplicate
         new = self.tracker.on_output(msg)
         if new:
-            if flight.first_token_at is None:
-                flight.first_token_at = time.monotonic()
-                req = self.tracker.requests[msg.request_id]
-                self.metrics.time_to_first_token.observe(flight.first_token_at - req.created)
+            self._observe_tokens(flight, len(new))
             flight.queue.put_nowait(TokensEvent(new))
-        req = self.tracker.requests[msg.request_id]
+        req = flight.req
         if req.done:
-            flight.queue.put_nowait(FinishEvent(req.finish_reason or "stop", self._stats(req, flight)))
+            flight.queue.put_nowait(FinishEvent(req.finish_reason or "stop", self.summary(flight)))
             self._end(msg.request_id, outcome=req.finish_reason or "stop")
+
+    def _observe_tokens(self, flight: _InFlight, count: int) -> None:
+        """Time to first token; inter-token latency per token (a piece of several tokens, e.g.
+        accepted drafts, spreads the gap since the previous piece over its tokens)."""
+        now = time.monotonic()
+        if flight.last_token_at is None:
+            flight.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - flight.req.created)
+        else:
+            gap = (now - flight.last_token_at) / count
+            for _ in range(count):
+                self.metrics.inter_token_latency.observe(gap)
+        flight.last_token_at = now
 
     def _on_error(self, msg: RequestError) -> None:
         req = self.tracker.on_error(msg)
@@ -381,11 +434,12 @@ class Gateway:
 
     def _end(self, request_id: str, outcome: str) -> None:
         req = self.tracker.remove(request_id)
-        flight = self._flights.pop(request_id)
+        self._flights.pop(request_id)
+        self.admission.release()
         m = self.metrics
         m.requests.labels(outcome).inc()
         m.requests_running.dec()
-        m.prompt_tokens.inc(flight.prompt_tokens)
+        m.prompt_tokens.inc(len(req.prompt))
         m.generation_tokens.inc(len(req.tokens))
         m.record_levels(req.stats)
         m.e2e_latency.observe(time.monotonic() - req.created)
@@ -398,17 +452,18 @@ class Gateway:
             wall_s=round(time.monotonic() - req.created, 3),
         )
 
-    def _stats(self, req: TrackedRequest, flight: _InFlight) -> RequestStats:
-        now = time.monotonic()
+    def summary(self, flight: _InFlight, completion_tokens: Optional[int] = None) -> RequestStats:
+        """The request's statistics; ``completion_tokens`` defaults to the tokens received."""
+        req = flight.req
         ttft = None if flight.first_token_at is None else flight.first_token_at - req.created
         return request_stats(
             req.request_id,
-            flight.prompt_tokens,
-            len(req.tokens),
+            len(req.prompt),
+            len(req.tokens) if completion_tokens is None else completion_tokens,
             req.stats,
             req.resyncs,
             ttft,
-            now - req.created,
+            time.monotonic() - req.created,
         )
 
     # -- sending -------------------------------------------------------------------------------

@@ -103,8 +103,15 @@ class GenerationTimeout(GenerationError):
     """The request ran past ``request_timeout_s``."""
 
 
+class RequestCancelled(GenerationError):
+    """The request was cancelled (e.g. its client left) while its consumer waited for output."""
+
+
 class InvalidRequest(ValueError):
-    """The request is malformed or over a limit; ``param`` names the offending field."""
+    """The request is malformed or over a limit; ``param`` names the offending field and
+    ``status`` is the HTTP status it gets (subclasses: 404, 413)."""
+
+    status = 400
 
     def __init__(self, message: str, param: Optional[str] = None):
         super().__init__(message)

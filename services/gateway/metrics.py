@@ -4,6 +4,11 @@ Counters get ``_total`` on exposition. Derived values, as in vLLM's docs:
     acceptance rate per level = rate(pipespec:spec_decode_num_accepted_tokens_total{level="i"})
                               / rate(pipespec:spec_decode_num_draft_tokens_total{level="i"})
     mean acceptance length    = 1 + rate(..._num_accepted_tokens_total) / rate(..._num_drafts_total)
+
+The spec-decode counters here are summed from the per-request statistics the target reports when
+a request ends by itself. Accepted tokens per draft position
+(``pipespec:spec_decode_num_accepted_tokens_per_pos_total{level,position}``) are on each stage's
+own /metrics: per-request statistics carry totals only.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from common.protocol import LevelStats
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class GatewayMetrics:
@@ -23,9 +29,15 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter("pipespec:requests", "Requests ended, by outcome", ["outcome"], registry=r)
         self.rejected_requests = Counter(
-            "pipespec:rejected_requests", "Requests refused as invalid", ["api"], registry=r
+            "pipespec:rejected_requests",
+            "Requests refused before they started, by HTTP status (429: overloaded)",
+            ["api", "code"],
+            registry=r,
         )
         self.requests_running = Gauge("pipespec:num_requests_running", "Requests in flight", registry=r)
+        self.requests_waiting = Gauge(
+            "pipespec:num_requests_waiting", "Requests queued for a slot (admission control)", registry=r
+        )
         self.prompt_tokens = Counter("pipespec:prompt_tokens", "Prompt tokens of ended requests", registry=r)
         self.generation_tokens = Counter(
             "pipespec:generation_tokens", "Output tokens of ended requests", registry=r
@@ -71,8 +83,20 @@ class GatewayMetrics:
         self.time_to_first_token = Histogram(
             "pipespec:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.inter_token_latency = Histogram(
+            "pipespec:inter_token_latency_seconds",
+            "Time between output tokens",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.e2e_latency = Histogram(
             "pipespec:e2e_request_latency_seconds", "Request latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "pipespec:request_queue_time_seconds",
+            "Time waiting for admission",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
 
     def record_levels(self, levels: list[LevelStats]) -> None:

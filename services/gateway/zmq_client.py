@@ -1,4 +1,5 @@
-"""A small synchronous client for the gateway's ZeroMQ API (see ``services.gateway.client_api``).
+"""A small synchronous client for the gateway's ZeroMQ API (see ``services.gateway.client_api``;
+docs/client.md describes both client APIs and the wire format).
 
 >>> from services.gateway.zmq_client import PipeSpecClient
 >>> with PipeSpecClient("tcp://127.0.0.1:5551") as client:    # doctest: +SKIP

@@ -1,12 +1,15 @@
-"""The HTTP and ZMQ client APIs end to end over faked stages: streamed text, final statistics,
-bad client input, and cancellation when an HTTP client disconnects."""
+"""The HTTP and ZMQ client APIs end to end over faked stages: completions and chat, streamed
+and not, stop strings, echo, usage, admission control (429), bad ZMQ input, and cancellation
+when an HTTP client disconnects."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+from typing import Optional
 
 import httpx
 import msgpack
@@ -25,6 +28,7 @@ from services.gateway.zmq_client import PipeSpecClient, PipeSpecError
 from tests.services.gateway.fake_stage import FakeStage
 
 TEXT = "Ça coûte 3 € — 日本語 🙂"
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 
 
 def wait_until(condition, timeout_s: float = 5.0) -> None:
@@ -43,15 +47,17 @@ def free_port() -> int:
 class System:
     """App + gateway + client API, and a faked drafter and target that reply with TEXT."""
 
-    def __init__(self, tokenizer, **target_options):
-        settings = GatewaySettings(
+    def __init__(self, tokenizer, settings: Optional[dict] = None, **target_options):
+        fields = dict(
             tokenizer="built-in-test",
             num_levels=2,
             registry_port=0,
             client_port=0,
             linger_ms=0,
             default_max_tokens=64,
+            chat_template=CHAT_TEMPLATE,
         )
+        settings = GatewaySettings(**(fields | (settings or {})))
         self.gateway = Gateway(settings, fingerprint(tokenizer), [tokenizer.eos_token_id])
         self.client_api = ClientApi(self.gateway, tokenizer)
         self.app = create_app(self.gateway, tokenizer, self.client_api)
@@ -73,14 +79,22 @@ class System:
             stage.stop()
 
 
-@pytest.fixture
-def system(tokenizer):
-    system = System(tokenizer)
+@contextlib.contextmanager
+def running(tokenizer, settings: Optional[dict] = None, **target_options):
+    system = System(tokenizer, settings, **target_options)
     with TestClient(system.app) as http:
         system.http = http
         system.start_stages()
+        try:
+            yield system
+        finally:
+            system.stop_stages()
+
+
+@pytest.fixture
+def system(tokenizer):
+    with running(tokenizer) as system:
         yield system
-        system.stop_stages()
 
 
 def sse_events(raw: str) -> list[str]:
@@ -90,23 +104,149 @@ def sse_events(raw: str) -> list[str]:
     return [frame[len("data: ") :] for frame in frames]
 
 
-def test_http_stream_is_openai_sse_and_adds_up_to_the_text(system):
-    response = system.http.post(
-        "/v1/completions", json={"prompt": "Le café", "max_tokens": 64, "stream": True}
-    )
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+def stream_chunks(system, path: str, body: dict) -> list[dict]:
+    response = system.http.post(path, json=body | {"stream": True})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response.text)
     assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_http_stream_is_openai_sse_and_adds_up_to_the_text(system):
+    body = {"prompt": "Le café", "max_tokens": 64, "stream_options": {"include_usage": True}}
+    chunks = stream_chunks(system, "/v1/completions", body)
     assert all(c["object"] == "text_completion" and c["model"] == "pipespec" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
-    assert "".join(c["choices"][0]["text"] for c in chunks) == TEXT
-    assert all("\ufffd" not in c["choices"][0]["text"] for c in chunks)
-    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "stop"]
-    final = chunks[-1]
-    assert final["usage"]["completion_tokens"] == len(system.script)
+    *texts, final, usage = chunks
+    assert "".join(c["choices"][0]["text"] for c in texts) == TEXT
+    assert all("\ufffd" not in c["choices"][0]["text"] for c in chunks[:-1])
+    assert [c["choices"][0]["finish_reason"] for c in (*texts, final)][-2:] == [None, "stop"]
+    assert all(c["usage"] is None for c in (*texts, final))
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(system.script)
     stats = final["spec_decode_stats"]
     assert stats["acceptance"][0]["acceptance_rate"] == 0.75 and stats["target_forward_passes"] == 4
+
+
+def test_http_stream_without_include_usage_has_no_usage(system):
+    chunks = stream_chunks(system, "/v1/completions", {"prompt": "Le café"})
+    assert all("usage" not in c for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_renders_the_template_and_answers_as_the_assistant(system):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Le café ?"}]
+    response = system.http.post(
+        "/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 5}
+    )
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": system.tokenizer.decode(system.script[:5]),
+    }
+    assert body["choices"][0]["finish_reason"] == "length"
+    prompt = system.stages[1].starts()[-1].prompt
+    expected = "<system>Be brief.<user>Le café ?<assistant>"
+    assert prompt == system.tokenizer.encode(expected, add_special_tokens=False)
+    assert body["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_chat_max_completion_tokens_wins_and_is_named_in_errors(system):
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"messages": messages, "max_tokens": 9, "max_completion_tokens": 2}
+    assert system.http.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] == 2
+    error = system.http.post("/v1/chat/completions", json=body | {"max_completion_tokens": 0}).json()["error"]
+    assert (
+        error["param"] == "max_completion_tokens"
+        and "max_completion_tokens must be at least 1" in error["message"]
+    )
+
+
+def test_chat_stream_starts_with_the_role_and_ends_with_an_empty_delta(system):
+    parts = [{"type": "text", "text": "Le "}, {"type": "text", "text": "café"}]
+    chunks = stream_chunks(system, "/v1/chat/completions", {"messages": [{"role": "user", "content": parts}]})
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == TEXT
+    assert chunks[-1]["choices"][0] | {"logprobs": None} == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert system.stages[1].starts()[-1].prompt == system.tokenizer.encode(
+        "<user>Le café<assistant>", add_special_tokens=False
+    )
+
+
+@pytest.mark.parametrize(
+    "stop, expected",
+    [
+        ("€ —", "Ça coûte 3 "),  # spans tokens and multi-byte characters
+        (["日本", "3"], "Ça coûte "),  # the earliest of several
+        ("🙂", "Ça coûte 3 € — 日本語 "),
+        ("Ç", ""),
+    ],
+)
+@pytest.mark.parametrize("stream", [True, False])
+def test_stop_strings_end_the_request_and_never_reach_the_client(tokenizer, stop, expected, stream):
+    with running(tokenizer, piece=1, delay_s=0.01) as system:
+        body = {"prompt": "Le café", "stop": stop}
+        if stream:
+            chunks = stream_chunks(system, "/v1/completions", body)
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+            final = chunks[-1]
+        else:
+            final = system.http.post("/v1/completions", json=body).json()
+            text = final["choices"][0]["text"]
+        assert text == expected and final["choices"][0]["finish_reason"] == "stop"
+        assert 0 < final["spec_decode_stats"]["completion_tokens"] < len(system.script)
+        wait_until(lambda: system.stages[1].cancels())  # the rest is not generated
+
+
+def test_a_stop_string_that_never_comes_changes_nothing(system):
+    body = {"prompt": "Le café", "stop": ["nope", "€€"]}
+    chunks = stream_chunks(system, "/v1/completions", body)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == TEXT
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_echo_and_token_id_prompts(system):
+    ids = system.tokenizer.encode("Le café")
+    body = system.http.post("/v1/completions", json={"prompt": ids, "echo": True, "max_tokens": 3}).json()
+    assert body["choices"][0]["text"] == "Le café" + system.tokenizer.decode(system.script[:3])
+    assert system.stages[1].starts()[-1].prompt == ids
+    chunks = stream_chunks(system, "/v1/completions", {"prompt": "Le café", "echo": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Le café" + TEXT
+
+
+def test_requests_beyond_the_admission_limits_get_429(tokenizer):
+    settings = {"max_requests_in_flight": 1, "max_queued_requests": 1, "queue_timeout_s": 0.2}
+    with running(tokenizer, settings, piece=1, delay_s=0.05) as system:
+        first = threading.Thread(
+            target=system.http.post, args=("/v1/completions",), kwargs={"json": {"prompt": "a"}}
+        )
+        first.start()
+        wait_until(lambda: system.gateway.admission.running == 1)
+        queued = []
+        second = threading.Thread(
+            target=lambda: queued.append(system.http.post("/v1/completions", json={"prompt": "b"}))
+        )
+        second.start()
+        wait_until(lambda: system.gateway.admission.waiting == 1)
+        over = system.http.post("/v1/completions", json={"prompt": "c"})
+        assert over.status_code == 429 and over.headers["retry-after"] == "1"
+        assert "at capacity (1 requests in flight, 1 waiting" in over.json()["error"]["message"]
+        second.join(timeout=5)
+        assert queued[0].status_code == 429  # waited past queue_timeout_s
+        assert "no request slot freed within 0.2 s" in queued[0].json()["error"]["message"]
+        first.join(timeout=10)
+        assert system.http.post("/v1/completions", json={"prompt": "d", "max_tokens": 2}).status_code == 200
+        assert (system.gateway.admission.running, system.gateway.admission.waiting) == (0, 0)
+        metrics = system.http.get("/metrics").text
+        assert 'pipespec:rejected_requests_total{api="http",code="429"} 2.0' in metrics
+        assert "pipespec:num_requests_waiting 0.0" in metrics
 
 
 def test_http_non_stream_returns_one_completion_object(system):

@@ -1,5 +1,6 @@
 """Gateway over real loopback sockets with faked stages: streaming, statistics, cancellation,
-rerouting off dead replicas, timeouts, stage errors and undecodable frames."""
+early stops, admission, rerouting off dead replicas, timeouts, stage errors and undecodable
+frames."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from common.codec import encode
 from common.protocol import RequestError
 from common.settings import GatewaySettings
 from common.tokenization import fingerprint
+from services.gateway.admission import Overloaded
 from services.gateway.core import Gateway
-from services.gateway.events import FinishEvent, GenerationError, GenerationTimeout, TokensEvent
+from services.gateway.events import (
+    FinishEvent,
+    GenerationError,
+    GenerationTimeout,
+    RequestCancelled,
+    TokensEvent,
+)
 from tests.services.gateway.fake_stage import FakeStage
 
 TEXT = "Ça coûte 3 € — 日本語 🙂"
@@ -50,6 +58,8 @@ async def running_gateway(tokenizer, **overrides):
 
     try:
         yield gateway, stage
+        await until(lambda: not gateway.tracker.requests)
+        assert gateway.admission.running == 0, "every ended request gives its slot back"
     finally:
         for s in stages:
             s.stop()
@@ -78,7 +88,7 @@ def test_streams_the_targets_output_with_statistics(tokenizer, script):
         async with running_gateway(tokenizer) as (gateway, stage):
             drafter, target = stage(0), stage(1, script)
             await until(lambda: gateway.unavailable_reason() is None)
-            ids, finish = await collect(gateway.generate(tokenizer.encode("Le café"), max_tokens=64))
+            ids, finish = await collect(await gateway.generate(tokenizer.encode("Le café"), max_tokens=64))
             assert ids == script and finish.finish_reason == "stop"
             s = finish.stats
             assert (s.completion_tokens, s.target_forward_passes, s.tokens_per_target_pass) == (
@@ -104,7 +114,7 @@ def test_max_tokens_is_passed_to_the_target(tokenizer, script):
         async with running_gateway(tokenizer) as (gateway, stage):
             stage(0), stage(1, script)
             await until(lambda: gateway.unavailable_reason() is None)
-            ids, finish = await collect(gateway.generate([5, 6], max_tokens=3))
+            ids, finish = await collect(await gateway.generate([5, 6], max_tokens=3))
             assert ids == script[:3] and finish.finish_reason == "length"
 
     asyncio.run(main())
@@ -115,7 +125,7 @@ def test_leaving_early_cancels_at_every_stage(tokenizer, script):
         async with running_gateway(tokenizer) as (gateway, stage):
             drafter, target = stage(0), stage(1, script, piece=1, delay_s=0.05)
             await until(lambda: gateway.unavailable_reason() is None)
-            async with gateway.generate([5, 6], max_tokens=64) as generation:
+            async with await gateway.generate([5, 6], max_tokens=64) as generation:
                 assert isinstance(await generation.__anext__(), TokensEvent)
             await until(lambda: drafter.cancels() and target.cancels())
             assert gateway.tracker.requests == {}
@@ -131,7 +141,7 @@ def test_task_cancellation_while_waiting_cancels_the_request(tokenizer):
         async with running_gateway(tokenizer) as (gateway, stage):
             stage(0), stage(1)  # a target that never answers
             await until(lambda: gateway.unavailable_reason() is None)
-            task = asyncio.create_task(collect(gateway.generate([5], max_tokens=4)))
+            task = asyncio.create_task(collect(await gateway.generate([5], max_tokens=4)))
             await asyncio.sleep(0.05)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -146,7 +156,7 @@ def test_a_dead_target_is_replaced_when_one_appears(tokenizer, script):
         async with running_gateway(tokenizer) as (gateway, stage):
             stage(0), stage(1, script, die_on_start=True)
             await until(lambda: gateway.unavailable_reason() is None)
-            generation = gateway.generate([5, 6], max_tokens=64)
+            generation = await gateway.generate([5, 6], max_tokens=64)
             await asyncio.sleep(0.5)  # the first target is gone; the request waits for another
             replacement = stage(1, script)
             ids, finish = await collect(generation)
@@ -162,7 +172,7 @@ def test_a_dead_drafter_without_replacement_does_not_stop_the_request(tokenizer,
         async with running_gateway(tokenizer) as (gateway, stage):
             drafter, _ = stage(0, die_on_start=True), stage(1, script, piece=1, delay_s=0.025)
             await until(lambda: gateway.unavailable_reason() is None)
-            ids, finish = await collect(gateway.generate([5, 6], max_tokens=64))
+            ids, finish = await collect(await gateway.generate([5, 6], max_tokens=64))
             assert ids == script and finish.finish_reason == "stop"
             assert not gateway.registry.is_live(drafter.replica)  # it died while the target decoded
 
@@ -175,7 +185,7 @@ def test_requests_time_out_and_are_cancelled(tokenizer):
             _, target = stage(0), stage(1)
             await until(lambda: gateway.unavailable_reason() is None)
             with pytest.raises(GenerationTimeout, match="timed out"):
-                await collect(gateway.generate([5], max_tokens=4))
+                await collect(await gateway.generate([5], max_tokens=4))
             await until(lambda: target.cancels())
 
     asyncio.run(main())
@@ -186,7 +196,7 @@ def test_a_stage_error_fails_the_request(tokenizer):
         async with running_gateway(tokenizer) as (gateway, stage):
             stage(0), stage(1)
             await until(lambda: gateway.unavailable_reason() is None)
-            generation = gateway.generate([5], max_tokens=4)
+            generation = await gateway.generate([5], max_tokens=4)
             push = gateway.context.socket(zmq.PUSH)
             push.connect(gateway.reply_to)
             await push.send(
@@ -216,12 +226,66 @@ def test_undecodable_frames_are_counted_and_dropped(tokenizer, script):
                 await push.send(junk)
             stage(0), stage(1, script)
             await until(lambda: gateway.unavailable_reason() is None)
-            ids, _ = await collect(gateway.generate([5], max_tokens=64))
+            ids, _ = await collect(await gateway.generate([5], max_tokens=64))
             assert ids == script
             assert (
                 'pipespec:decode_rejects_total{socket="registry"} 3.0'
                 in gateway.metrics.exposition().decode()
             )
             push.close(linger=0)
+
+    asyncio.run(main())
+
+
+def test_cancelling_wakes_a_waiting_consumer(tokenizer):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            _, target = stage(0), stage(1)  # a target that never answers
+            await until(lambda: gateway.unavailable_reason() is None)
+            generation = await gateway.generate([5], max_tokens=4)
+            waiting = asyncio.create_task(collect(generation))
+            await asyncio.sleep(0.05)
+            gateway.cancel(generation.request_id, "client disconnected")
+            with pytest.raises(RequestCancelled, match="client disconnected"):
+                await asyncio.wait_for(waiting, 1)
+            await until(lambda: target.cancels())
+
+    asyncio.run(main())
+
+
+def test_stop_ends_the_request_early_with_statistics(tokenizer, script):
+    async def main():
+        async with running_gateway(tokenizer) as (gateway, stage):
+            _, target = stage(0), stage(1, script, piece=1, delay_s=0.02)
+            await until(lambda: gateway.unavailable_reason() is None)
+            generation = await gateway.generate([5, 6], max_tokens=64)
+            assert isinstance(await generation.__anext__(), TokensEvent)
+            stats = generation.stop(completion_tokens=1)
+            assert (stats.completion_tokens, stats.prompt_tokens, stats.acceptance) == (1, 2, [])
+            await until(lambda: target.cancels())
+            assert [c.reason for c in target.cancels()] == ["stop string"]
+            assert 'pipespec:requests_total{outcome="stop"} 1.0' in gateway.metrics.exposition().decode()
+
+    asyncio.run(main())
+
+
+def test_admission_queues_then_refuses_and_counts(tokenizer, script):
+    async def main():
+        limits = dict(max_requests_in_flight=1, max_queued_requests=1, queue_timeout_s=5)
+        async with running_gateway(tokenizer, **limits) as (gateway, stage):
+            stage(0), stage(1, script, piece=1, delay_s=0.02)
+            await until(lambda: gateway.unavailable_reason() is None)
+            first = await gateway.generate([5], max_tokens=5)
+            second = asyncio.create_task(gateway.generate([6], max_tokens=5))
+            await until(lambda: gateway.admission.waiting == 1)
+            with pytest.raises(Overloaded, match="at capacity"):
+                await gateway.generate([7], max_tokens=5)
+            assert "pipespec:num_requests_waiting 1.0" in gateway.metrics.exposition().decode()
+            await collect(first)  # its end hands the slot to the queued request
+            ids, _ = await collect(await second)
+            assert ids == script[:5]
+            text = gateway.metrics.exposition().decode()
+            assert "pipespec:request_queue_time_seconds_count 2.0" in text
+            assert "pipespec:inter_token_latency_seconds_count 8.0" in text  # 4 gaps per request
 
     asyncio.run(main())

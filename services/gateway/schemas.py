@@ -1,0 +1,192 @@
+"""The OpenAI request bodies the gateway accepts, as pydantic models (they also document the API
+in /openapi.json), and ``parse_body``, which turns a raw body into one or an InvalidRequest that
+names the offending field.
+
+Decoding is greedy: ``temperature`` 0 (or absent) is accepted, anything above is refused until
+sampling exists; ``top_p`` and ``seed`` are accepted and have no effect on greedy output;
+``frequency_penalty`` and ``presence_penalty`` are accepted at 0 only. Fields not listed here
+are refused by name rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.gateway.events import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+INT64 = 2**63
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False  # one more chunk before [DONE], with usage and empty choices
+
+
+class RequestFields(Strict):
+    """What completions and chat completions share."""
+
+    model: Optional[str] = None  # the served model name; absent means that one
+    max_tokens: Optional[int] = None  # absent: GatewaySettings.default_max_tokens, within the context
+    temperature: Optional[float] = Field(None, ge=0, le=2)  # 0 or absent: greedy
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stop: Union[str, list[str], None] = None  # up to MAX_STOP_STRINGS, never part of the output
+    seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)
+    n: int = 1
+    user: Optional[str] = None  # logged with the request
+    frequency_penalty: Optional[float] = None  # 0 only
+    presence_penalty: Optional[float] = None  # 0 only
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_only(cls, value: Optional[float]) -> Optional[float]:
+        if value:
+            raise ValueError(
+                f"temperature {value:g} asks for sampling, which is not supported yet; "
+                "use temperature 0 (greedy decoding)"
+            )
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"only n=1 is supported, got {value}")
+        return value
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: Optional[float]) -> Optional[float]:
+        if value:
+            raise ValueError("penalties are not supported; only 0 is accepted")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, value):
+        stops = [value] if isinstance(value, str) else value
+        if stops is None:
+            return value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if not all(stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> RequestFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def output_limit(self) -> tuple[Optional[int], str]:
+        """The requested output length and the field that gave it (for error messages)."""
+        return self.max_tokens, "max_tokens"
+
+
+class CompletionRequest(RequestFields):
+    """POST /v1/completions."""
+
+    prompt: Union[str, list[int]]  # text, or token ids (a list holding one string is that string)
+    echo: bool = False  # put the prompt's text before the completion
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+            return value[0]
+        if isinstance(value, str) or (isinstance(value, list) and all(type(v) is int for v in value)):
+            return value
+        if isinstance(value, list) and all(isinstance(v, (str, list)) for v in value):
+            raise ValueError("only one prompt per request is supported")
+        raise ValueError("prompt must be a string or a list of token ids")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_content(cls, value):
+        """Checks the parts here, so an error names the part rather than each union member."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of text parts")
+        for i, part in enumerate(value):
+            try:
+                TextPart.model_validate(part)
+            except ValidationError as exc:
+                error = exc.errors(include_url=False)[0]
+                field = ".".join(str(p) for p in error["loc"])
+                raise ValueError(f"part {i}: {field + ': ' if field else ''}{error['msg']}") from None
+        return value
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(RequestFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None  # wins over max_tokens (deprecated by OpenAI)
+
+    def output_limit(self) -> tuple[Optional[int], str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+def parse_body(raw: bytes, model: type[Strict]) -> Strict:
+    """``raw`` as ``model``, or InvalidRequest saying what is wrong (and with which field)."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    try:  # JSON may spell lone UTF-16 surrogates ("\ud800"), which are not text
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("request body contains an unpaired surrogate escape (e.g. \\ud800)") from None
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _invalid(exc, model) from None
+
+
+def _invalid(exc: ValidationError, model: type[Strict]) -> InvalidRequest:
+    error = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        if len(error["loc"]) == 1:
+            supported = ", ".join(model.model_fields)
+            return InvalidRequest(f"unsupported field {field!r} (supported: {supported})", field)
+        return InvalidRequest(f"unsupported field {field!r}", field)
+    if error["type"] == "missing":
+        return InvalidRequest(f"field {field!r} is required", field)
+    return InvalidRequest(f"{field}: {message}" if field else message, field or None)

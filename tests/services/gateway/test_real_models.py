@@ -1,0 +1,210 @@
+"""The gateway in front of real stage processes (n-gram drafter -> tiny random Llama target),
+driven by the official ``openai`` package and by raw HTTP: completions and chat, streamed and
+not, equal the target's own greedy ``generate``; bad input fired while a good stream runs gets
+4xx and leaves that stream's output intact; the ZMQ client agrees; metrics add up."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from services.gateway.zmq_client import PipeSpecClient
+from tests.services.gateway.launched import config, greedy_ids, launched, sse_chunks
+from tests.tiny_models import tiny_llama
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "w5 w6 w7 w5 w6 w7 w5"
+LONG_PROMPT, LONG_TOKENS = "w11", 500  # the target's greedy output runs 500 tokens without EOS
+MAX_TOKENS = 24
+CONTEXT = 512  # the tiny models' max_position_embeddings
+BODY_LIMIT = 64 << 10
+# the word-level test tokenizer has no chat template: the gateway's setting supplies one
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}w3{% else %}w4{% endif %} {{ m['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}w10{% endif %}"
+)
+MESSAGES = [{"role": "system", "content": "w20 w21"}, {"role": "user", "content": PROMPT}]
+
+
+class Tiny:
+    def __init__(self, plan, target):
+        self.plan, self.target = plan, target
+        self.url = plan.http_url
+        self.tokenizer = AutoTokenizer.from_pretrained(target)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def expected(self, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
+        ids = greedy_ids(self.target, prompt_ids, max_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True), len(ids)
+
+    def chat_ids(self) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            MESSAGES, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    target = tiny_llama(root / "target")
+    stages = [{"level": 0, "backend": "ngram"}, {"level": 1, "model": str(target)}]
+    cfg = config(str(target), stages, chat_template=TEMPLATE, max_request_bytes=BODY_LIMIT)
+    with launched(cfg, root / "logs") as plan:
+        yield Tiny(plan, target)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_completions(tiny, stream):
+    text, count = tiny.expected(tiny.tokenizer.encode(PROMPT))
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=3, user="u1")
+    if not stream:
+        response = tiny.client.completions.create(**kwargs)
+        assert response.choices[0].text == text and response.usage.completion_tokens == count
+        assert response.choices[0].finish_reason in ("stop", "length")
+        assert response.model_extra["spec_decode_stats"]["completion_tokens"] == count
+        return
+    chunks = list(
+        tiny.client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == count
+    stats = chunks[-2].model_extra["spec_decode_stats"]
+    assert stats["target_forward_passes"] >= 1 and stats["acceptance"][0]["level"] == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_chat(tiny, stream):
+    text, count = tiny.expected(tiny.chat_ids())
+    kwargs = dict(model="tiny", messages=MESSAGES, max_completion_tokens=MAX_TOKENS, temperature=0)
+    if not stream:
+        response = tiny.client.chat.completions.create(**kwargs)
+        assert response.choices[0].message.role == "assistant"
+        assert response.choices[0].message.content == text
+        assert (
+            response.usage.prompt_tokens == len(tiny.chat_ids()) and response.usage.completion_tokens == count
+        )
+        return
+    chunks = list(tiny.client.chat.completions.create(**kwargs, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_errors_and_models(tiny):
+    assert [m.id for m in tiny.client.models.list()] == ["tiny"]
+    with pytest.raises(openai.BadRequestError, match="temperature 0.7 asks for sampling"):
+        tiny.client.completions.create(model="tiny", prompt=PROMPT, temperature=0.7)
+    with pytest.raises(openai.BadRequestError, match="only n=1 is supported"):
+        tiny.client.chat.completions.create(model="tiny", messages=MESSAGES, n=3)
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
+        tiny.client.completions.create(model="gpt-4", prompt=PROMPT)
+
+
+def test_stop_string_across_tokens_over_raw_http(tiny):
+    text, _ = tiny.expected(tiny.tokenizer.encode(PROMPT))
+    words = text.split()
+    stop = f"{words[2][1:]} {words[3][:2]}"  # the end of one token, the space, the start of the next
+    expected = text[: text.find(stop)]
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stop": [stop]}
+    with httpx.Client(base_url=tiny.url, timeout=60) as http:
+        whole = http.post("/v1/completions", json=body).json()
+        chunks = sse_chunks(http.post("/v1/completions", json=body | {"stream": True}).text)
+    assert whole["choices"][0]["text"] == expected and whole["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+BAD_REQUESTS = [  # (path, httpx keyword arguments, status, words in the message)
+    ("/v1/completions", {"content": b'{"prompt": "w5'}, 400, "not valid JSON"),
+    ("/v1/completions", {"json": {"prompt": PROMPT, "max_tokens": "many"}}, 400, "valid integer"),
+    ("/v1/completions", {"json": {"prompt": PROMPT, "max_tokens": -5}}, 400, "at least 1"),
+    ("/v1/completions", {"json": {"prompt": PROMPT, "max_tokens": 10**9}}, 400, "at most 65536"),
+    ("/v1/completions", {"json": {"prompt": PROMPT, "max_tokens": 510}}, 400, "context of 512"),
+    ("/v1/completions", {"json": {"prompt": "w5 " * 600}}, 400, "model's context is 512 tokens"),
+    ("/v1/completions", {"json": {"model": "gpt-4", "prompt": PROMPT}}, 404, "does not exist"),
+    ("/v1/completions", {"json": {"prompt": ""}}, 400, "must not be empty"),
+    ("/v1/completions", {"content": b'{"prompt": "w5 \xff"}'}, 400, "not valid UTF-8"),
+    ("/v1/completions", {"content": b'{"prompt": "' + b"w5 " * 30_000 + b'"}'}, 413, "over the limit"),
+    ("/v1/completions", {"json": {"prompt": PROMPT, "temperature": 0.9}}, 400, "sampling"),
+    ("/v1/chat/completions", {"json": {"messages": [{"role": "user"}]}}, 400, "is required"),
+    ("/v1/chat/completions", {"json": {"messages": MESSAGES, "n": 2}}, 400, "only n=1"),
+]
+
+
+def test_bad_input_gets_4xx_and_leaves_a_running_stream_intact(tiny):
+    """Every bad request is fired over and over, from its own thread, for as long as a good
+    stream runs; every answer is its 4xx, and the stream still equals the greedy reference."""
+    text, count = tiny.expected(tiny.tokenizer.encode(LONG_PROMPT), LONG_TOKENS)
+    body = {"prompt": LONG_PROMPT, "max_tokens": LONG_TOKENS, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    answers: list[tuple[float, int, int, str]] = []  # (when, case, status, message)
+    stop = threading.Event()
+
+    def fire(case: int) -> None:
+        path, kwargs, _, _ = BAD_REQUESTS[case]
+        with httpx.Client(base_url=tiny.url, timeout=30) as http:
+            while not stop.is_set():
+                response = http.post(path, **kwargs)
+                answers.append(
+                    (time.monotonic(), case, response.status_code, response.json()["error"]["message"])
+                )
+
+    firing = [threading.Thread(target=fire, args=(i,)) for i in range(len(BAD_REQUESTS))]
+    for thread in firing:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len({case for _, case, _, _ in answers}) < len(BAD_REQUESTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with httpx.Client(base_url=tiny.url, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                stream = response.iter_lines()
+                lines = [next(stream)]
+                began = time.monotonic()  # the good request is running
+                lines += list(stream)
+                ended = time.monotonic()
+    finally:
+        stop.set()
+        for thread in firing:
+            thread.join(timeout=30)
+    for _, case, status, message in answers:
+        path, _, expected_status, words = BAD_REQUESTS[case]
+        assert (status, words in message) == (expected_status, True), (path, status, message)
+    assert len({case for _, case, _, _ in answers}) == len(BAD_REQUESTS)
+    assert any(began < when < ended for when, _, _, _ in answers), "no bad request overlapped the stream"
+    chunks = sse_chunks("".join(f"{line}\n\n" for line in lines if line))
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == text
+    assert chunks[-1]["usage"]["completion_tokens"] == count
+
+
+def test_zmq_client_agrees(tiny):
+    text, count = tiny.expected(tiny.tokenizer.encode(PROMPT))
+    with PipeSpecClient(tiny.plan.client_endpoint, timeout_s=60) as client:
+        assert "".join(client.stream(PROMPT, max_tokens=MAX_TOKENS)) == text
+        completion, stats = client.complete(PROMPT, max_tokens=MAX_TOKENS)
+        assert completion == text and stats["completion_tokens"] == count
+
+
+def test_metrics_after_traffic(tiny):
+    tiny.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+    text = httpx.get(f"{tiny.url}/metrics").text
+    for line in (
+        'pipespec:rejected_requests_total{api="http",code="400"}',
+        'pipespec:spec_decode_num_draft_tokens_total{level="1"}',
+        'pipespec:spec_decode_num_accepted_tokens_total{level="1"}',
+        'pipespec:rollbacks_total{level="1"}',
+        "pipespec:time_to_first_token_seconds_count",
+        "pipespec:inter_token_latency_seconds_count",
+        "pipespec:e2e_request_latency_seconds_count",
+        "pipespec:num_requests_waiting 0.0",
+        "pipespec:num_requests_running 0.0",
+    ):
+        assert line in text, line
+    assert 'pipespec:requests_total{outcome="length"}' in text
