@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,5 +88,7 @@ def assert_same_as_oracle(oracle: GreedyOracle, prompts: list[str], results: lis
 
 
 def leftover_service_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-af", r"services\.(stage|gateway)"], capture_output=True, text=True)
+    """Service processes started by this test process (its children) that are still running."""
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-af", r"services\.(stage|gateway)"],
+                         capture_output=True, text=True)  # fmt: skip
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]

@@ -10,23 +10,27 @@ import sys
 import threading
 import time
 
+import httpx
 import pytest
 
+from deploy.launch import free_port
 from tests.e2e.harness import GreedyOracle, complete, running, system_config
 from tests.tiny_models import VOCAB_SIZE, tiny_llama
 
 pytestmark = pytest.mark.slow
-MAX_TOKENS = 160
+MAX_TOKENS = 400
 
 
 def test_add_replica_then_sigterm_the_first(tmp_path):
-    # big enough that a request takes ~0.5-1 s, so some are in flight at the SIGTERM
+    # big enough that a request (400 tokens) outlasts the 0.05 s drain, so some are in flight at the SIGTERM
     target = str(tiny_llama(tmp_path / "target", hidden=192, layers=6))
+    metrics_port = free_port()
     stages = [{"level": 0, "backend": "ngram"},
-              {"level": 1, "backend": "hf", "model": target, "drain_timeout_s": 0.3}]  # fmt: skip
+              {"level": 1, "backend": "hf", "model": target, "drain_timeout_s": 0.05,
+               "metrics_port": metrics_port}]  # fmt: skip
     config = system_config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=2.0)
     rng = random.Random(5)
-    prompts = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(6)) for _ in range(200)]
+    prompts = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(6)) for _ in range(6)]
     results: list[tuple[str, dict]] = []
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -34,7 +38,7 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
     def client(i: int) -> None:
         n = 0
         while not stop.is_set():
-            prompt = prompts[(i * 50 + n) % len(prompts)]
+            prompt = prompts[(i * 2 + n) % len(prompts)]
             n += 1
             try:
                 results.append((prompt, complete(plan, prompt, MAX_TOKENS, timeout_s=120)))
@@ -49,13 +53,16 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
             t.start()
         time.sleep(3)
         with open(tmp_path / "second.log", "wb") as log:
-            second = subprocess.Popen([sys.executable, "-m", "services.stage"], env=os.environ | first.spec.env,
+            env = os.environ | first.spec.env | {"PIPESPEC_STAGE_METRICS_PORT": str(free_port())}
+            second = subprocess.Popen([sys.executable, "-m", "services.stage"], env=env,
                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
         try:
             deadline = time.monotonic() + 60
             while len(served_by(results)) < 2 and time.monotonic() < deadline:
                 time.sleep(0.2)
             first_replica = results[0][1]["spec_decode_stats"]["replicas"][1]
+            while active_requests(metrics_port) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)  # SIGTERM while it holds a request, so one must move
             done_at_sigterm = len(results)
             first.process.send_signal(signal.SIGTERM)
             first.process.wait(timeout=30)
@@ -73,9 +80,16 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
     assert len(results) > done_at_sigterm + 3, "requests must keep completing after the SIGTERM"
     assert any(r["spec_decode_stats"]["resyncs"] for _, r in results), "no request was moved"
     oracle = GreedyOracle(target)
-    wrong = [p for p, r in results if r["choices"][0]["text"] != oracle.text(oracle.ids(p, MAX_TOKENS))]
+    want = {p: oracle.text(oracle.ids(p, MAX_TOKENS)) for p in prompts}
+    wrong = [p for p, r in results if r["choices"][0]["text"] != want[p]]
     assert not wrong, f"{len(wrong)} of {len(results)} differ from the target's greedy output"
     assert first.process.returncode == 0 and second.returncode == 0
+
+
+def active_requests(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    line = next(ln for ln in text.splitlines() if ln.startswith("pipespec:stage_active_requests{"))
+    return float(line.rsplit(" ", 1)[1])
 
 
 def served_by(results) -> set[str]:
