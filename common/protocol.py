@@ -71,6 +71,7 @@ class LevelStats(BaseModel):
     drafts: int = 0  # verification passes that checked >= 1 draft token ("num_drafts")
     draft_tokens: int = 0  # draft tokens checked ("num_draft_tokens")
     accepted_tokens: int = 0  # draft tokens accepted ("num_accepted_tokens")
+    accepted_per_pos: list[int] = []  # [j]: passes that accepted the draft at position j (first 32)
     emitted_tokens: int = 0  # tokens appended by this level's own passes (accepted + corrections/bonus)
     rollbacks_issued: int = 0  # passes that rejected a draft (a rollback notice followed)
     rollbacks_applied: int = 0  # times this level's sequence was rewritten by a level above

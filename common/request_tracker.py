@@ -80,8 +80,10 @@ class RequestTracker:
         req.tokens.extend(new)
         if new:
             req.last_progress = self.clock()
+        if msg.stats and end == len(req.tokens):
+            req.stats = list(msg.stats)  # cumulative: the latest complete piece has the latest
         if msg.done and end == len(req.tokens):
-            req.done, req.finish_reason, req.stats = True, msg.finish_reason, list(msg.stats)
+            req.done, req.finish_reason = True, msg.finish_reason
         return new
 
     def on_error(self, msg: RequestError) -> Optional[TrackedRequest]:

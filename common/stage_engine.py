@@ -386,6 +386,7 @@ class StageEngine:
             st.drafts += 1
             st.draft_tokens += len(drafts)
             st.accepted_tokens += m
+            _count_positions(st.accepted_per_pos, m)
         if rejected:
             r.epoch += 1
             st.rollbacks_issued += 1
@@ -446,7 +447,7 @@ class StageEngine:
             r.reply_to,
             Output(request_id=r.request_id, replica=self.replica, start=start,
                    tokens=r.tokens[start:], done=done, finish_reason=r.finish_reason,
-                   stats=self._all_stats(r) if done else []),
+                   stats=self._all_stats(r)),
         )  # fmt: skip
         r.sent = len(r.tokens)
 
@@ -486,3 +487,15 @@ class StageEngine:
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+
+
+MAX_COUNTED_POSITIONS = 32
+
+
+def _count_positions(per_pos: list[int], accepted: int) -> None:
+    """Add one pass that accepted ``accepted`` drafts: positions 0..accepted-1 each count once."""
+    n = min(accepted, MAX_COUNTED_POSITIONS)
+    if len(per_pos) < n:
+        per_pos.extend([0] * (n - len(per_pos)))
+    for j in range(n):
+        per_pos[j] += 1

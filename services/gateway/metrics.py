@@ -5,10 +5,11 @@ Counters get ``_total`` on exposition. Derived values, as in vLLM's docs:
                               / rate(pipespec:spec_decode_num_draft_tokens_total{level="i"})
     mean acceptance length    = 1 + rate(..._num_accepted_tokens_total) / rate(..._num_drafts_total)
 
-The spec-decode counters here are summed from the per-request statistics the target reports when
-a request ends by itself. Accepted tokens per draft position
-(``pipespec:spec_decode_num_accepted_tokens_per_pos_total{level,position}``) are on each stage's
-own /metrics: per-request statistics carry totals only.
+The spec-decode counters here are summed from the per-request statistics the target reports with
+its output (cumulative, so a request ended early by a stop string or a disconnect still counts
+what it did), accepted tokens per draft position
+(``pipespec:spec_decode_num_accepted_tokens_per_pos_total{level,position}``) included.
+Each stage's own /metrics has the same counters, live.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ class GatewayMetrics:
             ["level"],
             registry=r,
         )
+        self.num_accepted_tokens_per_pos = Counter(
+            "pipespec:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each position of a verification window",
+            ["level", "position"],
+            registry=r,
+        )
         self.rollbacks = Counter(
             "pipespec:rollbacks", "Passes of this verifier level that rejected a draft", ["level"], registry=r
         )
@@ -108,6 +115,8 @@ class GatewayMetrics:
             self.num_drafts.labels(level).inc(s.drafts)
             self.num_draft_tokens.labels(level).inc(s.draft_tokens)
             self.num_accepted_tokens.labels(level).inc(s.accepted_tokens)
+            for position, count in enumerate(s.accepted_per_pos):
+                self.num_accepted_tokens_per_pos.labels(level, str(position)).inc(count)
             self.rollbacks.labels(level).inc(s.rollbacks_issued)
         if levels:
             self.target_forward_passes.inc(levels[-1].forward_passes)

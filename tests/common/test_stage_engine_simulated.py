@@ -20,6 +20,9 @@ def test_clean_network_matches_target(agreements):
     assert req is not None and req.tokens == want and req.finish_reason == "length"
     stats = {s.level: s for s in req.stats}
     assert stats[len(backends) - 1].forward_passes < 60  # drafts were used
+    for s in req.stats[1:]:  # windows are at most 16 drafts, so every position is counted
+        assert sum(s.accepted_per_pos) == s.accepted_tokens
+        assert s.accepted_per_pos == sorted(s.accepted_per_pos, reverse=True)
 
 
 @pytest.mark.parametrize("seed", range(40))
