@@ -40,6 +40,10 @@ class StageSettings(BaseSettings):
     inbox_port: int = Field(0, ge=0, le=65535, description="PULL port; 0 = ephemeral")
     notices_port: int = Field(0, ge=0, le=65535, description="PUB port; 0 = ephemeral")
     gateway: str = Field("tcp://127.0.0.1:5550", description="gateway's PULL endpoint")
+    gateway_all_addresses: bool = Field(
+        False, description="register with every address the gateway host resolves to "
+        "(several gateway replicas behind a headless Service)"
+    )
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     max_lead: int = Field(16, ge=1, description="tokens a lower level may run past the target")

@@ -10,6 +10,7 @@ Sockets (see common.sockets for the bind/connect rule):
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -27,6 +28,28 @@ from services.stage.metrics import LoopWatch, StageMetrics, serve_http
 
 log = structlog.get_logger("stage")
 DRAIN_LIMIT = 10_000  # messages handled between two passes, at most
+
+
+RESOLVE_EVERY_S = 5.0  # how often the gateway's addresses are looked up again
+
+
+def gateway_endpoints(settings: StageSettings) -> list[str]:
+    """Where heartbeats go: the configured gateway endpoint, or, with ``gateway_all_addresses``,
+    one endpoint per address its host resolves to (every pod of a headless Service).
+
+    >>> gateway_endpoints(StageSettings(level=0, backend="ngram", gateway="tcp://localhost:5550",
+    ...                                 gateway_all_addresses=True))
+    ['tcp://127.0.0.1:5550']
+    """
+    if not settings.gateway_all_addresses:
+        return [settings.gateway]
+    scheme, rest = settings.gateway.split("://", 1)
+    host, port = rest.rsplit(":", 1)
+    try:
+        infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return [settings.gateway]  # not resolvable now: keep trying the name itself
+    return [f"{scheme}://{ip}:{port}" for ip in sorted({info[4][0] for info in infos})]
 
 
 def topic(request_id: str) -> bytes:
@@ -116,18 +139,30 @@ class StageService:
         self._beating = threading.Event()
 
     def _heartbeat_loop(self) -> None:
-        """Heartbeats from their own thread and socket, so a long forward pass does not make the
-        stage look dead; ``ready`` still turns false if the main loop stops beating."""
-        sock = open_socket(self.ctx, zmq.PUSH, self.settings.gateway, linger_ms=0, hwm=16)
+        """Heartbeats from their own thread and sockets, so a long forward pass does not make the
+        stage look dead; ``ready`` still turns false if the main loop stops beating. With
+        ``gateway_all_addresses``, one socket per gateway replica, re-resolved every few seconds."""
+        socks: dict[str, zmq.Socket] = {}
+        next_resolve = 0.0
         try:
             while self._beating.is_set():
-                try:
-                    sock.send(encode(self.heartbeat()), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                if time.monotonic() >= next_resolve:
+                    wanted = set(gateway_endpoints(self.settings))
+                    for ep in set(socks) - wanted:
+                        socks.pop(ep).close(linger=0)
+                    for ep in wanted - set(socks):
+                        socks[ep] = open_socket(self.ctx, zmq.PUSH, ep, linger_ms=0, hwm=16)
+                    next_resolve = time.monotonic() + RESOLVE_EVERY_S
+                frame = encode(self.heartbeat())
+                for sock in socks.values():
+                    try:
+                        sock.send(frame, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
                 time.sleep(self.settings.heartbeat_interval_s)
         finally:
-            sock.close(linger=0)
+            for sock in socks.values():
+                sock.close(linger=0)
 
     def heartbeat(self) -> Heartbeat:
         b = self.backend
