@@ -280,6 +280,10 @@ class StageEngine:
     def has_work(self) -> bool:
         return any(self._wants_pass(r) for r in self.requests.values())
 
+    def target_requests(self) -> int:
+        """Requests whose output this stage commits (it is their target)."""
+        return sum(1 for r in self.requests.values() if self.is_target(r))
+
     def queue_depth(self) -> int:
         """Requests that want a forward pass now."""
         return sum(1 for r in self.requests.values() if self._wants_pass(r))

@@ -333,6 +333,9 @@ class Gateway:
         req = flight.req
         if req.done:
             flight.queue.put_nowait(FinishEvent(req.finish_reason or "stop", self.summary(flight)))
+            # The target's final notice reaches drafters over PUB/SUB, which loses messages to a
+            # subscriber still connecting (a very short request); release them reliably too.
+            self._send_cancel(req, "finished")
             self._end(msg.request_id, outcome=req.finish_reason or "stop")
 
     def _observe_tokens(self, flight: _InFlight, count: int) -> None:

@@ -211,9 +211,13 @@ class StageService:
                 self.metrics.active_requests.set(len(self.engine.requests))
                 self.metrics.queue_depth.set(self.engine.queue_depth())
                 next_beat = now + interval
-            if self.drain_deadline is not None and (not self.engine.requests or now >= self.drain_deadline):
-                log.info("stage_drained", unfinished=len(self.engine.requests))
-                break
+            if self.drain_deadline is not None:
+                # Only requests this stage is the target of must finish: drafts are speculative,
+                # and the target of a drafter's request goes on without it (or the gateway moves it).
+                owned = self.engine.target_requests()
+                if not owned or now >= self.drain_deadline:
+                    log.info("stage_drained", unfinished=owned, speculative=len(self.engine.requests) - owned)
+                    break
             busy = self.engine.has_work()
             timeout_ms = 0 if busy else max(1, min(50, int((next_beat - now) * 1000)))
             ready = dict(poller.poll(timeout_ms))
