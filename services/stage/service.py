@@ -197,7 +197,8 @@ class StageService:
         poller.register(self.inbox, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
         log.info("stage_ready", replica=self.replica, level=self.settings.level,
-                 inbox=self.inbox_endpoint, notices=self.notices_endpoint, model=self.backend.name)  # fmt: skip
+                 inbox=self.inbox_endpoint, notices=self.notices_endpoint, model=self.backend.name,
+                 backend=self.backend.kind, device=self.settings.device, dtype=self.settings.dtype)  # fmt: skip
         interval = self.settings.heartbeat_interval_s
         next_beat = 0.0
         self._beating.set()
