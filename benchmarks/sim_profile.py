@@ -1,0 +1,224 @@
+"""The paper's LLaMA 1B / 8B / 70B on A100 as simulated levels, and the *ideal schedule*: the same
+engines on ``common.simnet``'s virtual clock, with no communication or scheduling overhead.
+
+Cost derivation (a simulated pass over n tokens costs ``cost_ms + (n - 1) * per_token_ms``)
+----------------------------------------------------------------------------------------
+From ``shared/research/pipespec.md`` (Table 2, §1.7, §3.4-3.5; HumanEval, the paper's own runs):
+
+* 70B: autoregressive 123.69 ms/token (Table 2) -> ``cost_ms`` = 123.69, a 1-token pass.
+  In PipeSpec {1B,8B,70B} its mean step took 437 ms while committing 10.75 tokens per verify
+  step (§3.4, §1.7); taking tokens committed as the tokens fed, n = 10.75:
+  ``per_token_ms`` = (437 - 123.69) / (10.75 - 1) = 32.13.
+* 8B: autoregressive 22.46 ms/token (§3.5, the AR row of the lookahead sweep) -> ``cost_ms``.
+  Its verify steps in {1B,8B,70B} took 28.08 ms committing 4.28 tokens (§3.4, §1.7):
+  ``per_token_ms`` = (28.08 - 22.46) / (4.28 - 1) = 1.71.
+* 1B: only drafts in PipeSpec; its mean step took 12.45 ms (§3.4) -> ``cost_ms``. No verify
+  step to fit, so ``per_token_ms`` keeps the 8B's ratio to its base: 12.45 * 1.71 / 22.46 = 0.95
+  (it matters only when a drafter feeds several adopted tokens after a rollback).
+* Agreement with the 70B (α, §3.4, inverted from the SD runs' mean window): 8B 0.94, 1B 0.92.
+  The simulated backend draws each level's agreement with the *target* independently, so the
+  1B's drafts match the 8B's tokens at about 0.92 * 0.94 ≈ 0.865 (plus a 1-in-89 chance that two wrong tokens agree),
+  below the paper's ≈ 0.92 for that pair (the backend has no way to correlate levels' errors).
+
+Known bias of the linear model: a 70B pass over SD's window of 8 comes out at 123.69 + 7 * 32.13
+= 349 ms where the paper's SD runs took about 420 ms per 70B step, so our synchronous baseline
+is faster than the paper's (its speedup over AR higher) and PipeSpec's advantage over it smaller.
+
+Prompts: the simulated target looks only at its last 4 tokens and the position, so each prompt
+is its text's last ``SIM_PROMPT_WORDS`` words hashed into the simulated vocabulary; the prefill
+cost of a 150-token prompt under the linear model (4.9 s for the 70B, where an A100 takes well
+under one) would otherwise dominate short runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from benchmarks.report import LevelCount, MethodResult, PromptRun
+
+SIM_VOCAB = 90  # simulated ids 0..89; the word tokenizer has 96 words, EOS "w95" lies outside
+TOKENIZER_WORDS = 96
+SIM_SEED = 7
+SIM_PROMPT_WORDS = 6
+
+# The paper's numbers (shared/research/pipespec.md), all ms.
+PAPER = {
+    "ar_70b_ms": 123.69,  # Table 2, HumanEval, AR LLaMA3.1-70B
+    "ar_8b_ms": 22.46,  # §3.5, AR 8B in the lookahead sweep
+    "step_1b_ms": 12.45,  # §3.4, PS {1B,8B,70B} mean step per stage
+    "step_8b_ms": 28.08,
+    "step_70b_ms": 437.0,
+    "window_8b": 4.28,  # §1.7, mean tokens committed per verify step
+    "window_70b": 10.75,
+    "alpha_8b": 0.94,  # §3.4, implied by the SD runs
+    "alpha_1b": 0.92,
+}
+# Table 1/2, HumanEval, speedup over AR LLaMA3.1-70B (123.69 ms/token).
+PAPER_SPEEDUPS = {"sync-k2": 1.32, "sync-k3": 1.37, "pipespec-k2": 2.27, "pipespec-k3": 2.54}
+PAPER_MS_PER_TOKEN = {"autoregressive": 123.69, "sync-k2": 93.42, "sync-k3": 90.14,
+                      "pipespec-k2": 54.52, "pipespec-k3": 48.76}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SimLevel:
+    name: str
+    cost_ms: float
+    per_token_ms: float
+    agreement: float  # with the target; 1.0 for the target
+
+
+def derive_levels(p: dict[str, float] = PAPER) -> dict[str, SimLevel]:
+    """The three simulated models, from the paper's numbers (see the module docstring)."""
+    per_8b = (p["step_8b_ms"] - p["ar_8b_ms"]) / (p["window_8b"] - 1)
+    per_70b = (p["step_70b_ms"] - p["ar_70b_ms"]) / (p["window_70b"] - 1)
+    per_1b = p["step_1b_ms"] * per_8b / p["ar_8b_ms"]
+    return {
+        "1B": SimLevel("LLaMA-3.2-1B (sim)", p["step_1b_ms"], round(per_1b, 3), p["alpha_1b"]),
+        "8B": SimLevel("LLaMA-3.1-8B (sim)", p["ar_8b_ms"], round(per_8b, 3), p["alpha_8b"]),
+        "70B": SimLevel("LLaMA-3.1-70B (sim)", p["ar_70b_ms"], round(per_70b, 3), 1.0),
+    }
+
+
+def hierarchies() -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """Method -> (levels, stage settings shared by every level)."""
+    sync = {"schedule": "sync", "lookahead": 8}
+    return {
+        "autoregressive": (["70B"], {}),
+        "sync-k2": (["8B", "70B"], sync),
+        "sync-k3": (["1B", "8B", "70B"], sync),
+        "pipespec-k2": (["8B", "70B"], {"schedule": "async"}),
+        "pipespec-k3": (["1B", "8B", "70B"], {"schedule": "async"}),
+    }
+
+
+def word_id(word: str) -> int:
+    return 3 + int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little") % (SIM_VOCAB - 3)
+
+
+def sim_prompt(text: str) -> list[int]:
+    """A prompt's last words as simulated ids (3..SIM_VOCAB-1; 0-2 are the tokenizer's specials).
+
+    >>> len(sim_prompt("a b c")), sim_prompt("x y") == sim_prompt("x  y")
+    (3, True)
+    """
+    return [word_id(w) for w in text.split()][-SIM_PROMPT_WORDS:]
+
+
+def sim_text(ids: Sequence[int]) -> str:
+    return " ".join(f"w{i}" for i in ids)
+
+
+def save_word_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer "<unk>" "<s>" "</s>" "w3" ... "w95" whose EOS "w95" no simulated
+    level ever produces, so requests run their full max_tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, TOKENIZER_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = f"w{TOKENIZER_WORDS - 1}"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos).save_pretrained(path)
+    return path
+
+
+def stage_tables(method: str, levels: dict[str, SimLevel], tokenizer: Optional[Path],
+                 overrides: dict[str, Any] = {}) -> list[dict[str, Any]]:  # fmt: skip
+    """Launcher ``[[stages]]`` tables for one simulated method."""
+    names, shared = hierarchies()[method]
+    out = []
+    for level, key in enumerate(names):
+        lv = levels[key]
+        table = {"level": level, "backend": "simulated", "sim_vocab": SIM_VOCAB, "sim_seed": SIM_SEED,
+                 "sim_agreement": lv.agreement, "sim_cost_ms": lv.cost_ms,
+                 "sim_cost_per_token_ms": lv.per_token_ms, **shared, **overrides}  # fmt: skip
+        if tokenizer is not None:
+            table["tokenizer"] = str(tokenizer)
+        out.append(table)
+    return out
+
+
+def reference(prompt: list[int], max_tokens: int) -> list[int]:
+    """The simulated target's greedy output."""
+    from common.backends.simulated import SimulatedBackend
+    from common.simnet import greedy_reference
+
+    target = SimulatedBackend(agreement=1.0, seed=SIM_SEED, vocab=SIM_VOCAB, sleep=lambda s: None)
+    return greedy_reference(target, prompt, max_tokens, eos=())
+
+
+# ---------------------------------------------------------------------------- ideal schedule
+ENGINE_FIELDS = ("schedule", "lookahead", "sync_wait_s", "max_lead", "max_verify_tokens")
+
+
+def ideal_run(tables: Sequence[dict[str, Any]], prompt: list[int], max_tokens: int,
+              request_id: str = "r0", tick_s: float = 0.05) -> PromptRun:  # fmt: skip
+    """One request on a fresh simnet hierarchy built from launcher stage tables: each pass lasts
+    exactly the simulated backend's cost, messages take no time, nothing else costs anything.
+
+    The engines get the same scheduling settings as the services (``ENGINE_FIELDS``) and the
+    service's republish interval; ``tick_s`` is how often a node re-checks time-based conditions
+    (the sync schedule's wait), like the service loop's poll.
+    """
+    from common.backends.simulated import SimulatedBackend
+    from common.request_tracker import RequestTracker
+    from common.settings import StageSettings
+    from common.simnet import FakeNetwork, FakeOutbox, Faults, GatewayNode, Hierarchy, StageNode, run_request
+    from common.stage_engine import StageEngine
+
+    net = FakeNetwork(random.Random(0), Faults())
+    tracker = RequestTracker(resend_after_s=1e6, clock=lambda: net.now)
+    h = Hierarchy(net=net, gateway=GatewayNode(net, tracker, tick_every=1e5))
+    busy = [0.0] * len(tables)
+    for t in tables:
+        level = t["level"]
+
+        def sleep(seconds: float, level: int = level) -> None:
+            busy[level] += seconds
+            net.spend(seconds)
+
+        backend = SimulatedBackend(agreement=t["sim_agreement"], seed=t["sim_seed"], vocab=t["sim_vocab"],
+                                   cost_ms=t["sim_cost_ms"], cost_per_token_ms=t["sim_cost_per_token_ms"],
+                                   sleep=sleep)  # fmt: skip
+        settings = StageSettings(level=level, backend="simulated", request_ttl_s=1e6, done_retention_s=1e6,
+                                 **{k: t[k] for k in ENGINE_FIELDS if k in t})  # fmt: skip
+        replica = f"L{level}"
+        outbox = FakeOutbox(net, replica)
+        engine = StageEngine(settings, backend, outbox, replica, clock=lambda: net.now)
+        h.nodes.append(StageNode(net, engine, outbox, cost=lambda: 0.0, tick_every=tick_s))
+    first: list[float] = []
+    on_output = tracker.on_output
+
+    def noting_first(msg):
+        new = on_output(msg)
+        if new and not first:
+            first.append(net.now)
+        return new
+
+    tracker.on_output = noting_first  # type: ignore[method-assign]
+    req = run_request(h, prompt, max_tokens, request_id=request_id, max_time=1e5)
+    if req is None:
+        raise RuntimeError(f"ideal schedule: request {request_id} did not finish")
+    stats = req.stats
+    return PromptRun(
+        prompt_id=request_id, tokens=list(req.tokens), wall_s=net.now, ttft_s=first[0] if first else None,
+        target_passes=stats[-1].forward_passes,
+        levels=[LevelCount(s.level, s.drafts, s.draft_tokens, s.accepted_tokens, s.rollbacks_issued)
+                for s in stats if s.level >= 1],
+        busy_s=busy, passes=[s.forward_passes for s in stats],
+    )  # fmt: skip
+
+
+def ideal_method(method: str, levels: dict[str, SimLevel], prompts: Sequence[tuple[str, list[int]]],
+                 max_tokens: int, overrides: dict[str, Any] = {}) -> MethodResult:  # fmt: skip
+    tables = stage_tables(method, levels, tokenizer=None, overrides=overrides)
+    names, _ = hierarchies()[method]
+    result = MethodResult(suite="simulated", name=method, kind="ideal", levels=[levels[n].name for n in names],
+                          config={"stages": tables})  # fmt: skip
+    for pid, ids in prompts:
+        result.runs.append(ideal_run(tables, ids, max_tokens, request_id=pid))
+    return result

@@ -1,0 +1,185 @@
+"""Methods that run through our own services: a whole system (gateway + one stage per level)
+started by the launcher on loopback, driven over the gateway's ZeroMQ client API, one request at
+a time.
+
+Per request: the token ids the client received (compared exactly with the target's greedy
+output), the client's wall time and time to the first token, the gateway's ``spec_decode_stats``
+(target passes, acceptance and rollbacks per verifier level), and each stage's busy time and
+forward passes. The gateway's statistics do not carry the per-level ``busy_s`` the target
+forwards, so those come from each stage's Prometheus ``/metrics`` (``metrics_port``), read
+before and after each request: ``pipespec:stage_pass_seconds_sum`` and
+``pipespec:stage_forward_passes_total``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import httpx
+import msgpack
+import zmq
+
+from benchmarks.report import LevelCount, MethodResult, PromptRun
+
+BUSY_METRIC = "pipespec:stage_pass_seconds_sum"
+PASSES_METRIC = "pipespec:stage_forward_passes_total"
+
+
+def scrape(text: str, name: str) -> float:
+    """Sum of the samples of ``name`` in a Prometheus text exposition.
+
+    >>> scrape('x_sum{level="1"} 2.5\\nx_sum_other 9\\nx_sum{level="2"} 1.0\\n', "x_sum")
+    3.5
+    """
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class StageProbe:
+    """Reads busy seconds and forward passes from each stage's /metrics (level order)."""
+
+    def __init__(self, ports: Sequence[int]):
+        self.ports = list(ports)
+        self.http = httpx.Client(timeout=5.0)
+
+    def read(self) -> tuple[list[float], list[float]]:
+        busy, passes = [], []
+        for port in self.ports:
+            text = self.http.get(f"http://127.0.0.1:{port}/metrics").text
+            busy.append(scrape(text, BUSY_METRIC))
+            passes.append(scrape(text, PASSES_METRIC))
+        return busy, passes
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class ZmqClient:
+    """The gateway's client API (``common.protocol.ClientRequest`` / ``ClientEvent``), keeping
+    the token ids and when they arrived."""
+
+    def __init__(self, endpoint: str, timeout_s: float):
+        from common.sockets import open_socket
+
+        self.timeout_ms = int(timeout_s * 1000)
+        self.ctx = zmq.Context()
+        self.sock = open_socket(self.ctx, zmq.DEALER, endpoint, linger_ms=0)
+
+    def complete(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        rid = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        self.sock.send(msgpack.packb({"prompt": prompt, "max_tokens": max_tokens, "request_id": rid}))
+        ids: list[int] = []
+        first: Optional[float] = None
+        while True:
+            if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
+                raise TimeoutError(f"no reply from the gateway within {self.timeout_ms / 1000:g} s")
+            event = msgpack.unpackb(self.sock.recv(), raw=False)
+            if event.get("request_id") not in (rid, None):
+                continue
+            if event["type"] == "error":
+                raise RuntimeError(f"gateway: {event.get('message')}")
+            if event["type"] == "token":
+                if event.get("token_ids") and first is None:
+                    first = time.perf_counter()
+                ids += event.get("token_ids") or []
+                continue
+            return {"ids": ids, "wall_s": time.perf_counter() - t0,
+                    "ttft_s": None if first is None else first - t0,
+                    "finish_reason": event.get("finish_reason"), "stats": event.get("stats") or {}}  # fmt: skip
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def with_metrics_ports(config: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """A copy of a launcher config where every stage serves /metrics on a free port."""
+    from deploy.launch import free_port
+
+    config = copy.deepcopy(config)
+    stages = sorted(config["stages"], key=lambda s: s["level"])
+    ports = []
+    for stage in stages:
+        stage["metrics_port"] = free_port()
+        ports.append(stage["metrics_port"])
+    config["stages"] = stages
+    return config, ports
+
+
+def gateway_table(tokenizer: str, levels: int, **extra: Any) -> dict[str, Any]:
+    return {"tokenizer": tokenizer, "num_levels": levels, "served_model_name": "bench",
+            "http_port": 0, "registry_port": 0, "client_port": 0, "log_level": "warning",
+            "request_timeout_s": 1800.0, **extra}  # fmt: skip
+
+
+def run_system(suite: str, name: str, level_names: list[str], config: dict[str, Any],
+               prompts: Sequence[tuple[str, str]], max_tokens: int, log_dir: Path,
+               warmup: Optional[str] = None, warmup_tokens: int = 4,
+               startup_timeout_s: float = 300.0, request_timeout_s: float = 900.0,
+               profile: bool = False) -> MethodResult:  # fmt: skip
+    """Start the system of ``config``, run ``prompts`` (id, text) one after another, stop it.
+    ``profile``: run every stage under cProfile (``benchmarks.stage_profile``) and add each
+    stage's main-loop breakdown to the result's config."""
+    from benchmarks import stage_profile
+    from deploy.launch import System, plan_from_config
+
+    config, ports = with_metrics_ports(config)
+    result = MethodResult(suite=suite, name=name, levels=level_names,
+                          config={"stages": config["stages"], "where": "services (launcher, ZMQ client API)"})  # fmt: skip
+    logs = log_dir / f"{suite}-{name}"
+    plan = plan_from_config(config)
+    profiles: dict[int, Path] = {}
+    if profile:
+        logs.mkdir(parents=True, exist_ok=True)
+        for child in plan.children:
+            if child.module == "services.stage":
+                level = int(child.env["PIPESPEC_STAGE_LEVEL"])
+                profiles[level] = (logs / f"stage{level}.prof").resolve()
+                child.module = "benchmarks.stage_profile"
+                child.env[stage_profile.ENV] = str(profiles[level])
+    system = System(plan, logs)
+    client = probe = None
+    t_start = time.perf_counter()
+    try:
+        system.start()
+        system.wait_healthy(timeout_s=startup_timeout_s)
+        result.config["startup_s"] = round(time.perf_counter() - t_start, 2)
+        client = ZmqClient(system.plan.client_endpoint, request_timeout_s)
+        probe = StageProbe(ports)
+        if warmup:
+            client.complete(warmup, warmup_tokens)
+        for pid, text in prompts:
+            busy0, passes0 = probe.read()
+            reply = client.complete(text, max_tokens)
+            busy1, passes1 = probe.read()
+            stats = reply["stats"]
+            result.runs.append(PromptRun(
+                prompt_id=pid, tokens=reply["ids"], wall_s=reply["wall_s"], ttft_s=reply["ttft_s"],
+                target_passes=stats.get("target_forward_passes", 0),
+                levels=[LevelCount(a["level"], a["drafts"], a["draft_tokens"], a["accepted_tokens"], a["rollbacks"])
+                        for a in stats.get("acceptance", [])],
+                busy_s=[b1 - b0 for b0, b1 in zip(busy0, busy1)],
+                passes=[int(p1 - p0) for p0, p1 in zip(passes0, passes1)],
+                extra={"finish_reason": reply["finish_reason"], "gateway_wall_s": stats.get("wall_time_s"),
+                       "gateway_ttft_s": stats.get("time_to_first_token_s"), "resyncs": stats.get("resyncs")},
+            ))  # fmt: skip
+    except Exception as exc:  # one method failing must not lose the others
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if client is not None:
+            client.close()
+        if probe is not None:
+            probe.close()
+        system.stop()
+    if profiles:
+        result.config["profile"] = {str(level): stage_profile.breakdown(str(path))
+                                    for level, path in sorted(profiles.items()) if path.exists()}  # fmt: skip
+    return result
