@@ -50,9 +50,12 @@ def test_twenty_prompts_equal_target_greedy(tiny, tmp_path, name):
     with running(system_config(tiny["target"], stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, ps, MAX_TOKENS, concurrency=4)
     assert_same_as_oracle(GreedyOracle(tiny["target"]), ps, results, MAX_TOKENS)
-    stats = [r["spec_decode_stats"] for r in results]
-    assert sum(s["rollbacks"] for s in stats) > 20, "drafts should often be wrong here"
-    assert sum(a["accepted_tokens"] for s in stats for a in s["acceptance"]) > 0
+    # The scenario must be rollback-heavy. How many drafts reach a verifier depends on timing,
+    # so check the share of verifications that rejected, not only a count.
+    levels = [a for r in results for a in r["spec_decode_stats"]["acceptance"]]
+    rollbacks, verifications = sum(a["rollbacks"] for a in levels), sum(a["drafts"] for a in levels)
+    assert rollbacks >= 10 and rollbacks >= 0.3 * verifications, (rollbacks, verifications)
+    assert sum(a["accepted_tokens"] for a in levels) > 0
 
 
 def test_eight_concurrent_requests_two_replicas_of_a_level(tiny, tmp_path):
