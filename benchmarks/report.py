@@ -220,8 +220,8 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], paper: Optional[dict[str, float]] = None,
          paper_suite: str = "simulated") -> None:
-    """One panel per suite: speedup over autoregressive per method (end to end and decode);
-    the simulated panel also shows the ideal schedule and the paper's numbers."""
+    """One panel per suite: end-to-end speedup over autoregressive per method; the simulated
+    panel also shows the ideal schedule and the paper's numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,8 +234,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], paper: Optional[dict[str, f
         ideal = {r["method"]: r for r in rows if r["suite"] == suite and r.get("kind") == "ideal" and "error" not in r}
         names = [r["method"] for r in measured]
         x = list(range(len(names)))
-        series = [("end to end", [r.get("speedup") or 0 for r in measured]),
-                  ("decode only", [r.get("decode_speedup") or 0 for r in measured])]  # fmt: skip
+        series = [("measured", [r.get("speedup") or 0 for r in measured])]
         if ideal:
             series.append(("ideal schedule", [ideal.get(n, {}).get("speedup") or 0 for n in names]))
         if paper and suite == paper_suite:
