@@ -115,14 +115,15 @@ def int8_study(args) -> dict[str, Any]:
     from benchmarks import prompts as prompt_sets
     from benchmarks.hf_methods import InProcess
     from benchmarks.report import common_prefix
-    from benchmarks.run import MODEL_SETS, gateway_eos_ids
+    from benchmarks.run import MODEL_SETS
+    from common.tokenization import eos_token_ids
     from common.model_store import model_dir
     from common.tokenization import load_tokenizer
 
     models = MODEL_SETS[args.models]
     target_dir = str(model_dir(models["target"]))
     tok = load_tokenizer(target_dir)
-    eos = gateway_eos_ids(tok, target_dir)
+    eos = eos_token_ids(tok, target_dir)
     prompts = prompt_sets.load(args.prompts, args.n)
     ids = [(p.id, tok.encode(p.text)) for p in prompts]
     runner = InProcess(target_dir, str(model_dir(models["mid"])), assistant_layers=models["mid_layers"],

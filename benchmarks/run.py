@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmarks import prompts as prompt_sets
+from benchmarks.load_test import save_simulation_tokenizer
+from common.tokenization import eos_token_ids
 from benchmarks.report import (
     MethodResult,
     compare,
@@ -122,16 +124,6 @@ def level_names(models: dict[str, Any], method: str) -> list[str]:
     return [mid, target] if method.endswith("k2") else [ngram, mid, target]
 
 
-def gateway_eos_ids(tokenizer, source: str) -> list[int]:
-    """The EOS ids the gateway stops at: the tokenizer's plus generation_config.json's."""
-    ids = {tokenizer.eos_token_id} - {None}
-    config = Path(source) / "generation_config.json"
-    if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token_id")
-        ids |= set(eos) if isinstance(eos, list) else {eos} - {None}
-    return sorted(ids)
-
-
 # ---------------------------------------------------------------------------- suites
 def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[MethodResult]:
     from benchmarks.hf_methods import InProcess, run_in_process
@@ -144,7 +136,7 @@ def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[Me
     methods = [m for m in args.methods if m in REAL_METHODS]
     target_dir = str(model_dir(models["target"]))
     tokenizer = load_tokenizer(target_dir)
-    eos = gateway_eos_ids(tokenizer, target_dir)
+    eos = eos_token_ids(tokenizer, target_dir)
     ids = [(p.id, tokenizer.encode(p.text)) for p in prompts]
     warm_ids = tokenizer.encode(WARMUP_TEXT)
     results: list[MethodResult] = []
@@ -190,7 +182,7 @@ def run_simulated(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> li
     from benchmarks.systems import gateway_table, run_system
 
     levels = sp.derive_levels()
-    tok_dir = sp.save_word_tokenizer(out / "sim-tokenizer")
+    tok_dir = save_simulation_tokenizer(out / "sim-tokenizer")
     ids = [(p.id, sp.sim_prompt(p.text)) for p in prompts]
     reference = {pid: sp.reference(x, args.sim_max_tokens) for pid, x in ids}
     methods = [m for m in args.methods if m in SIM_METHODS]

@@ -41,7 +41,6 @@ from typing import Any, Optional, Sequence
 from benchmarks.report import LevelCount, MethodResult, PromptRun
 
 SIM_VOCAB = 90  # simulated ids 0..89; the word tokenizer has 96 words, EOS "w95" lies outside
-TOKENIZER_WORDS = 96
 SIM_SEED = 7
 SIM_PROMPT_WORDS = 6
 
@@ -110,20 +109,6 @@ def sim_prompt(text: str) -> list[int]:
 
 def sim_text(ids: Sequence[int]) -> str:
     return " ".join(f"w{i}" for i in ids)
-
-
-def save_word_tokenizer(path: Path) -> Path:
-    """A word-level tokenizer "<unk>" "<s>" "</s>" "w3" ... "w95" whose EOS "w95" no simulated
-    level ever produces, so requests run their full max_tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, TOKENIZER_WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    eos = f"w{TOKENIZER_WORDS - 1}"
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos).save_pretrained(path)
-    return path
 
 
 def stage_tables(method: str, levels: dict[str, SimLevel], tokenizer: Optional[Path],

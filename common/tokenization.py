@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 from common import model_store
 
@@ -32,3 +33,13 @@ def fingerprint(tokenizer) -> str:
     vocab = tokenizer.get_vocab()
     blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def eos_token_ids(tokenizer, source: str) -> list[int]:
+    """The tokenizer's EOS id plus those of ``generation_config.json`` beside it, if any."""
+    ids = {tokenizer.eos_token_id} - {None}
+    config = Path(source) / "generation_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids |= set(eos) if isinstance(eos, list) else {eos} - {None}
+    return sorted(ids)

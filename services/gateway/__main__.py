@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
-from pathlib import Path
 
 import structlog
 import uvicorn
 
 from common.logs import configure
 from common.settings import GatewaySettings
-from common.tokenization import fingerprint, load_tokenizer
+from common.tokenization import eos_token_ids, fingerprint, load_tokenizer
 from services.gateway.app import create_app
 from services.gateway.client_api import ClientApi
 from services.gateway.core import Gateway
@@ -28,16 +26,6 @@ from services.gateway.core import Gateway
 log = structlog.get_logger("gateway")
 
 GRACEFUL_SHUTDOWN_S = 5.0  # open HTTP streams get this long after SIGTERM, then are cancelled
-
-
-def eos_token_ids(tokenizer, source: str) -> list[int]:
-    """The tokenizer's EOS id plus those of ``generation_config.json`` beside it, if any."""
-    ids = {tokenizer.eos_token_id} - {None}
-    config = Path(source) / "generation_config.json"
-    if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token_id")
-        ids |= set(eos) if isinstance(eos, list) else {eos} - {None}
-    return sorted(ids)
 
 
 class Server(uvicorn.Server):
