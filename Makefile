@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONFIG ?= deploy/configs/smollm2-k3.toml
 PROMPT ?= def fibonacci(n):
 
-.PHONY: install models demo serve test test-fast clean
+.PHONY: install models demo serve test test-fast lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: models
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not models and not slow"
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

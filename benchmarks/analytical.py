@@ -62,7 +62,9 @@ class FixedWindowResult:
         return self.tokens_per_step / tokens_per_step(self.alpha, self.gamma) - 1
 
 
-def measure_fixed_window(alpha: float, gamma: int, tokens: int = 6000, seed: int = 0) -> FixedWindowResult:
+def measure_fixed_window(
+    alpha: float, gamma: int, tokens: int = 6000, seed: int = 0
+) -> FixedWindowResult:
     """Run our engines (2 levels, simulated backends) in the paper's fixed-window setting and
     measure rho and tokens per target step.
 
@@ -79,10 +81,21 @@ def measure_fixed_window(alpha: float, gamma: int, tokens: int = 6000, seed: int
     def sim(agreement: float) -> SimulatedBackend:
         return SimulatedBackend(agreement=agreement, seed=seed, vocab=1000, sleep=lambda s: None)
 
-    h = build([sim(alpha), sim(1.0)], costs=[0.01, 1.0], seed=seed, jitter=0.0,
-              max_lead=4 * gamma + 4, max_verify_tokens=gamma)  # fmt: skip
+    h = build(
+        [sim(alpha), sim(1.0)],
+        costs=[0.01, 1.0],
+        seed=seed,
+        jitter=0.0,
+        max_lead=4 * gamma + 4,
+        max_verify_tokens=gamma,
+    )
     req = run_request(h, [1, 2, 3], tokens)
     assert req is not None, "fixed-window run did not finish"
     target = req.stats[-1]
-    return FixedWindowResult(alpha, gamma, target.drafts / target.forward_passes,
-                             target.emitted_tokens / target.forward_passes, target.forward_passes)  # fmt: skip
+    return FixedWindowResult(
+        alpha,
+        gamma,
+        target.drafts / target.forward_passes,
+        target.emitted_tokens / target.forward_passes,
+        target.forward_passes,
+    )

@@ -32,10 +32,10 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 
-def load(model: str, dtype: str, layers: Optional[int] = None):
+def load(model: str, dtype: str, layers: int | None = None):
     import torch
 
     from common.backends.hf import load_causal_lm
@@ -65,8 +65,14 @@ def neighbour(model: str, dtype: str) -> None:
             cache.crop(-1)
 
 
-def curve(model: str, threads: int, dtype: str, ks: list[int], repeats: int = 3,
-          neighbour_model: Optional[str] = None) -> dict[int, float]:  # fmt: skip
+def curve(
+    model: str,
+    threads: int,
+    dtype: str,
+    ks: list[int],
+    repeats: int = 3,
+    neighbour_model: str | None = None,
+) -> dict[int, float]:
     import subprocess
 
     import torch
@@ -75,9 +81,21 @@ def curve(model: str, threads: int, dtype: str, ks: list[int], repeats: int = 3,
     lm = load(model, dtype)
     other = None
     if neighbour_model:
-        other = subprocess.Popen([sys.executable, "-m", "benchmarks.cpu_costs", "neighbour", "--model",
-                                  neighbour_model, "--dtype", dtype], stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        other = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.cpu_costs",
+                "neighbour",
+                "--model",
+                neighbour_model,
+                "--dtype",
+                dtype,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         while "decoding" not in (other.stdout.readline() or "decoding"):  # loaded, first pass done
             pass
     try:
@@ -116,9 +134,8 @@ def int8_study(args) -> dict[str, Any]:
     from benchmarks.hf_methods import InProcess
     from benchmarks.report import common_prefix
     from benchmarks.run import MODEL_SETS
-    from common.tokenization import eos_token_ids
     from common.model_store import model_dir
-    from common.tokenization import load_tokenizer
+    from common.tokenization import eos_token_ids, load_tokenizer
 
     models = MODEL_SETS[args.models]
     target_dir = str(model_dir(models["target"]))
@@ -126,35 +143,57 @@ def int8_study(args) -> dict[str, Any]:
     eos = eos_token_ids(tok, target_dir)
     prompts = prompt_sets.load(args.prompts, args.n)
     ids = [(p.id, tok.encode(p.text)) for p in prompts]
-    runner = InProcess(target_dir, str(model_dir(models["mid"])), assistant_layers=models["mid_layers"],
-                       threads=args.threads, eos_ids=eos)  # fmt: skip
+    runner = InProcess(
+        target_dir,
+        str(model_dir(models["mid"])),
+        assistant_layers=models["mid_layers"],
+        threads=args.threads,
+        eos_ids=eos,
+    )
     warm = tok.encode("def add(a, b):")
     runner.generate(warm, 4, "autoregressive")
     fp32 = {pid: runner.generate(x, args.max_tokens, "autoregressive") for pid, x in ids}
     t0 = time.perf_counter()
     runner.log.remove()
     runner.assistant_log.remove()
-    runner.model = torch.ao.quantization.quantize_dynamic(runner.model, {torch.nn.Linear}, dtype=torch.qint8)
-    runner.assistant = torch.ao.quantization.quantize_dynamic(runner.assistant, {torch.nn.Linear}, dtype=torch.qint8)
+    runner.model = torch.ao.quantization.quantize_dynamic(
+        runner.model, {torch.nn.Linear}, dtype=torch.qint8
+    )
+    runner.assistant = torch.ao.quantization.quantize_dynamic(
+        runner.assistant, {torch.nn.Linear}, dtype=torch.qint8
+    )
     from benchmarks.hf_methods import CallLog
 
     runner.log, runner.assistant_log = CallLog(runner.model), CallLog(runner.assistant)
     quantize_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"quantize_s": round(quantize_s, 1), "threads": runner.threads, "methods": {}}
+    out: dict[str, Any] = {
+        "quantize_s": round(quantize_s, 1),
+        "threads": runner.threads,
+        "methods": {},
+    }
     results = {}
     for method in ("autoregressive", "assisted", "prompt-lookup"):
         runner.generate(warm, 4, method)
         results[method] = {pid: runner.generate(x, args.max_tokens, method) for pid, x in ids}
-    for name, runs in (("fp32 autoregressive", fp32), *((f"int8 {m}", r) for m, r in results.items())):
+    for name, runs in (
+        ("fp32 autoregressive", fp32),
+        *((f"int8 {m}", r) for m, r in results.items()),
+    ):
         tokens = sum(len(r.tokens) for r in runs.values())
         wall = sum(r.wall_s for r in runs.values())
-        vs_fp32 = [common_prefix(r.tokens, fp32[pid].tokens) / max(1, len(fp32[pid].tokens)) for pid, r in runs.items()]
+        vs_fp32 = [
+            common_prefix(r.tokens, fp32[pid].tokens) / max(1, len(fp32[pid].tokens))
+            for pid, r in runs.items()
+        ]
         int8_ar = results["autoregressive"]
         vs_int8 = [r.tokens == int8_ar[pid].tokens for pid, r in runs.items()]
-        out["methods"][name] = {"ms_per_token": round(1000 * wall / tokens, 1), "tokens": tokens,
-                                "tokens_per_pass": round(tokens / sum(r.target_passes for r in runs.values()), 2),
-                                "agreement_with_fp32_greedy": round(sum(vs_fp32) / len(vs_fp32), 3),
-                                "equal_to_int8_autoregressive": f"{sum(vs_int8)}/{len(vs_int8)}"}  # fmt: skip
+        out["methods"][name] = {
+            "ms_per_token": round(1000 * wall / tokens, 1),
+            "tokens": tokens,
+            "tokens_per_pass": round(tokens / sum(r.target_passes for r in runs.values()), 2),
+            "agreement_with_fp32_greedy": round(sum(vs_fp32) / len(vs_fp32), 3),
+            "equal_to_int8_autoregressive": f"{sum(vs_int8)}/{len(vs_int8)}",
+        }
     return out
 
 
@@ -167,17 +206,23 @@ CURVE_KS = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16)
 # asynchronous stage pays; the synchronous schedule alternates, so it pays the alone cost).
 # int8 was measured alone only (the stages cannot load int8 models).
 WHATIF_CURVES: dict[str, dict[str, tuple[float, ...]]] = {
-    "float32": {"target": (298.3, 635.2, 916.2, 552.6, 598.2, 609.1, 640.9, 713.1, 753.7, 885.4),
-                "target_busy": (310.4, 649.4, 933.1, 579.8, 780.5, 730.3, 771.8, 849.8, 925.1, 1163.4),
-                "mid": (112.2, 230.1, 313.8, 199.4, 224.2, 226.4, 232.7, 261.3, 269.2, 305.1),
-                "mid_busy": (125.5, 272.0, 341.2, 217.0, 259.9, 237.1, 258.6, 291.9, 308.0, 333.7)},
-    "bfloat16": {"target": (193.1, 191.0, 188.2, 192.6, 204.5, 208.6, 215.8, 227.7, 247.1, 293.3),
-                 "target_busy": (200.6, 197.2, 197.8, 199.4, 207.8, 219.4, 229.1, 232.7, 262.4, 279.9),
-                 "mid": (72.3, 74.7, 75.5, 75.7, 77.2, 80.9, 89.7, 90.1, 96.5, 103.7),
-                 "mid_busy": (84.8, 87.0, 91.2, 91.8, 93.5, 96.2, 99.5, 107.0, 111.1, 123.7)},
-    "int8": {"target": (49.5, 55.0, 58.1, 59.1, 62.2, 65.8, 72.7, 94.1, 100.3, 115.0),
-             "mid": (24.4, 28.0, 32.5, 35.8, 38.1, 40.2, 41.4, 49.3, 53.7, 60.6)},
-}  # fmt: skip
+    "float32": {
+        "target": (298.3, 635.2, 916.2, 552.6, 598.2, 609.1, 640.9, 713.1, 753.7, 885.4),
+        "target_busy": (310.4, 649.4, 933.1, 579.8, 780.5, 730.3, 771.8, 849.8, 925.1, 1163.4),
+        "mid": (112.2, 230.1, 313.8, 199.4, 224.2, 226.4, 232.7, 261.3, 269.2, 305.1),
+        "mid_busy": (125.5, 272.0, 341.2, 217.0, 259.9, 237.1, 258.6, 291.9, 308.0, 333.7),
+    },
+    "bfloat16": {
+        "target": (193.1, 191.0, 188.2, 192.6, 204.5, 208.6, 215.8, 227.7, 247.1, 293.3),
+        "target_busy": (200.6, 197.2, 197.8, 199.4, 207.8, 219.4, 229.1, 232.7, 262.4, 279.9),
+        "mid": (72.3, 74.7, 75.5, 75.7, 77.2, 80.9, 89.7, 90.1, 96.5, 103.7),
+        "mid_busy": (84.8, 87.0, 91.2, 91.8, 93.5, 96.2, 99.5, 107.0, 111.1, 123.7),
+    },
+    "int8": {
+        "target": (49.5, 55.0, 58.1, 59.1, 62.2, 65.8, 72.7, 94.1, 100.3, 115.0),
+        "mid": (24.4, 28.0, 32.5, 35.8, 38.1, 40.2, 41.4, 49.3, 53.7, 60.6),
+    },
+}
 # Teacher-forced agreement 0.5B -> 1.5B (``alpha --n 4 --max-tokens 48``: 8 prompts, 384 positions).
 WHATIF_ALPHAS = {"float32": 0.7839, "bfloat16": 0.7708, "int8": 0.737}
 
@@ -187,7 +232,9 @@ class TableCostBackend:
     measured points, extrapolated from the last two)."""
 
     @staticmethod
-    def make(agreement: float, ks: tuple[int, ...], ms: tuple[float, ...], seed: int, vocab: int, sleep):
+    def make(
+        agreement: float, ks: tuple[int, ...], ms: tuple[float, ...], seed: int, vocab: int, sleep
+    ):
         from common.backends.simulated import SimulatedBackend
 
         class _Backend(SimulatedBackend):
@@ -210,16 +257,29 @@ def interpolate(ks: tuple[int, ...], ms: tuple[float, ...], n: int) -> float:
     return m1 + (m1 - m0) * (n - k1) / (k1 - k0)
 
 
-def whatif_run(curves: list[tuple[tuple[int, ...], tuple[float, ...]]], agreements: list[float],
-               stage: dict[str, Any], prompts: list[list[int]], max_tokens: int,
-               min_drafts: int = 0) -> dict[str, Any]:  # fmt: skip
+def whatif_run(
+    curves: list[tuple[tuple[int, ...], tuple[float, ...]]],
+    agreements: list[float],
+    stage: dict[str, Any],
+    prompts: list[list[int]],
+    max_tokens: int,
+    min_drafts: int = 0,
+) -> dict[str, Any]:
     """Ideal schedule for levels with cost curves; ``min_drafts``: verifiers ignore fewer drafts."""
     import random
 
     from benchmarks.sim_profile import SIM_SEED, SIM_VOCAB
     from common.request_tracker import RequestTracker
     from common.settings import StageSettings
-    from common.simnet import FakeNetwork, FakeOutbox, Faults, GatewayNode, Hierarchy, StageNode, run_request
+    from common.simnet import (
+        FakeNetwork,
+        FakeOutbox,
+        Faults,
+        GatewayNode,
+        Hierarchy,
+        StageNode,
+        run_request,
+    )
     from common.stage_engine import StageEngine
 
     class MinWindowEngine(StageEngine):
@@ -230,24 +290,33 @@ def whatif_run(curves: list[tuple[tuple[int, ...], tuple[float, ...]]], agreemen
     tokens = wall = passes = 0.0
     for i, prompt in enumerate(prompts):
         net = FakeNetwork(random.Random(0), Faults())
-        tracker = RequestTracker(resend_after_s=1e6, clock=lambda: net.now)
+        tracker = RequestTracker(resend_after_s=1e6, clock=lambda net=net: net.now)
         h = Hierarchy(net=net, gateway=GatewayNode(net, tracker, tick_every=1e5))
         for level, ((ks, ms), a) in enumerate(zip(curves, agreements)):
             backend = TableCostBackend.make(a, ks, ms, SIM_SEED, SIM_VOCAB, net.spend)
-            settings = StageSettings(level=level, backend="simulated", request_ttl_s=1e6, done_retention_s=1e6, **stage)
+            settings = StageSettings(
+                level=level, backend="simulated", request_ttl_s=1e6, done_retention_s=1e6, **stage
+            )
             outbox = FakeOutbox(net, f"L{level}")
             engine_cls = MinWindowEngine if min_drafts else StageEngine
-            engine = engine_cls(settings, backend, outbox, f"L{level}", clock=lambda: net.now)
+            engine = engine_cls(
+                settings, backend, outbox, f"L{level}", clock=lambda net=net: net.now
+            )
             h.nodes.append(StageNode(net, engine, outbox, cost=lambda: 0.0, tick_every=0.05))
         req = run_request(h, prompt, max_tokens, request_id=f"w{i}", max_time=1e5)
         assert req is not None
         tokens += len(req.tokens)
         wall += net.now
         passes += req.stats[-1].forward_passes
-    return {"ms_per_token": round(1000 * wall / tokens, 1), "tokens_per_pass": round(tokens / passes, 2)}
+    return {
+        "ms_per_token": round(1000 * wall / tokens, 1),
+        "tokens_per_pass": round(tokens / passes, 2),
+    }
 
 
-def padded(curve: tuple[tuple[int, ...], tuple[float, ...]]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def padded(
+    curve: tuple[tuple[int, ...], tuple[float, ...]],
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """The curve of a backend that pads a 2- or 3-token pass to 4 tokens when that is cheaper
     (fp32 MKL: 2 and 3 rows cost more than 4), and drops the extra predictions."""
     ks, ms = curve
@@ -255,8 +324,12 @@ def padded(curve: tuple[tuple[int, ...], tuple[float, ...]]) -> tuple[tuple[int,
     return ks, tuple(min(m, four) if k in (2, 3) else m for k, m in zip(ks, ms))
 
 
-def whatif(curves: dict[str, dict[str, tuple[float, ...]]], alphas: dict[str, float],
-           max_tokens: int = 128, n_prompts: int = 8) -> list[dict[str, Any]]:  # fmt: skip
+def whatif(
+    curves: dict[str, dict[str, tuple[float, ...]]],
+    alphas: dict[str, float],
+    max_tokens: int = 128,
+    n_prompts: int = 8,
+) -> list[dict[str, Any]]:
     """For each dtype: AR, sync-k2 (lookahead 8 and 4), PipeSpec k=2 (with and without the
     measured slow-down of running beside the other stage; window caps) and PipeSpec with a
     minimum window of 2 and 3 drafts; drafter = "mid", target = "target"."""
@@ -264,13 +337,28 @@ def whatif(curves: dict[str, dict[str, tuple[float, ...]]], alphas: dict[str, fl
     rows = []
     for dtype, c in curves.items():
         mid, target = (CURVE_KS, c["mid"]), (CURVE_KS, c["target"])
-        mid_b, target_b = (CURVE_KS, c.get("mid_busy", c["mid"])), (CURVE_KS, c.get("target_busy", c["target"]))
+        mid_b, target_b = (
+            (CURVE_KS, c.get("mid_busy", c["mid"])),
+            (CURVE_KS, c.get("target_busy", c["target"])),
+        )
         a = alphas[dtype]
         ar = whatif_run([target], [1.0], {}, prompts, max_tokens)
         variants = [
             ("autoregressive", [target], [1.0], {}, 0),
-            ("sync-k2 (lookahead 8)", [mid, target], [a, 1.0], {"schedule": "sync", "lookahead": 8}, 0),
-            ("sync-k2 (lookahead 4)", [mid, target], [a, 1.0], {"schedule": "sync", "lookahead": 4}, 0),
+            (
+                "sync-k2 (lookahead 8)",
+                [mid, target],
+                [a, 1.0],
+                {"schedule": "sync", "lookahead": 8},
+                0,
+            ),
+            (
+                "sync-k2 (lookahead 4)",
+                [mid, target],
+                [a, 1.0],
+                {"schedule": "sync", "lookahead": 4},
+                0,
+            ),
             ("pipespec-k2 (no contention)", [mid, target], [a, 1.0], {}, 0),
             ("pipespec-k2", [mid_b, target_b], [a, 1.0], {}, 0),
             ("pipespec-k2 max_verify 3", [mid_b, target_b], [a, 1.0], {"max_verify_tokens": 3}, 0),
@@ -278,13 +366,29 @@ def whatif(curves: dict[str, dict[str, tuple[float, ...]]], alphas: dict[str, fl
             ("pipespec-k2 min window 2", [mid_b, target_b], [a, 1.0], {}, 2),
             ("pipespec-k2 min window 3", [mid_b, target_b], [a, 1.0], {}, 3),
             ("pipespec-k2 pad 2-3 to 4", [padded(mid_b), padded(target_b)], [a, 1.0], {}, 0),
-            ("sync-k2 (lookahead 8) pad", [padded(mid), padded(target)], [a, 1.0],
-             {"schedule": "sync", "lookahead": 8}, 0),
+            (
+                "sync-k2 (lookahead 8) pad",
+                [padded(mid), padded(target)],
+                [a, 1.0],
+                {"schedule": "sync", "lookahead": 8},
+                0,
+            ),
         ]
         for name, cs, al, stage, m in variants:
-            res = ar if name == "autoregressive" else whatif_run(cs, al, stage, prompts, max_tokens, m)
-            rows.append({"dtype": dtype, "alpha": a, "method": name, **res,
-                         "speedup": round(ar["ms_per_token"] / res["ms_per_token"], 3)})  # fmt: skip
+            res = (
+                ar
+                if name == "autoregressive"
+                else whatif_run(cs, al, stage, prompts, max_tokens, m)
+            )
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "alpha": a,
+                    "method": name,
+                    **res,
+                    "speedup": round(ar["ms_per_token"] / res["ms_per_token"], 3),
+                }
+            )
     return rows
 
 
@@ -312,16 +416,32 @@ def invariance(args) -> dict[str, Any]:
             lm(input_ids=torch.tensor([ids[:-1]]), cache=cache, use_cache=True)
             seq, last = list(ids), ids[-1]
             for _ in range(args.max_tokens):  # sequential greedy: one token per pass
-                last = int(lm(input_ids=torch.tensor([[last]]), cache=cache, use_cache=True).logits[0, -1].argmax())
+                last = int(
+                    lm(input_ids=torch.tensor([[last]]), cache=cache, use_cache=True)
+                    .logits[0, -1]
+                    .argmax()
+                )
                 seq.append(last)
             cache.crop(len(ids) - 1 - cache.get_seq_length())
-            for start in range(len(ids) - 1, len(seq) - 1, args.window):  # the same tokens, in windows
+            for start in range(
+                len(ids) - 1, len(seq) - 1, args.window
+            ):  # the same tokens, in windows
                 window = seq[start : start + args.window]
-                preds = lm(input_ids=torch.tensor([window]), cache=cache, use_cache=True).logits[0].argmax(-1).tolist()
+                preds = (
+                    lm(input_ids=torch.tensor([window]), cache=cache, use_cache=True)
+                    .logits[0]
+                    .argmax(-1)
+                    .tolist()
+                )
                 want = seq[start + 1 : start + 1 + len(window)]
                 differ += sum(a != b for a, b in zip(preds, want))
                 total += len(want)
-    return {"dtype": args.dtype, "window": args.window, "positions": total, "argmax_differs": differ}
+    return {
+        "dtype": args.dtype,
+        "window": args.window,
+        "positions": total,
+        "argmax_differs": differ,
+    }
 
 
 def alpha(args) -> dict[str, Any]:
@@ -337,22 +457,36 @@ def alpha(args) -> dict[str, Any]:
     models = MODEL_SETS[args.models]
     tok = load_tokenizer(str(model_dir(models["target"])))
     prompts = prompt_sets.load(args.prompts, args.n)
-    target, mid = load(models["target"], args.dtype), load(models["mid"], args.dtype, models["mid_layers"])
+    target, mid = (
+        load(models["target"], args.dtype),
+        load(models["mid"], args.dtype, models["mid_layers"]),
+    )
     agree = total = 0
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([tok.encode(p.text)])
-            out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens,
-                                  do_sample=False)  # fmt: skip
+            out = target.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.max_tokens,
+                do_sample=False,
+            )
             n = out.shape[1] - ids.shape[1]
             preds = mid(input_ids=out).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
             agree += int((preds == out[0, ids.shape[1] :]).sum())
             total += n
-    return {"models": args.models, "dtype": args.dtype, "alpha": round(agree / total, 4), "positions": total}
+    return {
+        "models": args.models,
+        "dtype": args.dtype,
+        "alpha": round(agree / total, 4),
+        "positions": total,
+    }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_costs", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.cpu_costs", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("curve")
     c.add_argument("--model", default="qwen2.5-coder-1.5b")
@@ -393,8 +527,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cmd == "curve":
         ks = [int(k) for k in args.ks.split(",")]
         res = curve(args.model, args.threads, args.dtype, ks, neighbour_model=args.neighbour)
-        print(json.dumps({"model": args.model, "threads": args.threads, "dtype": args.dtype,
-                          "neighbour": args.neighbour, "ms": res}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "threads": args.threads,
+                    "dtype": args.dtype,
+                    "neighbour": args.neighbour,
+                    "ms": res,
+                }
+            )
+        )
     elif args.cmd == "neighbour":
         neighbour(args.model, args.dtype)
     elif args.cmd == "alpha":
@@ -403,8 +546,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(invariance(args)))
     elif args.cmd == "whatif":
         for row in whatif(WHATIF_CURVES, WHATIF_ALPHAS, args.max_tokens):
-            print(f"{row['dtype']:<9} α={row['alpha']:.2f}  {row['method']:<26} {row['ms_per_token']:>7.1f} ms/tok"
-                  f"  {row['tokens_per_pass']:>5.2f} tok/pass  {row['speedup']:.2f}x")  # fmt: skip
+            print(
+                f"{row['dtype']:<9} α={row['alpha']:.2f}  {row['method']:<26} {row['ms_per_token']:>7.1f} ms/tok"
+                f"  {row['tokens_per_pass']:>5.2f} tok/pass  {row['speedup']:.2f}x"
+            )
     else:
         print(json.dumps(int8_study(args), indent=1))
     return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,8 +30,10 @@ class CallLog:
         self.calls: list[tuple[int, int]] = []
         self.busy_s = 0.0
         self._t0 = 0.0
-        self._hooks = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                       model.register_forward_hook(self._post)]  # fmt: skip
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post),
+        ]
 
     def reset(self) -> None:
         self.calls, self.busy_s = [], 0.0
@@ -58,7 +60,9 @@ class CallLog:
             h.remove()
 
 
-def level_counts(calls: Sequence[tuple[int, int, int]], prompt_len: int, generated: int) -> list[LevelCount]:
+def level_counts(
+    calls: Sequence[tuple[int, int, int]], prompt_len: int, generated: int
+) -> list[LevelCount]:
     """Verifier counters from the target's calls ``(start, n_input, n_uncached_real)``."""
     lc = LevelCount(level=1)
     produced = 0
@@ -84,7 +88,7 @@ class FirstToken:
 
     def __init__(self):
         self.puts = 0
-        self.at: Optional[float] = None
+        self.at: float | None = None
 
     def put(self, value) -> None:
         self.puts += 1
@@ -98,8 +102,15 @@ class FirstToken:
 class InProcess:
     """The target (and optionally an assistant) loaded in this process, fp32, on the CPU."""
 
-    def __init__(self, target: str, assistant: Optional[str] = None, assistant_layers: Optional[int] = None,
-                 threads: Optional[int] = None, eos_ids: Sequence[int] = (), dtype: str = "float32"):  # fmt: skip
+    def __init__(
+        self,
+        target: str,
+        assistant: str | None = None,
+        assistant_layers: int | None = None,
+        threads: int | None = None,
+        eos_ids: Sequence[int] = (),
+        dtype: str = "float32",
+    ):
         from transformers.utils import logging as hf_logging
 
         from common.backends.hf import load_causal_lm
@@ -110,7 +121,9 @@ class InProcess:
         self.threads = torch.get_num_threads()
         self.dtype = dtype
         self.model = load_causal_lm(target, dtype)
-        self.assistant = load_causal_lm(assistant, dtype, layers=assistant_layers) if assistant else None
+        self.assistant = (
+            load_causal_lm(assistant, dtype, layers=assistant_layers) if assistant else None
+        )
         self.eos_ids = list(eos_ids)
         self.log = CallLog(self.model)
         self.assistant_log = CallLog(self.assistant) if self.assistant is not None else None
@@ -123,7 +136,9 @@ class InProcess:
         gc.collect()
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_tokens: int, method: str, pld_tokens: int = 10) -> PromptRun:
+    def generate(
+        self, prompt_ids: list[int], max_tokens: int, method: str, pld_tokens: int = 10
+    ) -> PromptRun:
         """One greedy ``generate`` call; ``method``: autoregressive, assisted or prompt-lookup."""
         kwargs: dict = {}
         if method == "assisted":
@@ -139,36 +154,72 @@ class InProcess:
         first = FirstToken()
         t0 = time.perf_counter()
         out = self.model.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, min_new_tokens=0,
-            do_sample=False, eos_token_id=self.eos_ids or None, pad_token_id=(self.eos_ids or [0])[0],
-            streamer=first, **kwargs,
-        )  # fmt: skip
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            min_new_tokens=0,
+            do_sample=False,
+            eos_token_id=self.eos_ids or None,
+            pad_token_id=(self.eos_ids or [0])[0],
+            streamer=first,
+            **kwargs,
+        )
         wall = time.perf_counter() - t0
         tokens = out[0, len(prompt_ids) :].tolist()
-        calls = [(s, n, len(prompt_ids) if i == 0 else 1) for i, (s, n) in enumerate(self.log.calls)]
+        calls = [
+            (s, n, len(prompt_ids) if i == 0 else 1) for i, (s, n) in enumerate(self.log.calls)
+        ]
         busy = [self.log.busy_s]
         passes = [len(calls)]
         if method == "assisted" and self.assistant_log:
-            busy, passes = [self.assistant_log.busy_s] + busy, [len(self.assistant_log.calls)] + passes
+            busy, passes = (
+                [self.assistant_log.busy_s] + busy,
+                [len(self.assistant_log.calls)] + passes,
+            )
         elif method == "prompt-lookup":
             busy, passes = [0.0] + busy, [0] + passes  # the lookup runs inside generate's loop
-        levels = level_counts(calls, len(prompt_ids), len(tokens)) if method != "autoregressive" else []
-        return PromptRun(prompt_id="", tokens=tokens, wall_s=wall,
-                         ttft_s=None if first.at is None else first.at - t0, target_passes=len(calls),
-                         levels=levels, busy_s=busy, passes=passes)  # fmt: skip
+        levels = (
+            level_counts(calls, len(prompt_ids), len(tokens)) if method != "autoregressive" else []
+        )
+        return PromptRun(
+            prompt_id="",
+            tokens=tokens,
+            wall_s=wall,
+            ttft_s=None if first.at is None else first.at - t0,
+            target_passes=len(calls),
+            levels=levels,
+            busy_s=busy,
+            passes=passes,
+        )
 
 
-def run_in_process(runner: InProcess, suite: str, method: str, level_names: list[str],
-                   prompts: Sequence[tuple[str, list[int]]], max_tokens: int, pld_tokens: int = 10,
-                   warmup: Optional[list[int]] = None) -> MethodResult:  # fmt: skip
-    result = MethodResult(suite=suite, name=method, levels=level_names,
-                          config={"threads": runner.threads, "dtype": runner.dtype,
-                                  "where": "in process (transformers generate)"})  # fmt: skip
+def run_in_process(
+    runner: InProcess,
+    suite: str,
+    method: str,
+    level_names: list[str],
+    prompts: Sequence[tuple[str, list[int]]],
+    max_tokens: int,
+    pld_tokens: int = 10,
+    warmup: list[int] | None = None,
+) -> MethodResult:
+    result = MethodResult(
+        suite=suite,
+        name=method,
+        levels=level_names,
+        config={
+            "threads": runner.threads,
+            "dtype": runner.dtype,
+            "where": "in process (transformers generate)",
+        },
+    )
     if method == "assisted":
         g = runner.assistant.generation_config
-        result.config |= {"num_assistant_tokens": g.num_assistant_tokens,
-                          "num_assistant_tokens_schedule": g.num_assistant_tokens_schedule,
-                          "assistant_confidence_threshold": g.assistant_confidence_threshold}  # fmt: skip
+        result.config |= {
+            "num_assistant_tokens": g.num_assistant_tokens,
+            "num_assistant_tokens_schedule": g.num_assistant_tokens_schedule,
+            "assistant_confidence_threshold": g.assistant_confidence_threshold,
+        }
     if method == "prompt-lookup":
         result.config["prompt_lookup_num_tokens"] = pld_tokens
     try:

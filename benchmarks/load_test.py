@@ -24,7 +24,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import httpx
 
@@ -45,7 +44,9 @@ def save_simulation_tokenizer(path: Path) -> Path:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     eos = f"w{TOKENIZER_WORDS - 1}"
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos).save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos).save_pretrained(
+        path
+    )
     return path
 
 
@@ -79,10 +80,10 @@ def simulated_config(tokenizer: Path, levels: int = 3, target_ms: float = 10.0, 
 
 @dataclass
 class Result:
-    ttft_s: Optional[float] = None  # first chunk with text
+    ttft_s: float | None = None  # first chunk with text
     latency_s: float = 0.0
     tokens: int = 0
-    error: Optional[str] = None
+    error: str | None = None
 
 
 @dataclass
@@ -101,7 +102,9 @@ class Report:
 
     def percentile(self, values: list[float], q: float) -> float:
         return (
-            statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+            statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+            if len(values) > 1
+            else values[0]
         )
 
     def summary(self) -> str:
@@ -157,7 +160,7 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> Result:
 
 
 async def run_load(
-    url: str, clients: int, duration_s: float, max_tokens: int, model: Optional[str]
+    url: str, clients: int, duration_s: float, max_tokens: int, model: str | None
 ) -> Report:
     """``clients`` loops, each streaming requests back to back until ``duration_s`` has passed."""
     report = Report(clients)
@@ -171,7 +174,9 @@ async def run_load(
         while time.monotonic() < deadline:
             prompt = " ".join(f"w{rng.randrange(3, SIM_VOCAB)}" for _ in range(16))
             body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
-            body |= {"stream_options": {"include_usage": True}} | ({"model": model} if model else {})
+            body |= {"stream_options": {"include_usage": True}} | (
+                {"model": model} if model else {}
+            )
             result = await one_request(http, body)
             report.results.append(result)
             if result.error is not None:
@@ -183,8 +188,9 @@ async def run_load(
     return report
 
 
-def run_simulated(clients: int, duration_s: float, max_tokens: int, levels: int, target_ms: float,
-                  log_dir: Path) -> Report:  # fmt: skip
+def run_simulated(
+    clients: int, duration_s: float, max_tokens: int, levels: int, target_ms: float, log_dir: Path
+) -> Report:
     """Launch a simulated system in ``log_dir``, load it, stop it."""
     tokenizer = save_simulation_tokenizer(log_dir / "tokenizer")
     plan = plan_from_config(simulated_config(tokenizer, levels, target_ms))
@@ -197,7 +203,7 @@ def run_simulated(clients: int, duration_s: float, max_tokens: int, levels: int,
         system.stop()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.load_test", description=__doc__.split("\n")[0]
     )
@@ -207,10 +213,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--url", help="a running gateway; default: launch a simulated system")
     parser.add_argument("--model", help="with --url: the model name to send")
     parser.add_argument("--levels", type=int, default=3, help="simulated system: k")
-    parser.add_argument("--target-ms", type=float, default=10.0, help="simulated target: ms per pass")
+    parser.add_argument(
+        "--target-ms", type=float, default=10.0, help="simulated target: ms per pass"
+    )
     args = parser.parse_args(argv)
     if args.url:
-        report = asyncio.run(run_load(args.url, args.clients, args.duration, args.max_tokens, args.model))
+        report = asyncio.run(
+            run_load(args.url, args.clients, args.duration, args.max_tokens, args.model)
+        )
     else:
         log_dir = Path(tempfile.mkdtemp(prefix="pipespec-load-"))
         print(f"simulated k={args.levels} system; logs in {log_dir}", flush=True)

@@ -21,9 +21,10 @@ Vocabulary (the same for every method, so rows compare):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 
 @dataclass
@@ -42,13 +43,13 @@ class PromptRun:
     prompt_id: str
     tokens: list[int]
     wall_s: float
-    ttft_s: Optional[float]
+    ttft_s: float | None
     target_passes: int
     levels: list[LevelCount] = field(default_factory=list)  # verifier levels, level 1 first
     busy_s: list[float] = field(default_factory=list)  # per level, level 0 first; [] = unknown
     passes: list[int] = field(default_factory=list)  # forward passes per level; [] = unknown
-    exact: Optional[bool] = None  # set by compare()
-    agreement: Optional[float] = None
+    exact: bool | None = None  # set by compare()
+    agreement: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,7 +61,7 @@ class MethodResult:
     levels: list[str] = field(default_factory=list)  # what runs at each level, level 0 first
     runs: list[PromptRun] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
-    error: Optional[str] = None
+    error: str | None = None
 
     @property
     def key(self) -> str:
@@ -86,10 +87,15 @@ def compare(result: MethodResult, reference: dict[str, list[int]]) -> None:
         run.agreement = 1.0 if run.exact else common_prefix(run.tokens, want) / max(1, len(want))
 
 
-def summarize(result: MethodResult, baseline: Optional[MethodResult] = None) -> dict[str, Any]:
+def summarize(result: MethodResult, baseline: MethodResult | None = None) -> dict[str, Any]:
     """One table row: totals over the prompts, and speedups against ``baseline``."""
-    row: dict[str, Any] = {"suite": result.suite, "method": result.name, "kind": result.kind,
-                           "levels": list(result.levels), "prompts": len(result.runs)}  # fmt: skip
+    row: dict[str, Any] = {
+        "suite": result.suite,
+        "method": result.name,
+        "kind": result.kind,
+        "levels": list(result.levels),
+        "prompts": len(result.runs),
+    }
     if result.error is not None or not result.runs:
         row["error"] = result.error or "no runs"
         return row
@@ -102,7 +108,9 @@ def summarize(result: MethodResult, baseline: Optional[MethodResult] = None) -> 
     timed = [r for r in runs if r.ttft_s is not None and len(r.tokens) > 1]
     if timed:
         decode_tokens = sum(len(r.tokens) - 1 for r in timed)
-        row["decode_ms_per_token"] = round(1000 * sum(r.wall_s - r.ttft_s for r in timed) / decode_tokens, 2)
+        row["decode_ms_per_token"] = round(
+            1000 * sum(r.wall_s - r.ttft_s for r in timed) / decode_tokens, 2
+        )
         row["ttft_s"] = round(sum(r.ttft_s for r in timed) / len(timed), 4)
     passes = sum(r.target_passes for r in runs)
     row["target_passes"] = passes
@@ -140,7 +148,9 @@ def summarize(result: MethodResult, baseline: Optional[MethodResult] = None) -> 
         if base.get("ms_per_token") and row.get("ms_per_token"):
             row["speedup"] = round(base["ms_per_token"] / row["ms_per_token"], 3)
         if base.get("decode_ms_per_token") and row.get("decode_ms_per_token"):
-            row["decode_speedup"] = round(base["decode_ms_per_token"] / row["decode_ms_per_token"], 3)
+            row["decode_speedup"] = round(
+                base["decode_ms_per_token"] / row["decode_ms_per_token"], 3
+            )
     return row
 
 
@@ -151,16 +161,35 @@ def _fmt(value: Any, spec: str = "") -> str:
 
 
 COLUMNS = [  # header, width, how to render a row
-    ("method", 22, lambda r: r["method"] + ("" if r.get("kind", "measured") == "measured" else f" ({r['kind']})")),
+    (
+        "method",
+        22,
+        lambda r: (
+            r["method"] + ("" if r.get("kind", "measured") == "measured" else f" ({r['kind']})")
+        ),
+    ),
     ("tok/s", 7, lambda r: _fmt(r.get("tokens_per_s"), ".2f")),
     ("ms/tok", 8, lambda r: _fmt(r.get("ms_per_token"), ".1f")),
     ("TTFT s", 6, lambda r: _fmt(r.get("ttft_s"), ".2f")),
     ("speedup", 7, lambda r: _fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else "")),
     ("tok/pass", 8, lambda r: _fmt(r.get("tokens_per_target_pass"), ".2f")),
-    ("accept L1/L2", 12, lambda r: "/".join(_fmt(v, ".2f") for v in r.get("acceptance", {}).values()) or "-"),
+    (
+        "accept L1/L2",
+        12,
+        lambda r: "/".join(_fmt(v, ".2f") for v in r.get("acceptance", {}).values()) or "-",
+    ),
     ("rollbk", 6, lambda r: _fmt(r.get("rollbacks"))),
-    ("busy s (% wall) L0/L1/L2", 30, lambda r: " ".join(
-        f"{b:.1f}({100 * s:.0f}%)" for b, s in zip(r.get("busy_s", []), r.get("busy_share", []))) or "-"),
+    (
+        "busy s (% wall) L0/L1/L2",
+        30,
+        lambda r: (
+            " ".join(
+                f"{b:.1f}({100 * s:.0f}%)"
+                for b, s in zip(r.get("busy_s", []), r.get("busy_share", []))
+            )
+            or "-"
+        ),
+    ),
     ("exact", 5, lambda r: _fmt(r.get("exact"))),
 ]
 
@@ -178,7 +207,7 @@ def table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4) if a and b else None
 
 
@@ -189,7 +218,9 @@ def measured_vs_ideal(measured: dict[str, Any], ideal: dict[str, Any]) -> dict[s
         "measured_tokens_per_s": measured.get("tokens_per_s"),
         "ideal_tokens_per_s": ideal.get("tokens_per_s"),
         "share": ratio(measured.get("tokens_per_s"), ideal.get("tokens_per_s")),
-        "decode_share": ratio(ideal.get("decode_ms_per_token"), measured.get("decode_ms_per_token")),
+        "decode_share": ratio(
+            ideal.get("decode_ms_per_token"), measured.get("decode_ms_per_token")
+        ),
         "measured_tokens_per_pass": measured.get("tokens_per_target_pass"),
         "ideal_tokens_per_pass": ideal.get("tokens_per_target_pass"),
     }
@@ -207,19 +238,33 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def document(meta: dict[str, Any], results: Sequence[MethodResult], rows: Sequence[dict[str, Any]],
-             comparisons: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def document(
+    meta: dict[str, Any],
+    results: Sequence[MethodResult],
+    rows: Sequence[dict[str, Any]],
+    comparisons: dict[str, Any],
+) -> dict[str, Any]:
     """The JSON written to results/DIR/results.json."""
-    return to_jsonable({"meta": meta, "summary": list(rows), "comparisons": comparisons,
-                        "methods": [r for r in results]})  # fmt: skip
+    return to_jsonable(
+        {
+            "meta": meta,
+            "summary": list(rows),
+            "comparisons": comparisons,
+            "methods": [r for r in results],
+        }
+    )
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
 
 
-def plot(path: Path, rows: Sequence[dict[str, Any]], paper: Optional[dict[str, float]] = None,
-         paper_suite: str = "simulated") -> None:
+def plot(
+    path: Path,
+    rows: Sequence[dict[str, Any]],
+    paper: dict[str, float] | None = None,
+    paper_suite: str = "simulated",
+) -> None:
     """One panel per suite: end-to-end speedup over autoregressive per method; the simulated
     panel also shows the ideal schedule and the paper's numbers."""
     import matplotlib
@@ -230,8 +275,16 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], paper: Optional[dict[str, f
     suites = list(dict.fromkeys(r["suite"] for r in rows))
     fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.6), squeeze=False)
     for ax, suite in zip(axes[0], suites):
-        measured = [r for r in rows if r["suite"] == suite and r.get("kind") == "measured" and "error" not in r]
-        ideal = {r["method"]: r for r in rows if r["suite"] == suite and r.get("kind") == "ideal" and "error" not in r}
+        measured = [
+            r
+            for r in rows
+            if r["suite"] == suite and r.get("kind") == "measured" and "error" not in r
+        ]
+        ideal = {
+            r["method"]: r
+            for r in rows
+            if r["suite"] == suite and r.get("kind") == "ideal" and "error" not in r
+        }
         names = [r["method"] for r in measured]
         x = list(range(len(names)))
         series = [("measured", [r.get("speedup") or 0 for r in measured])]
@@ -241,8 +294,16 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], paper: Optional[dict[str, f
             series.append(("paper (A100)", [paper.get(n, 0) for n in names]))
         width = 0.8 / len(series)
         for i, (label, values) in enumerate(series):
-            bars = ax.bar([v + (i - (len(series) - 1) / 2) * width for v in x], values, width, label=label)
-            ax.bar_label(bars, labels=[f"{v:.2f}" if v else "" for v in values], fontsize=6, rotation=90, padding=2)
+            bars = ax.bar(
+                [v + (i - (len(series) - 1) / 2) * width for v in x], values, width, label=label
+            )
+            ax.bar_label(
+                bars,
+                labels=[f"{v:.2f}" if v else "" for v in values],
+                fontsize=6,
+                rotation=90,
+                padding=2,
+            )
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)

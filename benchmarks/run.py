@@ -40,12 +40,12 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from benchmarks import prompts as prompt_sets
 from benchmarks.load_test import save_simulation_tokenizer
-from common.tokenization import eos_token_ids
 from benchmarks.report import (
     MethodResult,
     compare,
@@ -56,8 +56,17 @@ from benchmarks.report import (
     table,
     write_json,
 )
+from common.tokenization import eos_token_ids
 
-REAL_METHODS = ["autoregressive", "assisted", "prompt-lookup", "sync-k2", "sync-k3", "pipespec-k2", "pipespec-k3"]
+REAL_METHODS = [
+    "autoregressive",
+    "assisted",
+    "prompt-lookup",
+    "sync-k2",
+    "sync-k3",
+    "pipespec-k2",
+    "pipespec-k3",
+]
 SIM_METHODS = ["autoregressive", "sync-k2", "sync-k3", "pipespec-k2", "pipespec-k3"]
 IN_PROCESS = ("autoregressive", "assisted", "prompt-lookup")
 LOOKAHEAD = 8  # the paper's SD lookahead (§4.4)
@@ -65,11 +74,19 @@ NGRAM_SYNC_WAIT_S = 0.05  # sync: a level verifying the n-gram stops waiting for
 WARMUP_TEXT = "def add(a, b):"
 
 MODEL_SETS = {
-    "qwen": {"target": "qwen2.5-coder-1.5b", "mid": "qwen2.5-coder-0.5b", "mid_layers": None,
-             "names": ("n-gram", "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B")},
-    "smollm2": {"target": "smollm2-135m", "mid": "smollm2-135m", "mid_layers": 25,
-                "names": ("n-gram", "SmolLM2-135M (25/30 layers)", "SmolLM2-135M")},
-}  # fmt: skip
+    "qwen": {
+        "target": "qwen2.5-coder-1.5b",
+        "mid": "qwen2.5-coder-0.5b",
+        "mid_layers": None,
+        "names": ("n-gram", "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B"),
+    },
+    "smollm2": {
+        "target": "smollm2-135m",
+        "mid": "smollm2-135m",
+        "mid_layers": 25,
+        "names": ("n-gram", "SmolLM2-135M (25/30 layers)", "SmolLM2-135M"),
+    },
+}
 
 
 # ---------------------------------------------------------------------------- configs
@@ -89,7 +106,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def real_stages(models: dict[str, Any], method: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+def real_stages(
+    models: dict[str, Any], method: str, overrides: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Launcher ``[[stages]]`` for a real-model method (``sync-k2`` ... ``pipespec-k3``)."""
     from common.model_store import model_dir
 
@@ -99,7 +118,11 @@ def real_stages(models: dict[str, Any], method: str, overrides: dict[str, Any]) 
     if models["mid_layers"]:
         mid |= {"backend": "early-exit", "early_exit_layers": models["mid_layers"]}
     levels = [mid, target] if k == "2" else [{"backend": "ngram"}, mid, target]
-    shared = {"schedule": "sync", "lookahead": LOOKAHEAD} if schedule == "sync" else {"schedule": "async"}
+    shared = (
+        {"schedule": "sync", "lookahead": LOOKAHEAD}
+        if schedule == "sync"
+        else {"schedule": "async"}
+    )
     stages = []
     for level, table_ in enumerate(levels):
         stage = {"level": level, **table_, **shared}
@@ -144,16 +167,32 @@ def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[Me
     in_process = [m for m in methods if m in IN_PROCESS]
     if "autoregressive" not in in_process:
         in_process.insert(0, "autoregressive")  # the reference every output is compared with
-    runner = InProcess(target_dir, str(model_dir(models["mid"])) if "assisted" in in_process else None,
-                       assistant_layers=models["mid_layers"], threads=args.hf_threads, eos_ids=eos,
-                       dtype=args.dtype)  # fmt: skip
+    runner = InProcess(
+        target_dir,
+        str(model_dir(models["mid"])) if "assisted" in in_process else None,
+        assistant_layers=models["mid_layers"],
+        threads=args.hf_threads,
+        eos_ids=eos,
+        dtype=args.dtype,
+    )
     for method in in_process:
         log(f"[{suite}] {method} (in process, {runner.threads} threads) ...")
         t0 = time.perf_counter()
-        r = run_in_process(runner, suite, method, level_names(models, method), ids, args.real_max_tokens,
-                           pld_tokens=args.pld_tokens, warmup=warm_ids)  # fmt: skip
+        r = run_in_process(
+            runner,
+            suite,
+            method,
+            level_names(models, method),
+            ids,
+            args.real_max_tokens,
+            pld_tokens=args.pld_tokens,
+            warmup=warm_ids,
+        )
         results.append(r)
-        log(f"[{suite}] {method}: {time.perf_counter() - t0:.0f} s" + (f" FAILED {r.error}" if r.error else ""))
+        log(
+            f"[{suite}] {method}: {time.perf_counter() - t0:.0f} s"
+            + (f" FAILED {r.error}" if r.error else "")
+        )
     runner.close()
     del runner
 
@@ -164,13 +203,26 @@ def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[Me
         config = {"gateway": gateway_table(target_dir, len(stages)), "stages": stages}
         log(f"[{suite}] {method} (services, {len(stages)} levels) ...")
         t0 = time.perf_counter()
-        r = run_system(suite, method, level_names(models, method), config, [(p.id, p.text) for p in prompts],
-                       args.real_max_tokens, out / "logs", warmup=WARMUP_TEXT,
-                       profile=args.profile_stages)  # fmt: skip
+        r = run_system(
+            suite,
+            method,
+            level_names(models, method),
+            config,
+            [(p.id, p.text) for p in prompts],
+            args.real_max_tokens,
+            out / "logs",
+            warmup=WARMUP_TEXT,
+            profile=args.profile_stages,
+        )
         results.append(r)
-        log(f"[{suite}] {method}: {time.perf_counter() - t0:.0f} s" + (f" FAILED {r.error}" if r.error else ""))
+        log(
+            f"[{suite}] {method}: {time.perf_counter() - t0:.0f} s"
+            + (f" FAILED {r.error}" if r.error else "")
+        )
 
-    reference = {r.prompt_id: r.tokens for r in results[0].runs} if results and results[0].runs else {}
+    reference = (
+        {r.prompt_id: r.tokens for r in results[0].runs} if results and results[0].runs else {}
+    )
     for r in results:
         compare(r, reference)
     order = {m: i for i, m in enumerate(REAL_METHODS)}
@@ -196,11 +248,22 @@ def run_simulated(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> li
         config = {"gateway": gateway_table(str(tok_dir), len(tables)), "stages": tables}
         log(f"[simulated] {method} (services, {len(tables)} levels) ...")
         t0 = time.perf_counter()
-        r = run_system("simulated", method, [levels[n].name for n in names], config,
-                       [(pid, sp.sim_text(x)) for pid, x in ids], args.sim_max_tokens, out / "logs",
-                       warmup=sp.sim_text(ids[0][1][:4]), profile=args.profile_stages)  # fmt: skip
+        r = run_system(
+            "simulated",
+            method,
+            [levels[n].name for n in names],
+            config,
+            [(pid, sp.sim_text(x)) for pid, x in ids],
+            args.sim_max_tokens,
+            out / "logs",
+            warmup=sp.sim_text(ids[0][1][:4]),
+            profile=args.profile_stages,
+        )
         results.append(r)
-        log(f"[simulated] {method}: {time.perf_counter() - t0:.0f} s" + (f" FAILED {r.error}" if r.error else ""))
+        log(
+            f"[simulated] {method}: {time.perf_counter() - t0:.0f} s"
+            + (f" FAILED {r.error}" if r.error else "")
+        )
         results.append(sp.ideal_method(method, levels, ids, args.sim_max_tokens, overrides))
     for r in results:
         compare(r, reference)
@@ -211,7 +274,14 @@ def run_simulated(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> li
 def summaries(results: Sequence[MethodResult]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
-        base = next((b for b in results if b.suite == r.suite and b.kind == r.kind and b.name == "autoregressive"), None)
+        base = next(
+            (
+                b
+                for b in results
+                if b.suite == r.suite and b.kind == r.kind and b.name == "autoregressive"
+            ),
+            None,
+        )
         rows.append(summarize(r, base))
     return rows
 
@@ -220,54 +290,86 @@ def simulated_comparison(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Speedups of the simulated suite beside the paper's, and measured / ideal throughput."""
     from benchmarks.sim_profile import PAPER_MS_PER_TOKEN, PAPER_SPEEDUPS
 
-    measured = {r["method"]: r for r in rows if r["suite"] == "simulated" and r["kind"] == "measured" and "error" not in r}
-    ideal = {r["method"]: r for r in rows if r["suite"] == "simulated" and r["kind"] == "ideal" and "error" not in r}
-    out: dict[str, Any] = {"methods": {}, "note": (
-        "speedups are over autoregressive decoding of the same (simulated) 70B; 'decode' excludes "
-        "the time to the first token. The paper's Table 1/2 (HumanEval, LLaMA 1B/8B/70B, 4x A100): "
-        "sync-k3 1.37x and pipespec-k3 2.54x over AR, so pipespec-k3 over sync-k3 = 2.54/1.37 = 1.85x.")}
+    measured = {
+        r["method"]: r
+        for r in rows
+        if r["suite"] == "simulated" and r["kind"] == "measured" and "error" not in r
+    }
+    ideal = {
+        r["method"]: r
+        for r in rows
+        if r["suite"] == "simulated" and r["kind"] == "ideal" and "error" not in r
+    }
+    out: dict[str, Any] = {
+        "methods": {},
+        "note": (
+            "speedups are over autoregressive decoding of the same (simulated) 70B; 'decode' excludes "
+            "the time to the first token. The paper's Table 1/2 (HumanEval, LLaMA 1B/8B/70B, 4x A100): "
+            "sync-k3 1.37x and pipespec-k3 2.54x over AR, so pipespec-k3 over sync-k3 = 2.54/1.37 = 1.85x."
+        ),
+    }
     for m, row in measured.items():
         i = ideal.get(m, {})
         out["methods"][m] = {
             "paper_speedup": PAPER_SPEEDUPS.get(m, 1.0 if m == "autoregressive" else None),
             "paper_ms_per_token": PAPER_MS_PER_TOKEN.get(m),
-            "measured_speedup": row.get("speedup"), "measured_decode_speedup": row.get("decode_speedup"),
-            "ideal_speedup": i.get("speedup"), "ideal_decode_speedup": i.get("decode_speedup"),
-            "measured_ms_per_token": row.get("ms_per_token"), "ideal_ms_per_token": i.get("ms_per_token"),
+            "measured_speedup": row.get("speedup"),
+            "measured_decode_speedup": row.get("decode_speedup"),
+            "ideal_speedup": i.get("speedup"),
+            "ideal_decode_speedup": i.get("decode_speedup"),
+            "measured_ms_per_token": row.get("ms_per_token"),
+            "ideal_ms_per_token": i.get("ms_per_token"),
             **({"vs_ideal": measured_vs_ideal(row, i)} if i else {}),
-        }  # fmt: skip
+        }
 
-    def over(a: dict, b: dict, key: str) -> Optional[float]:
+    def over(a: dict, b: dict, key: str) -> float | None:
         return round(b[key] / a[key], 3) if a.get(key) and b.get(key) else None
 
     for kind, src in (("measured", measured), ("ideal", ideal)):
         if "pipespec-k3" in src and "sync-k3" in src:
-            out[f"pipespec_k3_over_sync_k3_{kind}"] = over(src["pipespec-k3"], src["sync-k3"], "ms_per_token")
-            out[f"pipespec_k3_over_sync_k3_{kind}_decode"] = over(src["pipespec-k3"], src["sync-k3"], "decode_ms_per_token")
+            out[f"pipespec_k3_over_sync_k3_{kind}"] = over(
+                src["pipespec-k3"], src["sync-k3"], "ms_per_token"
+            )
+            out[f"pipespec_k3_over_sync_k3_{kind}_decode"] = over(
+                src["pipespec-k3"], src["sync-k3"], "decode_ms_per_token"
+            )
     out["pipespec_k3_over_sync_k3_paper"] = round(2.54 / 1.37, 3)
     return out
 
 
 def format_simulated(comp: dict[str, Any]) -> str:
-    lines = ["Simulated paper profile (LLaMA 1B/8B/70B on A100), end to end, speedup over autoregressive:",
-             f"{'method':<16}{'paper':>8}{'measured':>10}{'ideal':>8}{'measured/ideal tok/s':>22}"]  # fmt: skip
+    lines = [
+        "Simulated paper profile (LLaMA 1B/8B/70B on A100), end to end, speedup over autoregressive:",
+        f"{'method':<16}{'paper':>8}{'measured':>10}{'ideal':>8}{'measured/ideal tok/s':>22}",
+    ]
     f = lambda v, s="": "-" if v is None else f"{v:.2f}{s}"  # noqa: E731
     for m, c in comp["methods"].items():
         share = c.get("vs_ideal", {}).get("share")
-        lines.append(f"{m:<16}{f(c['paper_speedup'], 'x'):>8}{f(c['measured_speedup'], 'x'):>10}"
-                     f"{f(c['ideal_speedup'], 'x'):>8}{'-' if share is None else f'{100 * share:.1f}%':>22}")  # fmt: skip
-    lines.append(f"pipespec-k3 over sync-k3: paper {comp['pipespec_k3_over_sync_k3_paper']:.2f}x "
-                 f"(2.54x / 1.37x), measured {f(comp.get('pipespec_k3_over_sync_k3_measured'), 'x')}, "
-                 f"ideal {f(comp.get('pipespec_k3_over_sync_k3_ideal'), 'x')}")  # fmt: skip
+        lines.append(
+            f"{m:<16}{f(c['paper_speedup'], 'x'):>8}{f(c['measured_speedup'], 'x'):>10}"
+            f"{f(c['ideal_speedup'], 'x'):>8}{'-' if share is None else f'{100 * share:.1f}%':>22}"
+        )
+    lines.append(
+        f"pipespec-k3 over sync-k3: paper {comp['pipespec_k3_over_sync_k3_paper']:.2f}x "
+        f"(2.54x / 1.37x), measured {f(comp.get('pipespec_k3_over_sync_k3_measured'), 'x')}, "
+        f"ideal {f(comp.get('pipespec_k3_over_sync_k3_ideal'), 'x')}"
+    )
     return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpus": os.cpu_count()}  # fmt: skip
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.splitlines()
+            if line.startswith("model name")
+        )
         info["cpu_flags_avx512"] = "avx512f" in cpuinfo
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["memory_gib"] = round(int(mem) / 2**20, 1)
@@ -281,32 +383,61 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout)
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        info["git_dirty"] = bool(
+            subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout
+        )
     except OSError:
         pass
     return info
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--suite", choices=("real", "simulated", "all"), default="all")
-    parser.add_argument("--models", choices=tuple(MODEL_SETS), default="qwen", help="real suite (default qwen)")
+    parser.add_argument(
+        "--models", choices=tuple(MODEL_SETS), default="qwen", help="real suite (default qwen)"
+    )
     parser.add_argument("--prompts", choices=("humaneval", "prose", "both"), default="both")
     parser.add_argument("--n", type=int, default=2, help="prompts per set (default 2)")
-    parser.add_argument("--max-tokens", type=int, help="tokens per request (default: 32 real, 64 simulated)")
-    parser.add_argument("--sim-max-tokens", type=int, help="simulated suite only (overrides --max-tokens)")
+    parser.add_argument(
+        "--max-tokens", type=int, help="tokens per request (default: 32 real, 64 simulated)"
+    )
+    parser.add_argument(
+        "--sim-max-tokens", type=int, help="simulated suite only (overrides --max-tokens)"
+    )
     parser.add_argument("--methods", default=",".join(REAL_METHODS), help="comma-separated subset")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="real suite: every model, in process and in the stages (bfloat16 is lossy: "
-                             "outputs are compared with bfloat16 generate, as a rate)")
-    parser.add_argument("--hf-threads", type=int, default=1, help="torch threads of the in-process methods")
-    parser.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens (default 10)")
-    parser.add_argument("--stage-set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="extra StageSettings for every model stage, e.g. max_verify_tokens=8")  # fmt: skip
-    parser.add_argument("--profile-stages", action="store_true",
-                        help="run every stage under cProfile and print where its main loop's time went")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="real suite: every model, in process and in the stages (bfloat16 is lossy: "
+        "outputs are compared with bfloat16 generate, as a rate)",
+    )
+    parser.add_argument(
+        "--hf-threads", type=int, default=1, help="torch threads of the in-process methods"
+    )
+    parser.add_argument(
+        "--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens (default 10)"
+    )
+    parser.add_argument(
+        "--stage-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="extra StageSettings for every model stage, e.g. max_verify_tokens=8",
+    )
+    parser.add_argument(
+        "--profile-stages",
+        action="store_true",
+        help="run every stage under cProfile and print where its main loop's time went",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default results/<date-time>)")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -327,9 +458,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
 
-    meta = {"command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
-            "started": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-            "load_average_start": os.getloadavg(), "args": {k: v for k, v in vars(args).items() if k != "out"}}  # fmt: skip
+    meta = {
+        "command": " ".join(
+            ["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_start": os.getloadavg(),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+    }
     prompts = prompt_sets.load(args.prompts, args.n)
     meta["prompts"] = [{"id": p.id, "set": p.set, "text": p.text} for p in prompts]
     log(f"{len(prompts)} prompts ({args.prompts}), results in {out}")
@@ -344,23 +481,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = []
     for suite in dict.fromkeys(r["suite"] for r in rows):
         suite_rows = [r for r in rows if r["suite"] == suite]
-        text.append(table(suite_rows, title=f"== {suite} ({len(prompts)} prompts x "
-                          f"{args.sim_max_tokens if suite == 'simulated' else args.real_max_tokens} tokens) =="))  # fmt: skip
+        text.append(
+            table(
+                suite_rows,
+                title=f"== {suite} ({len(prompts)} prompts x "
+                f"{args.sim_max_tokens if suite == 'simulated' else args.real_max_tokens} tokens) ==",
+            )
+        )
     profiled = [r for r in results if r.config.get("profile")]
     if profiled:
         from benchmarks.stage_profile import format_breakdown
 
-        text.append("Stage main loops under cProfile (profiling slows Python code, not the model calls):\n"
-                    + "\n".join(format_breakdown(f"{r.key} L{lv}", b)
-                                 for r in profiled for lv, b in r.config["profile"].items()))  # fmt: skip
+        text.append(
+            "Stage main loops under cProfile (profiling slows Python code, not the model calls):\n"
+            + "\n".join(
+                format_breakdown(f"{r.key} L{lv}", b)
+                for r in profiled
+                for lv, b in r.config["profile"].items()
+            )
+        )
     if any(r["suite"] == "simulated" for r in rows):
         comparisons["simulated"] = simulated_comparison(rows)
         text.append(format_simulated(comparisons["simulated"]))
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     meta["load_average_end"] = os.getloadavg()
-    text.append(f"total wall time {meta['wall_s']:.0f} s; load average at start {meta['load_average_start'][0]:.2f}, "
-                f"at end {meta['load_average_end'][0]:.2f}; {meta['machine'].get('cpu', '?')}, "
-                f"{meta['machine'].get('cpus')} CPUs")  # fmt: skip
+    text.append(
+        f"total wall time {meta['wall_s']:.0f} s; load average at start {meta['load_average_start'][0]:.2f}, "
+        f"at end {meta['load_average_end'][0]:.2f}; {meta['machine'].get('cpu', '?')}, "
+        f"{meta['machine'].get('cpus')} CPUs"
+    )
     report = "\n\n".join(text)
     print("\n" + report)
     (out / "table.txt").write_text(report + "\n")

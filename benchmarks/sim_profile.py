@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from benchmarks.report import LevelCount, MethodResult, PromptRun
 
@@ -58,8 +59,13 @@ PAPER = {
 }
 # Table 1/2, HumanEval, speedup over AR LLaMA3.1-70B (123.69 ms/token).
 PAPER_SPEEDUPS = {"sync-k2": 1.32, "sync-k3": 1.37, "pipespec-k2": 2.27, "pipespec-k3": 2.54}
-PAPER_MS_PER_TOKEN = {"autoregressive": 123.69, "sync-k2": 93.42, "sync-k3": 90.14,
-                      "pipespec-k2": 54.52, "pipespec-k3": 48.76}  # fmt: skip
+PAPER_MS_PER_TOKEN = {
+    "autoregressive": 123.69,
+    "sync-k2": 93.42,
+    "sync-k3": 90.14,
+    "pipespec-k2": 54.52,
+    "pipespec-k3": 48.76,
+}
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,9 @@ def hierarchies() -> dict[str, tuple[list[str], dict[str, Any]]]:
 
 
 def word_id(word: str) -> int:
-    return 3 + int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little") % (SIM_VOCAB - 3)
+    return 3 + int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little") % (
+        SIM_VOCAB - 3
+    )
 
 
 def sim_prompt(text: str) -> list[int]:
@@ -111,16 +119,28 @@ def sim_text(ids: Sequence[int]) -> str:
     return " ".join(f"w{i}" for i in ids)
 
 
-def stage_tables(method: str, levels: dict[str, SimLevel], tokenizer: Optional[Path],
-                 overrides: dict[str, Any] = {}) -> list[dict[str, Any]]:  # fmt: skip
+def stage_tables(
+    method: str,
+    levels: dict[str, SimLevel],
+    tokenizer: Path | None,
+    overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Launcher ``[[stages]]`` tables for one simulated method."""
     names, shared = hierarchies()[method]
     out = []
     for level, key in enumerate(names):
         lv = levels[key]
-        table = {"level": level, "backend": "simulated", "sim_vocab": SIM_VOCAB, "sim_seed": SIM_SEED,
-                 "sim_agreement": lv.agreement, "sim_cost_ms": lv.cost_ms,
-                 "sim_cost_per_token_ms": lv.per_token_ms, **shared, **overrides}  # fmt: skip
+        table = {
+            "level": level,
+            "backend": "simulated",
+            "sim_vocab": SIM_VOCAB,
+            "sim_seed": SIM_SEED,
+            "sim_agreement": lv.agreement,
+            "sim_cost_ms": lv.cost_ms,
+            "sim_cost_per_token_ms": lv.per_token_ms,
+            **shared,
+            **(overrides or {}),
+        }
         if tokenizer is not None:
             table["tokenizer"] = str(tokenizer)
         out.append(table)
@@ -140,8 +160,13 @@ def reference(prompt: list[int], max_tokens: int) -> list[int]:
 ENGINE_FIELDS = ("schedule", "lookahead", "sync_wait_s", "max_lead", "max_verify_tokens")
 
 
-def ideal_run(tables: Sequence[dict[str, Any]], prompt: list[int], max_tokens: int,
-              request_id: str = "r0", tick_s: float = 0.05) -> PromptRun:  # fmt: skip
+def ideal_run(
+    tables: Sequence[dict[str, Any]],
+    prompt: list[int],
+    max_tokens: int,
+    request_id: str = "r0",
+    tick_s: float = 0.05,
+) -> PromptRun:
     """One request on a fresh simnet hierarchy built from launcher stage tables: each pass lasts
     exactly the simulated backend's cost, messages take no time, nothing else costs anything.
 
@@ -152,7 +177,15 @@ def ideal_run(tables: Sequence[dict[str, Any]], prompt: list[int], max_tokens: i
     from common.backends.simulated import SimulatedBackend
     from common.request_tracker import RequestTracker
     from common.settings import StageSettings
-    from common.simnet import FakeNetwork, FakeOutbox, Faults, GatewayNode, Hierarchy, StageNode, run_request
+    from common.simnet import (
+        FakeNetwork,
+        FakeOutbox,
+        Faults,
+        GatewayNode,
+        Hierarchy,
+        StageNode,
+        run_request,
+    )
     from common.stage_engine import StageEngine
 
     net = FakeNetwork(random.Random(0), Faults())
@@ -166,11 +199,21 @@ def ideal_run(tables: Sequence[dict[str, Any]], prompt: list[int], max_tokens: i
             busy[level] += seconds
             net.spend(seconds)
 
-        backend = SimulatedBackend(agreement=t["sim_agreement"], seed=t["sim_seed"], vocab=t["sim_vocab"],
-                                   cost_ms=t["sim_cost_ms"], cost_per_token_ms=t["sim_cost_per_token_ms"],
-                                   sleep=sleep)  # fmt: skip
-        settings = StageSettings(level=level, backend="simulated", request_ttl_s=1e6, done_retention_s=1e6,
-                                 **{k: t[k] for k in ENGINE_FIELDS if k in t})  # fmt: skip
+        backend = SimulatedBackend(
+            agreement=t["sim_agreement"],
+            seed=t["sim_seed"],
+            vocab=t["sim_vocab"],
+            cost_ms=t["sim_cost_ms"],
+            cost_per_token_ms=t["sim_cost_per_token_ms"],
+            sleep=sleep,
+        )
+        settings = StageSettings(
+            level=level,
+            backend="simulated",
+            request_ttl_s=1e6,
+            done_retention_s=1e6,
+            **{k: t[k] for k in ENGINE_FIELDS if k in t},
+        )
         replica = f"L{level}"
         outbox = FakeOutbox(net, replica)
         engine = StageEngine(settings, backend, outbox, replica, clock=lambda: net.now)
@@ -190,20 +233,37 @@ def ideal_run(tables: Sequence[dict[str, Any]], prompt: list[int], max_tokens: i
         raise RuntimeError(f"ideal schedule: request {request_id} did not finish")
     stats = req.stats
     return PromptRun(
-        prompt_id=request_id, tokens=list(req.tokens), wall_s=net.now, ttft_s=first[0] if first else None,
+        prompt_id=request_id,
+        tokens=list(req.tokens),
+        wall_s=net.now,
+        ttft_s=first[0] if first else None,
         target_passes=stats[-1].forward_passes,
-        levels=[LevelCount(s.level, s.drafts, s.draft_tokens, s.accepted_tokens, s.rollbacks_issued)
-                for s in stats if s.level >= 1],
-        busy_s=busy, passes=[s.forward_passes for s in stats],
-    )  # fmt: skip
+        levels=[
+            LevelCount(s.level, s.drafts, s.draft_tokens, s.accepted_tokens, s.rollbacks_issued)
+            for s in stats
+            if s.level >= 1
+        ],
+        busy_s=busy,
+        passes=[s.forward_passes for s in stats],
+    )
 
 
-def ideal_method(method: str, levels: dict[str, SimLevel], prompts: Sequence[tuple[str, list[int]]],
-                 max_tokens: int, overrides: dict[str, Any] = {}) -> MethodResult:  # fmt: skip
+def ideal_method(
+    method: str,
+    levels: dict[str, SimLevel],
+    prompts: Sequence[tuple[str, list[int]]],
+    max_tokens: int,
+    overrides: dict[str, Any] | None = None,
+) -> MethodResult:
     tables = stage_tables(method, levels, tokenizer=None, overrides=overrides)
     names, _ = hierarchies()[method]
-    result = MethodResult(suite="simulated", name=method, kind="ideal", levels=[levels[n].name for n in names],
-                          config={"stages": tables})  # fmt: skip
+    result = MethodResult(
+        suite="simulated",
+        name=method,
+        kind="ideal",
+        levels=[levels[n].name for n in names],
+        config={"stages": tables},
+    )
     for pid, ids in prompts:
         result.runs.append(ideal_run(tables, ids, max_tokens, request_id=pid))
     return result

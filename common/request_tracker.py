@@ -11,8 +11,8 @@ its output from ``have``; one that lost it (restart, lost message) resumes from
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from common.protocol import LevelStats, Output, RequestError, RouteHop, Start
 
@@ -28,9 +28,9 @@ class TrackedRequest:
     created: float
     tokens: list[int] = field(default_factory=list)  # committed output received, in order
     done: bool = False
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
     stats: list[LevelStats] = field(default_factory=list)
-    error: Optional[str] = None
+    error: str | None = None
     last_progress: float = 0.0
     last_sync: float = 0.0
     resyncs: int = 0
@@ -86,7 +86,7 @@ class RequestTracker:
             req.done, req.finish_reason = True, msg.finish_reason
         return new
 
-    def on_error(self, msg: RequestError) -> Optional[TrackedRequest]:
+    def on_error(self, msg: RequestError) -> TrackedRequest | None:
         req = self.requests.get(msg.request_id)
         if req is not None and not req.done:
             req.done, req.error = True, f"level {msg.level} ({msg.replica}): {msg.message}"
@@ -118,5 +118,5 @@ class RequestTracker:
         msg = req.start_message()
         return [(hop, msg) for hop in req.route]
 
-    def remove(self, request_id: str) -> Optional[TrackedRequest]:
+    def remove(self, request_id: str) -> TrackedRequest | None:
         return self.requests.pop(request_id, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,11 +22,11 @@ class StageSettings(BaseSettings):
     level: int = Field(ge=0, description="0 = smallest drafter; the target is the highest level")
     backend: BackendKind = "hf"
     model: str = Field("", description="HF model id, local directory, or a .gguf file")
-    tokenizer: Optional[str] = Field(None, description="where the tokenizer is, if not `model`")
+    tokenizer: str | None = Field(None, description="where the tokenizer is, if not `model`")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N")
-    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
-    early_exit_layers: Optional[int] = Field(None, ge=1, description="early-exit: layers kept")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    early_exit_layers: int | None = Field(None, ge=1, description="early-exit: layers kept")
     ngram_max: int = Field(3, ge=1, description="n-gram drafter: longest suffix to match")
     ngram_min: int = Field(1, ge=1, description="n-gram drafter: shortest suffix to match")
     sim_agreement: float = Field(1.0, ge=0, le=1, description="simulated: P(token == target's)")
@@ -36,13 +36,14 @@ class StageSettings(BaseSettings):
     sim_vocab: int = Field(32_000, ge=2, description="simulated: vocabulary size")
 
     bind_host: str = "127.0.0.1"
-    advertise_host: Optional[str] = Field(None, description="host peers use; default bind_host")
+    advertise_host: str | None = Field(None, description="host peers use; default bind_host")
     inbox_port: int = Field(0, ge=0, le=65535, description="PULL port; 0 = ephemeral")
     notices_port: int = Field(0, ge=0, le=65535, description="PUB port; 0 = ephemeral")
     gateway: str = Field("tcp://127.0.0.1:5550", description="gateway's PULL endpoint")
     gateway_all_addresses: bool = Field(
-        False, description="register with every address the gateway host resolves to "
-        "(several gateway replicas behind a headless Service)"
+        False,
+        description="register with every address the gateway host resolves to "
+        "(several gateway replicas behind a headless Service)",
     )
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
@@ -56,7 +57,7 @@ class StageSettings(BaseSettings):
     heartbeat_interval_s: float = Field(0.5, gt=0)
     request_ttl_s: float = Field(60.0, gt=0, description="drafter drops a silent request after")
     done_retention_s: float = Field(60.0, gt=0, description="target keeps finished output for")
-    metrics_port: Optional[int] = Field(
+    metrics_port: int | None = Field(
         None, ge=0, le=65535, description="HTTP /metrics and /health/{live,ready}; None = off"
     )
     drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: finish in-flight work for")
@@ -66,7 +67,7 @@ class StageSettings(BaseSettings):
     log_level: str = "info"
 
     @model_validator(mode="after")
-    def _check(self) -> "StageSettings":
+    def _check(self) -> StageSettings:
         if self.backend in ("hf", "early-exit") and not self.model:
             raise ValueError(f"backend {self.backend!r} needs `model`")
         if self.backend == "early-exit" and self.early_exit_layers is None:
@@ -82,7 +83,7 @@ class GatewaySettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     bind_host: str = "127.0.0.1"
-    advertise_host: Optional[str] = None
+    advertise_host: str | None = None
     registry_port: int = Field(5550, ge=0, le=65535, description="PULL: heartbeats and outputs")
     client_port: int = Field(5551, ge=0, le=65535, description="ROUTER: ZMQ client API")
     tokenizer: str = Field(description="the target's tokenizer: HF id, directory or .gguf")
@@ -93,12 +94,14 @@ class GatewaySettings(BaseSettings):
     )
     max_tokens_limit: int = Field(1 << 16, ge=1, description="larger max_tokens are refused")
     max_requests_in_flight: int = Field(128, ge=1, description="requests decoding at once")
-    max_queued_requests: int = Field(256, ge=0, description="requests waiting for a slot; more get 429")
+    max_queued_requests: int = Field(
+        256, ge=0, description="requests waiting for a slot; more get 429"
+    )
     queue_timeout_s: float = Field(
         30.0, gt=0, description="a queued request gets 429 after waiting this long"
     )
     max_request_bytes: int = Field(1 << 20, ge=1, description="larger HTTP bodies get 413")
-    chat_template: Optional[str] = Field(
+    chat_template: str | None = Field(
         None, description="Jinja chat template, or a file holding one; overrides the tokenizer's"
     )
     heartbeat_timeout_s: float = Field(3.0, gt=0)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
+from common.backends.base import Backend
 from common.codec import decode, encode
+from common.decoding import apply_stop
 from common.protocol import Message, Notice, Output, RequestError, RouteHop, Span
 from common.request_tracker import RequestTracker, TrackedRequest
-from common.backends.base import Backend
-from common.decoding import apply_stop
 from common.settings import StageSettings
 from common.stage_engine import StageEngine
 
@@ -56,7 +56,7 @@ class FakeNetwork:
         self._seq += 1
         heapq.heappush(self._events, (when, self._seq, fn))
 
-    def send(self, dest: str, msg: Message, depart: Optional[float] = None) -> None:
+    def send(self, dest: str, msg: Message, depart: float | None = None) -> None:
         self.sent += 1
         if self.rng.random() < self.faults.drop:
             self.dropped += 1
@@ -64,7 +64,9 @@ class FakeNetwork:
         copies = 2 if self.rng.random() < self.faults.duplicate else 1
         frame = encode(msg)
         for _ in range(copies):
-            when = (self.now if depart is None else depart) + self.rng.uniform(0, self.faults.max_delay)
+            when = (self.now if depart is None else depart) + self.rng.uniform(
+                0, self.faults.max_delay
+            )
             self.at(when, lambda f=frame: self._deliver(dest, decode(f)))
 
     def _deliver(self, dest: str, msg: Message) -> None:
@@ -73,7 +75,9 @@ class FakeNetwork:
         if wake:
             wake()
 
-    def run_until(self, done: Callable[[], bool], max_time: float, max_events: int = 2_000_000) -> bool:
+    def run_until(
+        self, done: Callable[[], bool], max_time: float, max_events: int = 2_000_000
+    ) -> bool:
         n = 0
         while self._events and not done():
             when, _, fn = heapq.heappop(self._events)
@@ -90,7 +94,7 @@ class FakeOutbox:
 
     def __init__(self, net: FakeNetwork, node: str):
         self.net, self.node = net, node
-        self._held: Optional[list[tuple[str, Message]]] = None  # sends of the running pass
+        self._held: list[tuple[str, Message]] | None = None  # sends of the running pass
 
     def hold(self) -> None:
         """Keep what the pass sends until it ends (its duration is known only then)."""
@@ -123,7 +127,7 @@ class FakeOutbox:
             self.net.subscribers.setdefault((hop.replica, request_id), set()).add(self.node)
 
     def unsubscribe(self, request_id: str) -> None:
-        for (pub, rid), subs in self.net.subscribers.items():
+        for (_pub, rid), subs in self.net.subscribers.items():
             if rid == request_id:
                 subs.discard(self.node)
 
@@ -131,8 +135,14 @@ class FakeOutbox:
 class StageNode:
     """Runs one engine on the network: drain, one pass, repeat."""
 
-    def __init__(self, net: FakeNetwork, engine: StageEngine, outbox: FakeOutbox,
-                 cost: Callable[[], float], tick_every: float):  # fmt: skip
+    def __init__(
+        self,
+        net: FakeNetwork,
+        engine: StageEngine,
+        outbox: FakeOutbox,
+        cost: Callable[[], float],
+        tick_every: float,
+    ):
         self.net, self.engine, self.outbox, self.cost = net, engine, outbox, cost
         self.busy = False
         self.tick_every = tick_every
@@ -200,11 +210,17 @@ class Hierarchy:
 
     @property
     def route(self) -> list[RouteHop]:
-        return [RouteHop(level=i, replica=n.engine.replica, inbox=n.engine.replica,
-                         notices=n.engine.replica) for i, n in enumerate(self.nodes)]  # fmt: skip
+        return [
+            RouteHop(
+                level=i, replica=n.engine.replica, inbox=n.engine.replica, notices=n.engine.replica
+            )
+            for i, n in enumerate(self.nodes)
+        ]
 
 
-def greedy_reference(backend: Backend, prompt: list[int], max_tokens: int, eos: Sequence[int]) -> list[int]:
+def greedy_reference(
+    backend: Backend, prompt: list[int], max_tokens: int, eos: Sequence[int]
+) -> list[int]:
     """The target alone, one token per step: what every run must reproduce exactly."""
     session = backend.new_session(prompt[:-1])
     tokens: list[int] = []
@@ -219,7 +235,7 @@ def greedy_reference(backend: Backend, prompt: list[int], max_tokens: int, eos: 
 
 def build(
     backends: Sequence[Backend],
-    costs: Optional[Sequence[float]] = None,
+    costs: Sequence[float] | None = None,
     seed: int = 0,
     faults: Faults = Faults(),
     jitter: float = 0.5,
@@ -244,24 +260,46 @@ def build(
         else:
             c = republish = costs[level]
             cost = lambda c=c: c * (1 + rng.uniform(-jitter, jitter))  # noqa: E731
-        settings = StageSettings(level=level, backend="simulated", max_lead=max_lead,
-                                 max_verify_tokens=max_verify_tokens, request_ttl_s=50 * resend_after,
-                                 done_retention_s=100 * resend_after)  # fmt: skip
+        settings = StageSettings(
+            level=level,
+            backend="simulated",
+            max_lead=max_lead,
+            max_verify_tokens=max_verify_tokens,
+            request_ttl_s=50 * resend_after,
+            done_retention_s=100 * resend_after,
+        )
         replica = f"L{level}"
         outbox = FakeOutbox(net, replica)
-        engine = StageEngine(settings, backend, outbox, replica, clock=lambda: net.now,
-                             republish_interval_s=republish)  # fmt: skip
+        engine = StageEngine(
+            settings,
+            backend,
+            outbox,
+            replica,
+            clock=lambda: net.now,
+            republish_interval_s=republish,
+        )
         h.nodes.append(StageNode(net, engine, outbox, cost=cost, tick_every=resend_after))
     return h
 
 
 def run_request(
-    h: Hierarchy, prompt: list[int], max_tokens: int, eos: Sequence[int] = (),
-    request_id: str = "r0", max_time: float = 1e6,
-) -> Optional[TrackedRequest]:  # fmt: skip
+    h: Hierarchy,
+    prompt: list[int],
+    max_tokens: int,
+    eos: Sequence[int] = (),
+    request_id: str = "r0",
+    max_time: float = 1e6,
+) -> TrackedRequest | None:
     """Submit one request and run the network until it is done; None if it hangs."""
-    req = TrackedRequest(request_id=request_id, prompt=list(prompt), max_tokens=max_tokens,
-                         eos_ids=list(eos), route=h.route, reply_to=GATEWAY, created=h.net.now)  # fmt: skip
+    req = TrackedRequest(
+        request_id=request_id,
+        prompt=list(prompt),
+        max_tokens=max_tokens,
+        eos_ids=list(eos),
+        route=h.route,
+        reply_to=GATEWAY,
+        created=h.net.now,
+    )
     h.gateway.submit(req)
     ok = h.net.run_until(lambda: req.done, max_time=max_time)
     return req if ok else None

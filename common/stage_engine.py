@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 import structlog
 
@@ -55,7 +56,9 @@ class Outbox(Protocol):
 class PassObserver:
     """Hooks for metrics; the default does nothing."""
 
-    def on_pass(self, drafts: int, accepted: int, emitted: int, rejected: bool, seconds: float) -> None: ...
+    def on_pass(
+        self, drafts: int, accepted: int, emitted: int, rejected: bool, seconds: float
+    ) -> None: ...
     def on_rollback_applied(self) -> None: ...
     def on_stale_span(self) -> None: ...
 
@@ -80,15 +83,15 @@ class LevelRequest:
     reply_to: str
     last_heard: float
     stats: LevelStats
-    session: Optional[Session] = None  # KV cache: holds prompt + tokens[:-1] (or a prefix of it)
+    session: Session | None = None  # KV cache: holds prompt + tokens[:-1] (or a prefix of it)
     epoch: int = 0  # bumped when drafts sent to this level become invalid
-    span: Optional[Span] = None  # best drafts received from the level below
+    span: Span | None = None  # best drafts received from the level below
     seen: dict[int, SeenNotice] = field(default_factory=dict)  # latest notice per upper level
     target_len: int = 0  # the target's committed length, as last heard
     sent: int = 0  # target only: tokens already sent to the gateway
     stalled: bool = False  # drafter had no prediction; wait for new information
-    waiting_since: Optional[float] = None  # sync schedule: since when the verifier waits for drafts
-    finish_reason: Optional[str] = None  # target only, once finished
+    waiting_since: float | None = None  # sync schedule: since when the verifier waits for drafts
+    finish_reason: str | None = None  # target only, once finished
     last_publish: float = 0.0
 
 
@@ -109,7 +112,7 @@ class StageEngine:
         replica: str,
         clock: Callable[[], float] = time.monotonic,
         republish_interval_s: float = 0.05,
-        observer: Optional[PassObserver] = None,
+        observer: PassObserver | None = None,
     ):
         self.level = settings.level
         self.settings = settings
@@ -157,17 +160,28 @@ class StageEngine:
         done = self.finished.get(msg.request_id)
         if done is not None:  # lost output: repeat the end, and tell lower levels to let go
             self.outbox.publish(
-                Notice(request_id=msg.request_id, level=self.level, replica=self.replica,
-                       start=len(done.tokens), tokens=[], epoch=0, final=True)
-            )  # fmt: skip
+                Notice(
+                    request_id=msg.request_id,
+                    level=self.level,
+                    replica=self.replica,
+                    start=len(done.tokens),
+                    tokens=[],
+                    epoch=0,
+                    final=True,
+                )
+            )
             self.outbox.send_reply(
                 msg.reply_to,
                 Output(
-                    request_id=msg.request_id, replica=self.replica, start=msg.have,
-                    tokens=done.tokens[msg.have :], done=True,
-                    finish_reason=done.finish_reason, stats=done.stats,
+                    request_id=msg.request_id,
+                    replica=self.replica,
+                    start=msg.have,
+                    tokens=done.tokens[msg.have :],
+                    done=True,
+                    finish_reason=done.finish_reason,
+                    stats=done.stats,
                 ),
-            )  # fmt: skip
+            )
             return
         problem = self._check_start(msg)
         if problem:
@@ -176,9 +190,13 @@ class StageEngine:
             if self.level == len(msg.route) - 1:
                 self.outbox.send_reply(
                     msg.reply_to,
-                    RequestError(request_id=msg.request_id, replica=self.replica,
-                                 level=self.level, message=problem),
-                )  # fmt: skip
+                    RequestError(
+                        request_id=msg.request_id,
+                        replica=self.replica,
+                        level=self.level,
+                        message=problem,
+                    ),
+                )
             return
         r = LevelRequest(
             request_id=msg.request_id,
@@ -196,10 +214,15 @@ class StageEngine:
         self.requests[r.request_id] = r
         self._order.append(r.request_id)
         self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
-        log.debug("request_started", request_id=r.request_id, stage_level=self.level,
-                  prompt_tokens=len(r.prompt), resumed_from=len(r.tokens))  # fmt: skip
+        log.debug(
+            "request_started",
+            request_id=r.request_id,
+            stage_level=self.level,
+            prompt_tokens=len(r.prompt),
+            resumed_from=len(r.tokens),
+        )
 
-    def _check_start(self, msg: Start) -> Optional[str]:
+    def _check_start(self, msg: Start) -> str | None:
         if self.level >= len(msg.route) or msg.route[self.level].replica != self.replica:
             return f"route does not name this replica ({self.replica}) for level {self.level}"
         if not msg.prompt:
@@ -208,8 +231,10 @@ class StageEngine:
             return f"backend {self.backend.kind!r} cannot be the target"
         limit = self.backend.max_context
         if limit and len(msg.prompt) + msg.max_tokens > limit:
-            return (f"prompt ({len(msg.prompt)} tokens) + max_tokens ({msg.max_tokens}) exceeds "
-                    f"the model context of {limit} tokens")  # fmt: skip
+            return (
+                f"prompt ({len(msg.prompt)} tokens) + max_tokens ({msg.max_tokens}) exceeds "
+                f"the model context of {limit} tokens"
+            )
         if len(msg.committed) > msg.max_tokens:
             return "committed output longer than max_tokens"
         return None
@@ -237,9 +262,12 @@ class StageEngine:
             return
         old = r.span
         end = span.start + len(span.tokens)
-        if old is not None and old.replica == span.replica:
-            if (span.epoch, end) < (old.epoch, old.start + len(old.tokens)):
-                return  # an older span, overtaken
+        if (
+            old is not None
+            and old.replica == span.replica
+            and (span.epoch, end) < (old.epoch, old.start + len(old.tokens))
+        ):
+            return  # an older span, overtaken
         r.span = span
 
     def _on_notice(self, n: Notice) -> None:
@@ -248,7 +276,11 @@ class StageEngine:
             return
         end = n.start + len(n.tokens)
         prev = r.seen.get(n.level)
-        if prev is not None and prev.replica == n.replica and (n.epoch, end) < (prev.epoch, prev.end):
+        if (
+            prev is not None
+            and prev.replica == n.replica
+            and (n.epoch, end) < (prev.epoch, prev.end)
+        ):
             return  # older state of that level
         r.seen[n.level] = SeenNotice(n.replica, n.epoch, end)
         r.last_heard = self.clock()
@@ -312,8 +344,11 @@ class StageEngine:
         span = r.span
         drafts = self._drafts(r)
         room = r.max_tokens - len(r.tokens) - 1
-        drafter_done = span is not None and bool(span.tokens) and (
-            span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
+        drafter_done = (
+            span is not None
+            and bool(span.tokens)
+            and (span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
+        )
         if len(drafts) >= min(self.settings.lookahead, room) or drafter_done:
             r.waiting_since = None
             return True
@@ -358,7 +393,11 @@ class StageEngine:
         if drafts is None:
             return []
         room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
-        cap = self.settings.lookahead if self.settings.schedule == "sync" else self.settings.max_verify_tokens
+        cap = (
+            self.settings.lookahead
+            if self.settings.schedule == "sync"
+            else self.settings.max_verify_tokens
+        )
         return drafts[: max(0, min(cap, room))]
 
     def _run_pass(self, r: LevelRequest) -> None:
@@ -403,8 +442,12 @@ class StageEngine:
                 r.finish_reason = finish
         if self.level > 0:
             below_end = r.span.start + len(r.span.tokens) if r.span else 0
-            self._publish(r, start=min(old_len, below_end), rollback=rejected,
-                          final=r.finish_reason is not None)  # fmt: skip
+            self._publish(
+                r,
+                start=min(old_len, below_end),
+                rollback=rejected,
+                final=r.finish_reason is not None,
+            )
         if self.is_target(r):
             self._send_output(r, done=r.finish_reason is not None)
             if r.finish_reason is not None:
@@ -416,7 +459,11 @@ class StageEngine:
     def _all_stats(self, r: LevelRequest) -> list[LevelStats]:
         below = list(r.span.stats) if r.span is not None else []
         have = {s.level for s in below}
-        below += [LevelStats(level=i, replica=r.route[i].replica) for i in range(self.level) if i not in have]
+        below += [
+            LevelStats(level=i, replica=r.route[i].replica)
+            for i in range(self.level)
+            if i not in have
+        ]
         return sorted(below, key=lambda s: s.level) + [r.stats.model_copy()]
 
     def _send_span(self, r: LevelRequest) -> None:
@@ -426,18 +473,35 @@ class StageEngine:
         start = min(above.end, len(r.tokens)) if fresh else 0
         self.outbox.send_span(
             hop,
-            Span(request_id=r.request_id, level=self.level, replica=self.replica, start=start,
-                 tokens=r.tokens[start:], base_epoch=above.epoch if fresh else 0,
-                 epoch=r.epoch, stats=self._all_stats(r)),
-        )  # fmt: skip
+            Span(
+                request_id=r.request_id,
+                level=self.level,
+                replica=self.replica,
+                start=start,
+                tokens=r.tokens[start:],
+                base_epoch=above.epoch if fresh else 0,
+                epoch=r.epoch,
+                stats=self._all_stats(r),
+            ),
+        )
 
-    def _publish(self, r: LevelRequest, start: int, rollback: bool = False, final: bool = False) -> None:
+    def _publish(
+        self, r: LevelRequest, start: int, rollback: bool = False, final: bool = False
+    ) -> None:
         start = max(0, min(start, len(r.tokens)))
         r.last_publish = self.clock()
         self.outbox.publish(
-            Notice(request_id=r.request_id, level=self.level, replica=self.replica, start=start,
-                   tokens=r.tokens[start:], epoch=r.epoch, rollback=rollback, final=final)
-        )  # fmt: skip
+            Notice(
+                request_id=r.request_id,
+                level=self.level,
+                replica=self.replica,
+                start=start,
+                tokens=r.tokens[start:],
+                epoch=r.epoch,
+                rollback=rollback,
+                final=final,
+            )
+        )
 
     def _maybe_republish(self, r: LevelRequest) -> None:
         """A drafter is behind on our rollbacks (its notice may be lost): repeat our state."""
@@ -449,31 +513,46 @@ class StageEngine:
         start = r.sent
         self.outbox.send_reply(
             r.reply_to,
-            Output(request_id=r.request_id, replica=self.replica, start=start,
-                   tokens=r.tokens[start:], done=done, finish_reason=r.finish_reason,
-                   stats=self._all_stats(r)),
-        )  # fmt: skip
+            Output(
+                request_id=r.request_id,
+                replica=self.replica,
+                start=start,
+                tokens=r.tokens[start:],
+                done=done,
+                finish_reason=r.finish_reason,
+                stats=self._all_stats(r),
+            ),
+        )
         r.sent = len(r.tokens)
 
     # ------------------------------------------------------------------ endings
     def _finish_target(self, r: LevelRequest) -> None:
         self.finished[r.request_id] = FinishedRequest(
-            tokens=list(r.tokens), finish_reason=r.finish_reason or "stop",
-            stats=self._all_stats(r), expires=self.clock() + self.settings.done_retention_s,
-        )  # fmt: skip
-        log.info("request_finished", request_id=r.request_id, stage_level=self.level,
-                 tokens=len(r.tokens), finish_reason=r.finish_reason,
-                 forward_passes=r.stats.forward_passes,
-                 accepted=r.stats.accepted_tokens, draft_tokens=r.stats.draft_tokens)  # fmt: skip
+            tokens=list(r.tokens),
+            finish_reason=r.finish_reason or "stop",
+            stats=self._all_stats(r),
+            expires=self.clock() + self.settings.done_retention_s,
+        )
+        log.info(
+            "request_finished",
+            request_id=r.request_id,
+            stage_level=self.level,
+            tokens=len(r.tokens),
+            finish_reason=r.finish_reason,
+            forward_passes=r.stats.forward_passes,
+            accepted=r.stats.accepted_tokens,
+            draft_tokens=r.stats.draft_tokens,
+        )
         self._drop(r, reason="finished")
 
     def _fail(self, r: LevelRequest, message: str) -> None:
         if self.is_target(r):
             self.outbox.send_reply(
                 r.reply_to,
-                RequestError(request_id=r.request_id, replica=self.replica, level=self.level,
-                             message=message),
-            )  # fmt: skip
+                RequestError(
+                    request_id=r.request_id, replica=self.replica, level=self.level, message=message
+                ),
+            )
             self._publish(r, start=len(r.tokens), final=True)
         self._drop(r, reason="failed")
 

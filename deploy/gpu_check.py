@@ -46,7 +46,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -74,18 +74,28 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
     vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS} | {f"w{i}": i for i in range(3, vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>", pad_token="</s>").save_pretrained(path)  # fmt: skip
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    ).save_pretrained(path)
 
 
-def build_models(size: dict, work: Path, device: torch.device, seed: int) -> tuple[LlamaForCausalLM, Path, Path]:
+def build_models(
+    size: dict, work: Path, device: torch.device, seed: int
+) -> tuple[LlamaForCausalLM, Path, Path]:
     """T (kept in memory, fp32, on ``device``) and the directories of T and N."""
     config = LlamaConfig(
-        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
-        num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-        num_key_value_heads=size["kv_heads"], max_position_embeddings=2048, initializer_range=0.05,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
-    )  # fmt: skip
+        vocab_size=size["vocab"],
+        hidden_size=size["hidden"],
+        intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["kv_heads"],
+        max_position_embeddings=2048,
+        initializer_range=0.05,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+    )
     torch.manual_seed(seed)
     with device:
         target = LlamaForCausalLM(config).eval()
@@ -126,11 +136,15 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def generate(model: LlamaForCausalLM, prompt: list[int], max_tokens: int, device: torch.device) -> tuple[list[int], float]:
+def generate(
+    model: LlamaForCausalLM, prompt: list[int], max_tokens: int, device: torch.device
+) -> tuple[list[int], float]:
     ids = torch.tensor([prompt], device=device)
     sync(device)
     start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False
+    )
     sync(device)
     return out[0, len(prompt) :].tolist(), time.perf_counter() - start
 
@@ -151,8 +165,12 @@ def run_ar(model, prompts, max_tokens, device) -> dict:
 def gpu_processes() -> dict[int, str]:
     """pid -> used GPU memory, from nvidia-smi (empty where it is absent)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     procs = {}
@@ -163,7 +181,7 @@ def gpu_processes() -> dict[int, str]:
     return procs
 
 
-def gpu_used_gib(device: str) -> Optional[float]:
+def gpu_used_gib(device: str) -> float | None:
     """Memory in use on ``device``, by every process (None if it is no CUDA device)."""
     if torch.device(device).type != "cuda":
         return None
@@ -171,17 +189,39 @@ def gpu_used_gib(device: str) -> Optional[float]:
     return round((total - free) / 2**30, 2)
 
 
-def run_system(name: str, stages: list[dict], t_dir: Path, prompts, max_tokens: int, log_root: Path,
-               threads: int, request_timeout_s: float) -> dict:  # fmt: skip
+def run_system(
+    name: str,
+    stages: list[dict],
+    t_dir: Path,
+    prompts,
+    max_tokens: int,
+    log_root: Path,
+    threads: int,
+    request_timeout_s: float,
+) -> dict:
     config = {
-        "gateway": {"tokenizer": str(t_dir), "num_levels": len(stages), "http_port": 0,
-                    "registry_port": 0, "client_port": 0, "served_model_name": "check"},
+        "gateway": {
+            "tokenizer": str(t_dir),
+            "num_levels": len(stages),
+            "http_port": 0,
+            "registry_port": 0,
+            "client_port": 0,
+            "served_model_name": "check",
+        },
         "stages": [{"level": i, "threads": threads, **s} for i, s in enumerate(stages)],
-    }  # fmt: skip
+    }
     plan = plan_from_config(config)
     system = System(plan, log_root / name)
-    result: dict[str, Any] = {"stages": [
-        {k: s[k] for k in ("backend", "model", "dtype", "device", "early_exit_layers") if k in s} for s in stages]}  # fmt: skip
+    result: dict[str, Any] = {
+        "stages": [
+            {
+                k: s[k]
+                for k in ("backend", "model", "dtype", "device", "early_exit_layers")
+                if k in s
+            }
+            for s in stages
+        ]
+    }
     result["gpu_used_gib_before"] = gpu_used_gib(stages[-1]["device"])
     start = time.perf_counter()
     system.start()
@@ -203,10 +243,16 @@ def run_system(name: str, stages: list[dict], t_dir: Path, prompts, max_tokens: 
             result["gpu_used_gib_running"] = gpu_used_gib(stages[-1]["device"])
             result["nvidia_smi_pids"] = placement
             result["placement"] = [
-                {"name": c.spec.name, "pid": c.process.pid,
-                 "configured_device": c.spec.env.get("PIPESPEC_STAGE_DEVICE", "-"),
-                 "gpu_memory": placement.get(c.process.pid, "not listed" if placement else "unknown")}
-                for c in system.children]  # fmt: skip
+                {
+                    "name": c.spec.name,
+                    "pid": c.process.pid,
+                    "configured_device": c.spec.env.get("PIPESPEC_STAGE_DEVICE", "-"),
+                    "gpu_memory": placement.get(
+                        c.process.pid, "not listed" if placement else "unknown"
+                    ),
+                }
+                for c in system.children
+            ]
             responses = []
             for p in prompts:
                 t0 = time.perf_counter()
@@ -215,7 +261,9 @@ def run_system(name: str, stages: list[dict], t_dir: Path, prompts, max_tokens: 
                 responses.append(body)
         result["texts"] = [r["choices"][0]["text"] for r in responses]
         result["stats"] = [r["spec_decode_stats"] for r in responses]
-        result["client_tokens_per_s"] = [r["spec_decode_stats"]["completion_tokens"] / r["client_wall_s"] for r in responses]  # fmt: skip
+        result["client_tokens_per_s"] = [
+            r["spec_decode_stats"]["completion_tokens"] / r["client_wall_s"] for r in responses
+        ]
     except Exception as exc:  # noqa: BLE001 - reported, and the next phase still runs
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["log_tails"] = {c.spec.name: c.tail(15) for c in system.children}
@@ -240,7 +288,10 @@ def compare(result: dict, reference: list[list[int]], name: str, tokenizer) -> d
     refs = [tokenizer.decode(r, skip_special_tokens=True).split() for r in reference]
     counts = [s["completion_tokens"] for s in result["stats"]]
     exact = sum(w == r and c == len(ids) for w, r, c, ids in zip(words, refs, counts, reference))
-    return {f"exact_vs_{name}": exact, f"prefix_share_vs_{name}": sum(map(prefix_share, words, refs)) / len(refs)}
+    return {
+        f"exact_vs_{name}": exact,
+        f"prefix_share_vs_{name}": sum(map(prefix_share, words, refs)) / len(refs),
+    }
 
 
 # ---------------------------------------------------------------- main
@@ -263,7 +314,9 @@ def summarize(report: dict) -> str:
     ]
     if "ar_bf16" in report:
         b = report["ar_bf16"]["tokens_per_s"]
-        lines.append(f"{'ar bf16':<9} {'':>7} {'':>7} {mean(b):8.1f} {min(b):7.1f} {max(b):7.1f} {mean(b) / ar_rate:8.2f}")
+        lines.append(
+            f"{'ar bf16':<9} {'':>7} {'':>7} {mean(b):8.1f} {min(b):7.1f} {max(b):7.1f} {mean(b) / ar_rate:8.2f}"
+        )
     for name, res in report["systems"].items():
         if "error" in res:
             lines.append(f"{name:<9} FAILED: {res['error'][:150]}")
@@ -272,42 +325,75 @@ def summarize(report: dict) -> str:
         tpp = mean([s["tokens_per_target_pass"] for s in res["stats"]])
         acc = []
         for level in range(1, len(res["stages"])):
-            d = sum(a["draft_tokens"] for s in res["stats"] for a in s["acceptance"] if a["level"] == level)
-            k = sum(a["accepted_tokens"] for s in res["stats"] for a in s["acceptance"] if a["level"] == level)
+            d = sum(
+                a["draft_tokens"]
+                for s in res["stats"]
+                for a in s["acceptance"]
+                if a["level"] == level
+            )
+            k = sum(
+                a["accepted_tokens"]
+                for s in res["stats"]
+                for a in s["acceptance"]
+                if a["level"] == level
+            )
             acc.append(f"L{level} {k / d:.0%}" if d else f"L{level} -")
         exact = res.get("exact_vs_ar_fp32", "-")
         prefix = res.get("prefix_share_vs_ar_fp32", float("nan"))
-        lines.append(f"{name:<9} {exact:>3}/{report['prompts']:<3} {prefix:7.3f} {mean(rates):8.1f} {min(rates):7.1f} "
-                     f"{max(rates):7.1f} {mean(rates) / ar_rate:8.2f} {tpp:8.2f} {' '.join(acc):<22} "
-                     f"{res['startup_s']} s")  # fmt: skip
+        lines.append(
+            f"{name:<9} {exact:>3}/{report['prompts']:<3} {prefix:7.3f} {mean(rates):8.1f} {min(rates):7.1f} "
+            f"{max(rates):7.1f} {mean(rates) / ar_rate:8.2f} {tpp:8.2f} {' '.join(acc):<22} "
+            f"{res['startup_s']} s"
+        )
         if "exact_vs_ar_bf16" in res:
-            lines.append(f"{'':<9} vs bf16 generate: exact {res['exact_vs_ar_bf16']}/{report['prompts']}, "
-                         f"prefix share {res['prefix_share_vs_ar_bf16']:.3f}, speed-up "
-                         f"{mean(rates) / mean(report['ar_bf16']['tokens_per_s']):.2f}")  # fmt: skip
-    lines.append("placement: configured device / GPU memory per process (nvidia-smi); device memory in use "
-                 "before start -> while running")  # fmt: skip
+            lines.append(
+                f"{'':<9} vs bf16 generate: exact {res['exact_vs_ar_bf16']}/{report['prompts']}, "
+                f"prefix share {res['prefix_share_vs_ar_bf16']:.3f}, speed-up "
+                f"{mean(rates) / mean(report['ar_bf16']['tokens_per_s']):.2f}"
+            )
+    lines.append(
+        "placement: configured device / GPU memory per process (nvidia-smi); device memory in use "
+        "before start -> while running"
+    )
     for name, res in report["systems"].items():
-        where = ", ".join(f"{p['name']}={p['configured_device']}/{p['gpu_memory']}" for p in res.get("placement", []))
-        lines.append(f"  {name}: {where or '-'}; {res.get('gpu_used_gib_before')} -> "
-                     f"{res.get('gpu_used_gib_running')} GiB")  # fmt: skip
-    lines.append(f"exit codes all 0: {all(c == 0 for r in report['systems'].values() for c in r['exit_codes'].values())}"
-                 f"; total {report['elapsed_s']:.0f} s")  # fmt: skip
+        where = ", ".join(
+            f"{p['name']}={p['configured_device']}/{p['gpu_memory']}"
+            for p in res.get("placement", [])
+        )
+        lines.append(
+            f"  {name}: {where or '-'}; {res.get('gpu_used_gib_before')} -> "
+            f"{res.get('gpu_used_gib_running')} GiB"
+        )
+    lines.append(
+        f"exit codes all 0: {all(c == 0 for r in report['systems'].values() for c in r['exit_codes'].values())}"
+        f"; total {report['elapsed_s']:.0f} s"
+    )
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.gpu_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="tiny models, 3 prompts x 16 tokens (CPU check)")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.gpu_check", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="tiny models, 3 prompts x 16 tokens (CPU check)"
+    )
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompts", type=int, help="default 8 (3 with --small)")
     parser.add_argument("--max-tokens", type=int, help="default 128 (16 with --small)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per stage")
-    parser.add_argument("--systems", default="k2,k3", help="fp32 systems, of k2=[N,T], k3=[E,N,T], k2-ee=[E,T]")
+    parser.add_argument(
+        "--systems", default="k2,k3", help="fp32 systems, of k2=[N,T], k3=[E,N,T], k2-ee=[E,T]"
+    )
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 phase")
-    parser.add_argument("--budget-s", type=float, default=220, help="skip bf16 if this many s have passed")
+    parser.add_argument(
+        "--budget-s", type=float, default=220, help="skip bf16 if this many s have passed"
+    )
     parser.add_argument("--request-timeout-s", type=float, default=120, help="per HTTP request")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pipespec-gpu-check"))
-    parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     began = time.perf_counter()
@@ -325,11 +411,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     report: dict[str, Any] = {
-        "device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "size": size, "noise": NOISE, "alpha": ALPHA, "prompts": n_prompts, "max_tokens": max_tokens,
+        "size": size,
+        "noise": NOISE,
+        "alpha": ALPHA,
+        "prompts": n_prompts,
+        "max_tokens": max_tokens,
         "systems": {},
-    }  # fmt: skip
+    }
     log(f"{report['device_name']}, torch {report['torch']}, transformers {report['transformers']}")
     target, t_dir, n_dir = build_models(size, args.work, device, args.seed)
     report["params_m"] = round(sum(p.numel() for p in target.parameters()) / 1e6)
@@ -343,7 +435,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
 
     report["ar"] = run_ar(target, prompts, max_tokens, device)
-    log(f"ar fp32: {mean(report['ar']['tokens_per_s']):.1f} tokens/s, {report['ar']['tokens']} tokens")
+    log(
+        f"ar fp32: {mean(report['ar']['tokens_per_s']):.1f} tokens/s, {report['ar']['tokens']} tokens"
+    )
     save()
     if device.type == "cuda":
         report["ar_gpu_memory_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
@@ -356,11 +450,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     hierarchies = {"k2": [N, T], "k3": [E, N, T], "k2-ee": [E, T]}
     for name in args.systems.split(","):
         stages = hierarchies[name]
-        res = run_system(name, stages, t_dir, prompts, max_tokens, logs, threads, args.request_timeout_s)
+        res = run_system(
+            name, stages, t_dir, prompts, max_tokens, logs, threads, args.request_timeout_s
+        )
         if "texts" in res:
             res |= compare(res, report["ar"]["outputs"], "ar_fp32", tokenizer)
-            log(f"{name}: exact {res['exact_vs_ar_fp32']}/{n_prompts}, "
-                f"{mean([s['tokens_per_s'] for s in res['stats']]):.1f} tokens/s")  # fmt: skip
+            log(
+                f"{name}: exact {res['exact_vs_ar_fp32']}/{n_prompts}, "
+                f"{mean([s['tokens_per_s'] for s in res['stats']]):.1f} tokens/s"
+            )
         report["systems"][name] = res
         save()
 
@@ -375,8 +473,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         bf16 = {"dtype": "bfloat16"}
-        res = run_system("k2-bf16", [N | bf16, T | bf16], t_dir, prompts, max_tokens, logs, threads,
-                         args.request_timeout_s)
+        res = run_system(
+            "k2-bf16",
+            [N | bf16, T | bf16],
+            t_dir,
+            prompts,
+            max_tokens,
+            logs,
+            threads,
+            args.request_timeout_s,
+        )
         if "texts" in res:
             res |= compare(res, report["ar"]["outputs"], "ar_fp32", tokenizer)
             if "ar_bf16" in report:
@@ -393,7 +499,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
             tar.add(logs, arcname="logs")
     print("\n" + table, flush=True)
-    fp32_ok = all(r.get("exact_vs_ar_fp32") == n_prompts for k, r in report["systems"].items() if "bf16" not in k)
+    fp32_ok = all(
+        r.get("exact_vs_ar_fp32") == n_prompts
+        for k, r in report["systems"].items()
+        if "bf16" not in k
+    )
     return 0 if fp32_ok else 1
 
 

@@ -42,7 +42,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 
@@ -116,14 +116,20 @@ def env_value(value: Any) -> str:
 
 
 def settings_env(prefix: str, table: dict[str, Any]) -> dict[str, str]:
-    return {f"{prefix}{key.upper()}": env_value(value) for key, value in table.items() if value is not None}
+    return {
+        f"{prefix}{key.upper()}": env_value(value)
+        for key, value in table.items()
+        if value is not None
+    }
 
 
 def plan_from_config(config: dict[str, Any]) -> Plan:
     """Validate a parsed config and turn it into the processes to start."""
     unknown = set(config) - {"gateway", "stages"}
     if unknown:
-        raise LaunchError(f"unknown top-level key(s) {sorted(unknown)}; expected [gateway] and [[stages]]")
+        raise LaunchError(
+            f"unknown top-level key(s) {sorted(unknown)}; expected [gateway] and [[stages]]"
+        )
     gateway_table = {key: resolve_model(value) for key, value in config.get("gateway", {}).items()}
     for port in PORT_FIELDS:
         if gateway_table.get(port, GatewaySettings.model_fields[port].default) == 0:
@@ -132,8 +138,12 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         gateway = GatewaySettings(**gateway_table)
     except ValueError as exc:
         raise LaunchError(f"[gateway]: {exc}") from None
-    registry = f"tcp://{connect_host(gateway.advertise_host or gateway.bind_host)}:{gateway.registry_port}"
-    children = [ChildSpec("gateway", "services.gateway", settings_env("PIPESPEC_GATEWAY_", gateway_table))]
+    registry = (
+        f"tcp://{connect_host(gateway.advertise_host or gateway.bind_host)}:{gateway.registry_port}"
+    )
+    children = [
+        ChildSpec("gateway", "services.gateway", settings_env("PIPESPEC_GATEWAY_", gateway_table))
+    ]
     stages, levels = config.get("stages", []), set()
     if not stages or not all(isinstance(entry, dict) for entry in stages):
         raise LaunchError("the config needs one or more [[stages]] tables")
@@ -142,7 +152,9 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         table.setdefault("gateway", registry)
         replicas = entry.get("replicas", 1)
         if not isinstance(replicas, int) or replicas < 1:
-            raise LaunchError(f"[[stages]] #{i + 1}: replicas must be a positive integer, got {replicas!r}")
+            raise LaunchError(
+                f"[[stages]] #{i + 1}: replicas must be a positive integer, got {replicas!r}"
+            )
         try:
             stage = StageSettings(**table)
         except ValueError as exc:
@@ -150,7 +162,9 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         levels.add(stage.level)
         for r in range(replicas):
             name = f"stage{stage.level}" + (f".{r}" if replicas > 1 else "")
-            children.append(ChildSpec(name, "services.stage", settings_env("PIPESPEC_STAGE_", table)))
+            children.append(
+                ChildSpec(name, "services.stage", settings_env("PIPESPEC_STAGE_", table))
+            )
     if sorted(levels) != list(range(gateway.num_levels)):
         raise LaunchError(
             f"stages cover levels {sorted(levels)}, but the gateway needs 0..{gateway.num_levels - 1}"
@@ -201,7 +215,7 @@ class System:
                 )
             self.children.append(Child(spec, process, log_path))
 
-    def exited(self) -> Optional[Child]:
+    def exited(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)
 
     def wait_healthy(self, timeout_s: float) -> None:
@@ -236,7 +250,10 @@ class System:
             try:
                 child.process.wait(timeout=max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
-                print(f"{child.spec.name} did not stop in {timeout_s:g} s; killing it", file=sys.stderr)
+                print(
+                    f"{child.spec.name} did not stop in {timeout_s:g} s; killing it",
+                    file=sys.stderr,
+                )
                 child.process.kill()
                 child.process.wait(timeout=timeout_s)
 
@@ -249,7 +266,9 @@ def run_demo(url: str, prompt: str, max_tokens: int) -> bool:
     with httpx.Client(timeout=httpx.Timeout(10.0, read=300.0)) as http:
         with http.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
-                print(f"\nerror {response.status_code}: {response.read().decode()}", file=sys.stderr)
+                print(
+                    f"\nerror {response.status_code}: {response.read().decode()}", file=sys.stderr
+                )
                 return False
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -288,12 +307,18 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.launch", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("config", type=Path, help="TOML file with [gateway] and [[stages]]")
-    parser.add_argument("--demo", metavar="PROMPT", help="stream one completion of PROMPT, then stop")
+    parser.add_argument(
+        "--demo", metavar="PROMPT", help="stream one completion of PROMPT, then stop"
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="for --demo (default 64)")
-    parser.add_argument("--log-dir", type=Path, help="where children's logs go (default: a new temp dir)")
+    parser.add_argument(
+        "--log-dir", type=Path, help="where children's logs go (default: a new temp dir)"
+    )
     parser.add_argument(
         "--startup-timeout", type=float, default=STARTUP_TIMEOUT_S, help="seconds (default 300)"
     )
@@ -331,7 +356,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\nstopping", flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
+        signal.signal(
+            signal.SIGINT, signal.SIG_IGN
+        )  # a second Ctrl-C must not leave children behind
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         system.stop()
 

@@ -7,7 +7,7 @@ never imports torch.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from common.backends.base import Backend, Session
 from common.settings import StageSettings

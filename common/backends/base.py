@@ -16,7 +16,6 @@ Worked example (greedy verify of drafts d1 d2 after last token x; see common.dec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional
 
 
 class Session(ABC):
@@ -26,14 +25,14 @@ class Session(ABC):
         """Positions held in the cache (prompt included)."""
 
     @abstractmethod
-    def forward(self, tokens: list[int]) -> list[Optional[int]]:
+    def forward(self, tokens: list[int]) -> list[int | None]:
         """Feed ``tokens`` after the cache in one pass; greedy prediction after each one."""
 
     @abstractmethod
     def crop(self, length: int) -> None:
         """Keep only the first ``length`` positions (``length <= self.length``)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; most sessions free nothing
         """Free the request's memory (KV cache)."""
 
 
@@ -45,7 +44,7 @@ class Backend(ABC):
     eos_token_ids: tuple[int, ...] = ()
 
     @property
-    def tokenizer_fingerprint(self) -> Optional[str]:
+    def tokenizer_fingerprint(self) -> str | None:
         """Stable hash of the vocabulary this backend's ids mean; None if it works on raw ids."""
         return None
 

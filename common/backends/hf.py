@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub when first imported
 
@@ -27,7 +26,9 @@ from common.tokenization import fingerprint, load_tokenizer  # noqa: E402
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_causal_lm(model: str, dtype: str = "float32", layers: Optional[int] = None) -> PreTrainedModel:
+def load_causal_lm(
+    model: str, dtype: str = "float32", layers: int | None = None
+) -> PreTrainedModel:
     """Load ``model`` (see ``model_store.locate``) offline on the CPU in eval mode;
     ``layers``: keep only the first N decoder layers."""
     source, gguf_file = model_store.locate(model)
@@ -56,7 +57,9 @@ def _keep_first_layers(lm: PreTrainedModel, n: int) -> None:
     """
     decoder, config = lm.base_model, lm.config.get_text_config(decoder=True)
     if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
-        raise ValueError(f"early exit: {type(lm).__name__} has no `{lm.base_model_prefix}.layers` list")
+        raise ValueError(
+            f"early exit: {type(lm).__name__} has no `{lm.base_model_prefix}.layers` list"
+        )
     if not 1 <= n <= len(decoder.layers):
         raise ValueError(f"early_exit_layers={n}: the model has {len(decoder.layers)} layers")
     decoder.layers = decoder.layers[:n]
@@ -87,10 +90,12 @@ class HFSession(Session):
     @torch.inference_mode()
     def _run(self, tokens: list[int], logits_to_keep: int) -> torch.Tensor:
         ids = torch.tensor([tokens], dtype=torch.long, device=self._device)
-        out = self._model(input_ids=ids, cache=self._cache, use_cache=True, logits_to_keep=logits_to_keep)
+        out = self._model(
+            input_ids=ids, cache=self._cache, use_cache=True, logits_to_keep=logits_to_keep
+        )
         return out.logits
 
-    def forward(self, tokens: list[int]) -> list[Optional[int]]:
+    def forward(self, tokens: list[int]) -> list[int | None]:
         if not tokens:
             return []
         return self._run(tokens, logits_to_keep=0)[0].argmax(dim=-1).tolist()
@@ -122,24 +127,28 @@ class HFBackend(Backend):
         self,
         model: str,
         *,
-        tokenizer: Optional[str] = None,
+        tokenizer: str | None = None,
         dtype: str = "float32",
         device: str = "cpu",
-        threads: Optional[int] = None,
-        early_exit_layers: Optional[int] = None,
+        threads: int | None = None,
+        early_exit_layers: int | None = None,
     ):
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = load_causal_lm(model, dtype, early_exit_layers).to(self.device)
         self.kind = "hf" if early_exit_layers is None else "early-exit"
-        self.name = model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"
+        self.name = (
+            model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"
+        )
         config = self.model.config.get_text_config(decoder=True)
         self.max_context = getattr(config, "max_position_embeddings", None) or 0
         generation = self.model.generation_config
-        self.eos_token_ids = _ids(generation and generation.eos_token_id) or _ids(config.eos_token_id)
+        self.eos_token_ids = _ids(generation and generation.eos_token_id) or _ids(
+            config.eos_token_id
+        )
         self._tokenizer_source = tokenizer or model
-        self._fingerprint: Optional[str] = None
+        self._fingerprint: str | None = None
 
     @property
     def tokenizer_fingerprint(self) -> str:

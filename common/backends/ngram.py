@@ -14,8 +14,6 @@ few dict lookups whatever the history length.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from common.backends.base import Backend, Session
 
 
@@ -43,14 +41,14 @@ class NgramSession(Session):
             self._followers.setdefault(gram, []).append(position)
         self._history.append(token)
 
-    def _predict(self) -> Optional[int]:
+    def _predict(self) -> int | None:
         for gram in self._grams_before(len(self._history)):
             positions = self._followers.get(gram)
             if positions:
                 return self._history[positions[-1]]
         return None
 
-    def forward(self, tokens: list[int]) -> list[Optional[int]]:
+    def forward(self, tokens: list[int]) -> list[int | None]:
         predictions = []
         for token in tokens:
             self._append(token)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from common.backends.base import Backend, Session
 
@@ -47,16 +47,20 @@ class SimulatedBackend(Backend):
         cost_ms: float = 0.0,
         cost_per_token_ms: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
-        tokenizer: Optional[str] = None,
+        tokenizer: str | None = None,
     ):
         self.agreement, self.seed, self.vocab = agreement, seed, vocab
         self.cost_ms, self.cost_per_token_ms, self.sleep = cost_ms, cost_per_token_ms, sleep
-        self.name = f"simulated(agreement={agreement}, seed={seed}, {cost_ms}+{cost_per_token_ms}ms/tok)"
+        self.name = (
+            f"simulated(agreement={agreement}, seed={seed}, {cost_ms}+{cost_per_token_ms}ms/tok)"
+        )
         self._salt = int(agreement * 1_000_000)
-        self._fingerprint = f"simulated-{vocab}" if tokenizer is None else _fingerprint_of(tokenizer, vocab)
+        self._fingerprint = (
+            f"simulated-{vocab}" if tokenizer is None else _fingerprint_of(tokenizer, vocab)
+        )
 
     @property
-    def tokenizer_fingerprint(self) -> Optional[str]:
+    def tokenizer_fingerprint(self) -> str | None:
         return self._fingerprint
 
     def pass_seconds(self, n_tokens: int) -> float:
@@ -77,7 +81,10 @@ class SimulatedBackend(Backend):
 
 
 def _fingerprint_of(tokenizer: str, vocab: int) -> str:
-    from common.tokenization import fingerprint, load_tokenizer  # only simulations with text need it
+    from common.tokenization import (
+        fingerprint,
+        load_tokenizer,
+    )  # only simulations with text need it
 
     loaded = load_tokenizer(tokenizer)
     if vocab > len(loaded):
@@ -98,7 +105,7 @@ class SimulatedSession(Session):
     def length(self) -> int:
         return len(self.history)
 
-    def forward(self, tokens: list[int]) -> list[Optional[int]]:
+    def forward(self, tokens: list[int]) -> list[int | None]:
         preds = []
         for t in tokens:
             self.history.append(t)

@@ -66,13 +66,17 @@ async def serve(app, settings: GatewaySettings) -> bool:
 def main() -> int:
     settings = GatewaySettings(_cli_parse_args=True, _cli_prog_name="python -m services.gateway")
     configure(settings.log_level, service="gateway")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # uvicorn's
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )  # uvicorn's
     try:
         tokenizer = load_tokenizer(settings.tokenizer)
     except (OSError, ValueError) as exc:
         print(f"gateway: cannot load tokenizer {settings.tokenizer!r}: {exc}", file=sys.stderr)
         return 2
-    gateway = Gateway(settings, fingerprint(tokenizer), eos_token_ids(tokenizer, settings.tokenizer))
+    gateway = Gateway(
+        settings, fingerprint(tokenizer), eos_token_ids(tokenizer, settings.tokenizer)
+    )
     try:
         app = create_app(gateway, tokenizer, ClientApi(gateway, tokenizer))
     except (OSError, ValueError) as exc:

@@ -19,7 +19,11 @@ class Overloaded(Exception):
 
 class Admission:
     def __init__(self, max_running: int, max_waiting: int, wait_timeout_s: float):
-        self.max_running, self.max_waiting, self.wait_timeout_s = max_running, max_waiting, wait_timeout_s
+        self.max_running, self.max_waiting, self.wait_timeout_s = (
+            max_running,
+            max_waiting,
+            wait_timeout_s,
+        )
         self.running = 0
         self._waiters: deque[asyncio.Future] = deque()  # each resolves when handed a slot
 

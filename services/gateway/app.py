@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
-from typing import Optional
 
 import structlog
 from fastapi import FastAPI, Request
@@ -83,7 +82,7 @@ def install_openapi(app: FastAPI, models: list[type[Strict]]) -> None:
     app.openapi = openapi
 
 
-def create_app(gateway: Gateway, tokenizer, client_api: Optional[ClientApi] = None) -> FastAPI:
+def create_app(gateway: Gateway, tokenizer, client_api: ClientApi | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the gateway (and the ZMQ client API)."""
     settings = gateway.settings
     serving = OpenAIServing(gateway, tokenizer)
@@ -105,11 +104,17 @@ def create_app(gateway: Gateway, tokenizer, client_api: Optional[ClientApi] = No
     install_openapi(app, [CompletionRequest, ChatCompletionRequest])
 
     def refuse(
-        status: int, message: str, type_: str, param: Optional[str] = None, headers: Optional[dict] = None
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        headers: dict | None = None,
     ) -> JSONResponse:
         gateway.metrics.rejected_requests.labels("http", str(status)).inc()
         log.info("request_rejected", api="http", status=status, reason=message)
-        return JSONResponse(error_body(status, message, type_, param), status_code=status, headers=headers)
+        return JSONResponse(
+            error_body(status, message, type_, param), status_code=status, headers=headers
+        )
 
     @app.exception_handler(InvalidRequest)
     async def invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
@@ -117,7 +122,9 @@ def create_app(gateway: Gateway, tokenizer, client_api: Optional[ClientApi] = No
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return refuse(429, str(exc), "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return refuse(
+            429, str(exc), "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
 
     @app.exception_handler(NoRoute)
     async def no_route(request: Request, exc: NoRoute) -> JSONResponse:
@@ -160,7 +167,9 @@ def create_app(gateway: Gateway, tokenizer, client_api: Optional[ClientApi] = No
         body = {
             "status": "ok" if reason is None else "unavailable",
             "reason": reason,
-            "levels": [[r.describe() for r in registry.live(level)] for level in range(settings.num_levels)],
+            "levels": [
+                [r.describe() for r in registry.live(level)] for level in range(settings.num_levels)
+            ],
             "refused": {replica: refusal.reason for replica, refusal in registry.refusals.items()},
             "requests_running": gateway.admission.running,
             "requests_waiting": gateway.admission.waiting,
@@ -170,7 +179,9 @@ def create_app(gateway: Gateway, tokenizer, client_api: Optional[ClientApi] = No
     @app.get("/health/live")
     async def live() -> JSONResponse:
         alive = gateway.alive()
-        return JSONResponse({"status": "alive" if alive else "dead"}, status_code=200 if alive else 503)
+        return JSONResponse(
+            {"status": "alive" if alive else "dead"}, status_code=200 if alive else 503
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -15,7 +15,6 @@ request.
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
 
 import msgpack
 import structlog
@@ -58,8 +57,8 @@ class ClientApi:
         self.gateway = gateway
         self.tokenizer = tokenizer
         self.endpoint = ""  # set by start()
-        self._router: Optional[zmq.asyncio.Socket] = None
-        self._receiver: Optional[asyncio.Task] = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._receiver: asyncio.Task | None = None
         self._requests: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -119,23 +118,31 @@ class ClientApi:
                     tail = detokenizer.flush()
                     if tail:
                         await self._send(
-                            identity, ClientEvent(type="token", request_id=label, text=tail, token_ids=[])
+                            identity,
+                            ClientEvent(type="token", request_id=label, text=tail, token_ids=[]),
                         )
                     stats = event.stats.model_dump()
                     reply = ClientEvent(
-                        type="done", request_id=label, finish_reason=event.finish_reason, stats=stats
+                        type="done",
+                        request_id=label,
+                        finish_reason=event.finish_reason,
+                        stats=stats,
                     )
                     await self._send(identity, reply)
             except GenerationError as exc:
-                await self._send(identity, ClientEvent(type="error", request_id=label, message=str(exc)))
+                await self._send(
+                    identity, ClientEvent(type="error", request_id=label, message=str(exc))
+                )
 
-    async def _start(self, identity: bytes, request: ClientRequest) -> Optional[Generation]:
+    async def _start(self, identity: bytes, request: ClientRequest) -> Generation | None:
         """The started request (once admitted), or None after telling the client why not."""
         label = request.request_id
         try:
             if not request.prompt:
                 raise InvalidRequest("prompt must not be empty", "prompt")
-            return await self.gateway.generate(self.tokenizer.encode(request.prompt), request.max_tokens)
+            return await self.gateway.generate(
+                self.tokenizer.encode(request.prompt), request.max_tokens
+            )
         except InvalidRequest as exc:
             await self._reject(identity, label, str(exc))
         except Overloaded as exc:
@@ -146,7 +153,9 @@ class ClientApi:
             )
         return None
 
-    async def _reject(self, identity: bytes, label: Optional[str], message: str, code: int = 400) -> None:
+    async def _reject(
+        self, identity: bytes, label: str | None, message: str, code: int = 400
+    ) -> None:
         self.gateway.metrics.rejected_requests.labels("zmq", str(code)).inc()
         log.info("request_rejected", api="zmq", client_request_id=label, reason=message)
         await self._send(identity, ClientEvent(type="error", request_id=label, message=message))

@@ -22,8 +22,8 @@ import asyncio
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import structlog
 import zmq
@@ -67,8 +67,8 @@ def advertised_host(settings: GatewaySettings) -> str:
 class _InFlight:
     queue: asyncio.Queue  # Event | GenerationError, consumed by the request's Generation
     req: TrackedRequest  # kept after the tracker lets go of it, for the final statistics
-    first_token_at: Optional[float] = None
-    last_token_at: Optional[float] = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
 
 class Generation:
@@ -80,7 +80,12 @@ class Generation:
 
     def __init__(self, gateway: Gateway, flight: _InFlight, deadline: float):
         self.request_id = flight.req.request_id
-        self._gateway, self._flight, self._queue, self._deadline = gateway, flight, flight.queue, deadline
+        self._gateway, self._flight, self._queue, self._deadline = (
+            gateway,
+            flight,
+            flight.queue,
+            deadline,
+        )
         self._closed = False
 
     def __aiter__(self) -> Generation:
@@ -132,9 +137,9 @@ class Gateway:
     def __init__(
         self,
         settings: GatewaySettings,
-        tokenizer_fingerprint: Optional[str],
+        tokenizer_fingerprint: str | None,
         eos_ids: Sequence[int],
-        metrics: Optional[GatewayMetrics] = None,
+        metrics: GatewayMetrics | None = None,
     ):
         self.settings = settings
         self.eos_ids = list(eos_ids)
@@ -149,9 +154,9 @@ class Gateway:
         self.tracker = RequestTracker(settings.resend_after_s)
         self.reply_to = ""  # the registry endpoint as stages reach it; set by start()
         self._flights: dict[str, _InFlight] = {}
-        self._ctx: Optional[zmq.asyncio.Context] = None
-        self._send_ctx: Optional[zmq.Context] = None  # sync shadow: sends are plain NOBLOCK calls
-        self._pull: Optional[zmq.asyncio.Socket] = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._send_ctx: zmq.Context | None = None  # sync shadow: sends are plain NOBLOCK calls
+        self._pull: zmq.asyncio.Socket | None = None
         self._pushes: dict[str, zmq.Socket] = {}  # inbox endpoint -> PUSH
         self._tasks: list[asyncio.Task] = []
 
@@ -162,7 +167,11 @@ class Gateway:
         self._ctx = zmq.asyncio.Context()
         self._send_ctx = zmq.Context.shadow(self._ctx.underlying)
         self._pull = open_socket(
-            self._ctx, zmq.PULL, f"tcp://{s.bind_host}:{s.registry_port}", linger_ms=s.linger_ms, hwm=s.hwm
+            self._ctx,
+            zmq.PULL,
+            f"tcp://{s.bind_host}:{s.registry_port}",
+            linger_ms=s.linger_ms,
+            hwm=s.hwm,
         )
         self.reply_to = bound_endpoint(self._pull, advertised_host(s))
         self._tasks = [
@@ -177,7 +186,9 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         for request_id in list(self._flights):
-            self._fail(request_id, GenerationError("the gateway is shutting down"), outcome="aborted")
+            self._fail(
+                request_id, GenerationError("the gateway is shutting down"), outcome="aborted"
+            )
         linger = self.settings.linger_ms
         for sock in self._pushes.values():
             sock.close(linger=linger)
@@ -202,7 +213,9 @@ class Gateway:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def max_tokens_for(self, prompt_tokens: int, max_tokens: Optional[int], param: str = "max_tokens") -> int:
+    def max_tokens_for(
+        self, prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens"
+    ) -> int:
         """``max_tokens``, checked; or, when the client gave none, ``default_max_tokens`` capped
         to the context left after the prompt. Raises InvalidRequest naming what is wrong
         (``param``: the field's name as the client spelled it)."""
@@ -216,11 +229,17 @@ class Gateway:
                 "prompt",
             )
         if max_tokens is None:
-            return min(s.default_max_tokens, context - prompt_tokens) if context else s.default_max_tokens
+            return (
+                min(s.default_max_tokens, context - prompt_tokens)
+                if context
+                else s.default_max_tokens
+            )
         if max_tokens < 1:
             raise InvalidRequest(f"{param} must be at least 1, got {max_tokens}", param)
         if max_tokens > s.max_tokens_limit:
-            raise InvalidRequest(f"{param} must be at most {s.max_tokens_limit}, got {max_tokens}", param)
+            raise InvalidRequest(
+                f"{param} must be at most {s.max_tokens_limit}, got {max_tokens}", param
+            )
         if context and prompt_tokens + max_tokens > context:
             raise InvalidRequest(
                 f"prompt ({prompt_tokens} tokens) plus {param} ({max_tokens}) is "
@@ -230,7 +249,10 @@ class Gateway:
         return max_tokens
 
     async def generate(
-        self, prompt_ids: Sequence[int], max_tokens: Optional[int] = None, request_id: Optional[str] = None
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int | None = None,
+        request_id: str | None = None,
     ) -> Generation:
         """Start a request once admitted; iterate the result for its events.
 
@@ -277,7 +299,9 @@ class Gateway:
         deadline = req.created + self.settings.request_timeout_s + DEADLINE_GRACE_S
         return Generation(self, flight, deadline)
 
-    def cancel(self, request_id: str, reason: str = "cancelled", outcome: str = "cancelled") -> None:
+    def cancel(
+        self, request_id: str, reason: str = "cancelled", outcome: str = "cancelled"
+    ) -> None:
         """Stop a request at every stage of its route; a consumer waiting on it gets
         RequestCancelled. Idempotent; never blocks."""
         req = self.tracker.requests.get(request_id)
@@ -289,7 +313,7 @@ class Gateway:
         log.info("request_cancelled", request_id=request_id, reason=reason, tokens=len(req.tokens))
         self._end(request_id, outcome=outcome)
 
-    def unavailable_reason(self) -> Optional[str]:
+    def unavailable_reason(self) -> str | None:
         """None when every level has a live ready replica; else why not (for /health)."""
         return self.registry.unavailable_reason()
 
@@ -391,7 +415,9 @@ class Gateway:
         drafts; a lost target: the request waits for one, or times out)."""
         for req in list(self.tracker.requests.values()):
             broken = [
-                hop for hop in req.route if hop.replica in lost_ids or not self.registry.is_live(hop.replica)
+                hop
+                for hop in req.route
+                if hop.replica in lost_ids or not self.registry.is_live(hop.replica)
             ]
             if not broken:
                 continue
@@ -418,10 +444,15 @@ class Gateway:
         for req in list(self.tracker.requests.values()):
             if now - req.created >= limit:
                 log.warning(
-                    "request_timed_out", request_id=req.request_id, tokens=len(req.tokens), limit_s=limit
+                    "request_timed_out",
+                    request_id=req.request_id,
+                    tokens=len(req.tokens),
+                    limit_s=limit,
                 )
                 self._fail(
-                    req.request_id, GenerationTimeout(f"request timed out after {limit:g} s"), "timeout"
+                    req.request_id,
+                    GenerationTimeout(f"request timed out after {limit:g} s"),
+                    "timeout",
                 )
 
     # -- ending requests -----------------------------------------------------------------------
@@ -455,7 +486,7 @@ class Gateway:
             wall_s=round(time.monotonic() - req.created, 3),
         )
 
-    def summary(self, flight: _InFlight, completion_tokens: Optional[int] = None) -> RequestStats:
+    def summary(self, flight: _InFlight, completion_tokens: int | None = None) -> RequestStats:
         """The request's statistics; ``completion_tokens`` defaults to the tokens received."""
         req = flight.req
         ttft = None if flight.first_token_at is None else flight.first_token_at - req.created
@@ -486,7 +517,9 @@ class Gateway:
         sock = self._pushes.get(hop.inbox)
         if sock is None:
             s = self.settings
-            sock = open_socket(self._send_ctx, zmq.PUSH, hop.inbox, linger_ms=s.linger_ms, hwm=s.hwm)
+            sock = open_socket(
+                self._send_ctx, zmq.PUSH, hop.inbox, linger_ms=s.linger_ms, hwm=s.hwm
+            )
             self._pushes[hop.inbox] = sock
         try:
             sock.send(encode(msg), zmq.NOBLOCK)

@@ -10,7 +10,7 @@ start (SentencePiece spaces, partial characters), so the concatenated deltas equ
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
 

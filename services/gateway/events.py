@@ -8,7 +8,6 @@ accepted_tokens = tokens accepted, acceptance_rate = accepted_tokens / draft_tok
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from pydantic import BaseModel
 
@@ -36,7 +35,7 @@ class RequestStats(BaseModel):
     rollbacks: int  # over all verifier levels
     replicas: list[str] = []  # the replica that served each level, level 0 first
     resyncs: int  # Start messages re-sent because output was lost or late
-    time_to_first_token_s: Optional[float]
+    time_to_first_token_s: float | None
     wall_time_s: float
     tokens_per_s: float
 
@@ -47,7 +46,7 @@ def request_stats(
     completion_tokens: int,
     levels: list[LevelStats],
     resyncs: int,
-    time_to_first_token_s: Optional[float],
+    time_to_first_token_s: float | None,
     wall_time_s: float,
 ) -> RequestStats:
     """Summarise the target's per-level counters (``levels[i]`` is level i; may be empty)."""
@@ -69,12 +68,16 @@ def request_stats(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         target_forward_passes=target_passes,
-        tokens_per_target_pass=round(completion_tokens / target_passes, 4) if target_passes else 0.0,
+        tokens_per_target_pass=round(completion_tokens / target_passes, 4)
+        if target_passes
+        else 0.0,
         acceptance=acceptance,
         rollbacks=sum(a.rollbacks for a in acceptance),
         replicas=[s.replica for s in levels],
         resyncs=resyncs,
-        time_to_first_token_s=None if time_to_first_token_s is None else round(time_to_first_token_s, 4),
+        time_to_first_token_s=None
+        if time_to_first_token_s is None
+        else round(time_to_first_token_s, 4),
         wall_time_s=round(wall_time_s, 4),
         tokens_per_s=round(completion_tokens / wall_time_s, 2) if wall_time_s > 0 else 0.0,
     )
@@ -113,6 +116,6 @@ class InvalidRequest(ValueError):
 
     status = 400
 
-    def __init__(self, message: str, param: Optional[str] = None):
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param

@@ -28,18 +28,26 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("pipespec:requests", "Requests ended, by outcome", ["outcome"], registry=r)
+        self.requests = Counter(
+            "pipespec:requests", "Requests ended, by outcome", ["outcome"], registry=r
+        )
         self.rejected_requests = Counter(
             "pipespec:rejected_requests",
             "Requests refused before they started, by HTTP status (429: overloaded)",
             ["api", "code"],
             registry=r,
         )
-        self.requests_running = Gauge("pipespec:num_requests_running", "Requests in flight", registry=r)
-        self.requests_waiting = Gauge(
-            "pipespec:num_requests_waiting", "Requests queued for a slot (admission control)", registry=r
+        self.requests_running = Gauge(
+            "pipespec:num_requests_running", "Requests in flight", registry=r
         )
-        self.prompt_tokens = Counter("pipespec:prompt_tokens", "Prompt tokens of ended requests", registry=r)
+        self.requests_waiting = Gauge(
+            "pipespec:num_requests_waiting",
+            "Requests queued for a slot (admission control)",
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "pipespec:prompt_tokens", "Prompt tokens of ended requests", registry=r
+        )
         self.generation_tokens = Counter(
             "pipespec:generation_tokens", "Output tokens of ended requests", registry=r
         )
@@ -71,10 +79,16 @@ class GatewayMetrics:
             registry=r,
         )
         self.rollbacks = Counter(
-            "pipespec:rollbacks", "Passes of this verifier level that rejected a draft", ["level"], registry=r
+            "pipespec:rollbacks",
+            "Passes of this verifier level that rejected a draft",
+            ["level"],
+            registry=r,
         )
         self.decode_rejects = Counter(
-            "pipespec:decode_rejects", "Frames dropped because they did not decode", ["socket"], registry=r
+            "pipespec:decode_rejects",
+            "Frames dropped because they did not decode",
+            ["socket"],
+            registry=r,
         )
         self.send_drops = Counter(
             "pipespec:send_drops", "Messages to stages dropped at the high-water mark", registry=r
@@ -82,13 +96,18 @@ class GatewayMetrics:
         self.resyncs = Counter(
             "pipespec:resyncs", "Start messages re-sent to repair lost or late output", registry=r
         )
-        self.reroutes = Counter("pipespec:reroutes", "Requests moved off a lost replica", registry=r)
+        self.reroutes = Counter(
+            "pipespec:reroutes", "Requests moved off a lost replica", registry=r
+        )
         self.replicas_refused = Counter(
             "pipespec:replicas_refused", "Replicas refused at registration", registry=r
         )
         self.live_replicas = Gauge("pipespec:live_replicas", "Live replicas", ["level"], registry=r)
         self.time_to_first_token = Histogram(
-            "pipespec:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+            "pipespec:time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
             "pipespec:inter_token_latency_seconds",
@@ -97,7 +116,10 @@ class GatewayMetrics:
             registry=r,
         )
         self.e2e_latency = Histogram(
-            "pipespec:e2e_request_latency_seconds", "Request latency", buckets=LATENCY_BUCKETS, registry=r
+            "pipespec:e2e_request_latency_seconds",
+            "Request latency",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_time = Histogram(
             "pipespec:request_queue_time_seconds",

@@ -9,8 +9,8 @@ replica last reported (``active_requests``) plus the requests routed to it since
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import structlog
 
@@ -73,7 +73,7 @@ class ReplicaRegistry:
     def __init__(
         self,
         num_levels: int,
-        tokenizer_fingerprint: Optional[str],
+        tokenizer_fingerprint: str | None,
         heartbeat_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -98,7 +98,10 @@ class ReplicaRegistry:
             return False
         self.refusals.pop(hb.replica, None)
         known = self.replicas.get(hb.replica)
-        if known is not None and (known.heartbeat.incarnation, known.level) != (hb.incarnation, hb.level):
+        if known is not None and (known.heartbeat.incarnation, known.level) != (
+            hb.incarnation,
+            hb.level,
+        ):
             self._forget(known, why="restarted")  # its requests must be re-sent to the new one
             known = None
         if known is None:
@@ -116,13 +119,17 @@ class ReplicaRegistry:
             known.heartbeat, known.last_seen, known.assigned = hb, now, 0
         return True
 
-    def refusal_reason(self, hb: Heartbeat) -> Optional[str]:
+    def refusal_reason(self, hb: Heartbeat) -> str | None:
         if hb.level >= self.num_levels:
             return f"level {hb.level} is not below num_levels={self.num_levels}"
         if hb.level == self.target_level and not hb.can_verify:
             return f"level {hb.level} is the target but backend {hb.backend!r} cannot verify"
         fp = hb.tokenizer_fingerprint
-        if fp is not None and self.tokenizer_fingerprint is not None and fp != self.tokenizer_fingerprint:
+        if (
+            fp is not None
+            and self.tokenizer_fingerprint is not None
+            and fp != self.tokenizer_fingerprint
+        ):
             return f"tokenizer fingerprint {fp} differs from the gateway's {self.tokenizer_fingerprint}"
         return None
 
@@ -135,7 +142,11 @@ class ReplicaRegistry:
         if previous is None or previous.reason != reason:
             self.refused_total += 1
             log.warning(
-                "replica_refused", replica=hb.replica, stage_level=hb.level, model=hb.model, reason=reason
+                "replica_refused",
+                replica=hb.replica,
+                stage_level=hb.level,
+                model=hb.model,
+                reason=reason,
             )
 
     def _forget(self, replica: Replica, why: str) -> None:
@@ -171,7 +182,7 @@ class ReplicaRegistry:
     def live(self, level: int) -> list[Replica]:
         return [r for r in self.replicas.values() if r.level == level and self.is_live(r.id)]
 
-    def pick(self, level: int) -> Optional[RouteHop]:
+    def pick(self, level: int) -> RouteHop | None:
         """The least-loaded routable replica of ``level`` (counted as assigned), or None."""
         candidates = [r for r in self.live(level) if r.routable]
         if not candidates:
@@ -187,7 +198,7 @@ class ReplicaRegistry:
             raise NoRoute(reason)
         return [self.pick(level) for level in range(self.num_levels)]
 
-    def unavailable_reason(self) -> Optional[str]:
+    def unavailable_reason(self) -> str | None:
         """None when every level has a live, ready, non-draining replica; else why not."""
         for level in range(self.num_levels):
             live = self.live(level)
@@ -205,5 +216,7 @@ class ReplicaRegistry:
 
     def target_max_context(self) -> int:
         """Smallest context (positions) among live targets that report one; 0 if unknown."""
-        contexts = [r.heartbeat.max_context for r in self.live(self.target_level) if r.heartbeat.max_context]
+        contexts = [
+            r.heartbeat.max_context for r in self.live(self.target_level) if r.heartbeat.max_context
+        ]
         return min(contexts, default=0)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional
 
 from services.gateway.events import RequestStats
 
 
-def error_body(status: int, message: str, type_: str, param: Optional[str] = None) -> dict:
+def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
@@ -48,12 +47,14 @@ class Reply:
             "choices": choices,
         }
 
-    def chunk(self, text: str, finish_reason: Optional[str] = None, role: bool = False) -> dict:
+    def chunk(self, text: str, finish_reason: str | None = None, role: bool = False) -> dict:
         """A stream chunk. Chat: ``role`` marks the first one; the last has an empty delta."""
         if not self.chat:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             return self._envelope("text_completion", [choice])
-        delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+        delta = (
+            {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+        )
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._envelope("chat.completion.chunk", [choice])
 
@@ -66,7 +67,12 @@ class Reply:
         """The non-streamed reply, with ``spec_decode_stats`` (this server's extension)."""
         if self.chat:
             message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
             body = self._envelope("chat.completion", [choice])
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

@@ -11,7 +11,7 @@ are refused by name rather than silently ignored.
 from __future__ import annotations
 
 import json
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -32,22 +32,22 @@ class StreamOptions(Strict):
 class RequestFields(Strict):
     """What completions and chat completions share."""
 
-    model: Optional[str] = None  # the served model name; absent means that one
-    max_tokens: Optional[int] = None  # absent: GatewaySettings.default_max_tokens, within the context
-    temperature: Optional[float] = Field(None, ge=0, le=2)  # 0 or absent: greedy
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    stop: Union[str, list[str], None] = None  # up to MAX_STOP_STRINGS, never part of the output
-    seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)
+    model: str | None = None  # the served model name; absent means that one
+    max_tokens: int | None = None  # absent: GatewaySettings.default_max_tokens, within the context
+    temperature: float | None = Field(None, ge=0, le=2)  # 0 or absent: greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None  # up to MAX_STOP_STRINGS, never part of the output
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     n: int = 1
-    user: Optional[str] = None  # logged with the request
-    frequency_penalty: Optional[float] = None  # 0 only
-    presence_penalty: Optional[float] = None  # 0 only
+    user: str | None = None  # logged with the request
+    frequency_penalty: float | None = None  # 0 only
+    presence_penalty: float | None = None  # 0 only
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
+    stream_options: StreamOptions | None = None
 
     @field_validator("temperature")
     @classmethod
-    def _greedy_only(cls, value: Optional[float]) -> Optional[float]:
+    def _greedy_only(cls, value: float | None) -> float | None:
         if value:
             raise ValueError(
                 f"temperature {value:g} asks for sampling, which is not supported yet; "
@@ -64,7 +64,7 @@ class RequestFields(Strict):
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
-    def _no_penalty(cls, value: Optional[float]) -> Optional[float]:
+    def _no_penalty(cls, value: float | None) -> float | None:
         if value:
             raise ValueError("penalties are not supported; only 0 is accepted")
         return value
@@ -92,7 +92,7 @@ class RequestFields(Strict):
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def output_limit(self) -> tuple[Optional[int], str]:
+    def output_limit(self) -> tuple[int | None, str]:
         """The requested output length and the field that gave it (for error messages)."""
         return self.max_tokens, "max_tokens"
 
@@ -100,7 +100,7 @@ class RequestFields(Strict):
 class CompletionRequest(RequestFields):
     """POST /v1/completions."""
 
-    prompt: Union[str, list[int]]  # text, or token ids (a list holding one string is that string)
+    prompt: str | list[int]  # text, or token ids (a list holding one string is that string)
     echo: bool = False  # put the prompt's text before the completion
 
     @field_validator("prompt", mode="before")
@@ -108,7 +108,9 @@ class CompletionRequest(RequestFields):
     def _one_prompt(cls, value):
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
             return value[0]
-        if isinstance(value, str) or (isinstance(value, list) and all(type(v) is int for v in value)):
+        if isinstance(value, str) or (
+            isinstance(value, list) and all(type(v) is int for v in value)
+        ):
             return value
         if isinstance(value, list) and all(isinstance(v, (str, list)) for v in value):
             raise ValueError("only one prompt per request is supported")
@@ -122,8 +124,8 @@ class TextPart(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: Optional[str] = None
+    content: str | list[TextPart]
+    name: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -139,20 +141,24 @@ class ChatMessage(Strict):
             except ValidationError as exc:
                 error = exc.errors(include_url=False)[0]
                 field = ".".join(str(p) for p in error["loc"])
-                raise ValueError(f"part {i}: {field + ': ' if field else ''}{error['msg']}") from None
+                raise ValueError(
+                    f"part {i}: {field + ': ' if field else ''}{error['msg']}"
+                ) from None
         return value
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
 
 
 class ChatCompletionRequest(RequestFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None  # wins over max_tokens (deprecated by OpenAI)
+    max_completion_tokens: int | None = None  # wins over max_tokens (deprecated by OpenAI)
 
-    def output_limit(self) -> tuple[Optional[int], str]:
+    def output_limit(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
@@ -163,7 +169,9 @@ def parse_body(raw: bytes, model: type[Strict]) -> Strict:
     try:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+        raise InvalidRequest(
+            f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -171,7 +179,9 @@ def parse_body(raw: bytes, model: type[Strict]) -> Strict:
     try:  # JSON may spell lone UTF-16 surrogates ("\ud800"), which are not text
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidRequest("request body contains an unpaired surrogate escape (e.g. \\ud800)") from None
+        raise InvalidRequest(
+            "request body contains an unpaired surrogate escape (e.g. \\ud800)"
+        ) from None
     try:
         return model.model_validate(body)
     except ValidationError as exc:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Optional, TypeVar
+from typing import TypeVar
 
 import jinja2
 import structlog
@@ -45,7 +46,7 @@ class ModelNotFound(InvalidRequest):
     status = 404
 
 
-def load_chat_template(value: Optional[str]) -> Optional[str]:
+def load_chat_template(value: str | None) -> str | None:
     """The ``chat_template`` setting: a Jinja template (it has a "{"), or a file holding one."""
     if value is None or "{" in value:
         return value
@@ -60,7 +61,7 @@ class Job:
 
     reply: Reply
     prompt_ids: list[int]
-    max_tokens: Optional[int]  # None: the gateway's default
+    max_tokens: int | None  # None: the gateway's default
     stops: list[str]
     echo: str  # text sent before the completion (completions with ``echo``), else ""
     stream: bool
@@ -105,7 +106,10 @@ class OpenAIServing:
         ]
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
             )
         except (jinja2.TemplateError, TypeError, ValueError) as exc:
             raise InvalidRequest(
@@ -126,7 +130,8 @@ class OpenAIServing:
     def _job(self, body: RequestFields, ids: list[int], echo: str = "") -> Job:
         if body.model is not None and body.model != self.model_name:
             raise ModelNotFound(
-                f"model {body.model!r} does not exist; this server serves {self.model_name!r}", "model"
+                f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                "model",
             )
         max_tokens, param = body.output_limit()
         self.gateway.max_tokens_for(len(ids), max_tokens, param)  # reject now, before queueing
@@ -206,7 +211,9 @@ class OpenAIServing:
                     yield sse(reply.usage_chunk(piece.stats))
                 log.info("stream_finished", request_id=reply.id, **usage(piece.stats))
         except GenerationError as exc:
-            status, kind = (504, "timeout") if isinstance(exc, GenerationTimeout) else (500, "server_error")
+            status, kind = (
+                (504, "timeout") if isinstance(exc, GenerationTimeout) else (500, "server_error")
+            )
             yield sse(error_body(status, str(exc), kind))
         yield DONE
 
@@ -216,7 +223,9 @@ class GenerationStream(StreamingResponse):
     then), client gone, server stopping, or a send that failed before the body started."""
 
     def __init__(self, content: AsyncIterator[str], generation: Generation):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
         self.generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -231,7 +240,7 @@ async def wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnected(receive: Receive, work: Awaitable[T]) -> Optional[tuple[T]]:
+async def until_disconnected(receive: Receive, work: Awaitable[T]) -> tuple[T] | None:
     """``(result,)`` of ``work``, or None if the client disconnects first (``work`` is then
     cancelled). The request body must have been read already."""
     task = asyncio.ensure_future(work)

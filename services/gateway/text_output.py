@@ -12,7 +12,7 @@ the same way). For stop = ["\\n\\n"] and pieces "a\\n", "\\nb":
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from services.gateway.detokenizer import IncrementalDetokenizer
 
@@ -23,7 +23,7 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.held = ""  # text that may be the start of a stop string
-        self.matched: Optional[str] = None  # the stop string found, once found
+        self.matched: str | None = None  # the stop string found, once found
 
     def feed(self, text: str) -> str:
         """The part of ``held + text`` that is safe to show. Once a stop string is found, returns

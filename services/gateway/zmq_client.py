@@ -12,7 +12,7 @@ docs/client.md describes both client APIs and the wire format).
 from __future__ import annotations
 
 import uuid
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import msgpack
 import zmq
@@ -37,13 +37,13 @@ class PipeSpecClient:
         self._ctx = zmq.Context()
         self._sock = open_socket(self._ctx, zmq.DEALER, endpoint, linger_ms=linger_ms)
 
-    def stream(self, prompt: str, max_tokens: Optional[int] = None) -> Iterator[str]:
+    def stream(self, prompt: str, max_tokens: int | None = None) -> Iterator[str]:
         """Text as the gateway commits it."""
         for event in self._events(prompt, max_tokens):
             if event.type == "token" and event.text:
                 yield event.text
 
-    def complete(self, prompt: str, max_tokens: Optional[int] = None) -> tuple[str, dict]:
+    def complete(self, prompt: str, max_tokens: int | None = None) -> tuple[str, dict]:
         """The whole completion and its statistics (``done`` event's ``stats``)."""
         parts = []
         for event in self._events(prompt, max_tokens):
@@ -53,7 +53,7 @@ class PipeSpecClient:
                 return "".join(parts), event.stats or {}
         raise PipeSpecError("the reply ended without a done event")
 
-    def _events(self, prompt: str, max_tokens: Optional[int]) -> Iterator[ClientEvent]:
+    def _events(self, prompt: str, max_tokens: int | None) -> Iterator[ClientEvent]:
         """Events of one request, ending with ``done``; raises PipeSpecError on ``error``."""
         request_id = uuid.uuid4().hex
         request = ClientRequest(prompt=prompt, max_tokens=max_tokens, request_id=request_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -35,20 +35,29 @@ class StageMetrics:
         self.stale_spans = counter("stage_stale_spans", "Spans dropped as stale")
         self.rejected_frames = counter("stage_rejected_frames", "Frames that failed to decode")
         self.accepted_per_pos = Counter(
-            "pipespec:spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position",
-            ["level", "position"], registry=r,
-        )  # fmt: skip
+            "pipespec:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted drafts by position",
+            ["level", "position"],
+            registry=r,
+        )
         self.pass_seconds = Histogram(
-            "pipespec:stage_pass_seconds", "Forward pass wall time", ["level"], registry=r,
+            "pipespec:stage_pass_seconds",
+            "Forward pass wall time",
+            ["level"],
+            registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-        ).labels(**lv)  # fmt: skip
-        self.active_requests = Gauge("pipespec:stage_active_requests", "Requests held", ["level"],
-                                     registry=r).labels(**lv)  # fmt: skip
-        self.queue_depth = Gauge("pipespec:stage_queue_depth", "Requests waiting for a pass",
-                                 ["level"], registry=r).labels(**lv)  # fmt: skip
+        ).labels(**lv)
+        self.active_requests = Gauge(
+            "pipespec:stage_active_requests", "Requests held", ["level"], registry=r
+        ).labels(**lv)
+        self.queue_depth = Gauge(
+            "pipespec:stage_queue_depth", "Requests waiting for a pass", ["level"], registry=r
+        ).labels(**lv)
         self._level = str(level)
 
-    def on_pass(self, drafts: int, accepted: int, emitted: int, rejected: bool, seconds: float) -> None:
+    def on_pass(
+        self, drafts: int, accepted: int, emitted: int, rejected: bool, seconds: float
+    ) -> None:
         self.forward_passes.inc()
         self.emitted_tokens.inc(emitted)
         self.pass_seconds.observe(seconds)
@@ -83,8 +92,9 @@ def serve_http(
         path = environ.get("PATH_INFO", "")
         if path in ("/health/live", "/health/ready"):
             ok = live() if path.endswith("live") else (live() and ready())
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "text/plain")])  # fmt: skip
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            )
             return [b"ok\n" if ok else b"unavailable\n"]
         if path == "/metrics":
             return metrics_app(environ, start_response)

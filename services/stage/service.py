@@ -60,7 +60,9 @@ class ZmqOutbox:
     """The engine's Outbox over real sockets. Sends never block: a full or absent peer costs a
     counted drop, which the protocol repairs (state-based messages, re-sync)."""
 
-    def __init__(self, ctx: zmq.Context, settings: StageSettings, notices: zmq.Socket, sub: zmq.Socket):
+    def __init__(
+        self, ctx: zmq.Context, settings: StageSettings, notices: zmq.Socket, sub: zmq.Socket
+    ):
         self.ctx, self.settings, self.notices, self.sub = ctx, settings, notices, sub
         self.pushes: dict[str, zmq.Socket] = {}
         self.sub_connected: set[str] = set()
@@ -70,8 +72,13 @@ class ZmqOutbox:
     def _push(self, endpoint: str, msg: Message) -> None:
         sock = self.pushes.get(endpoint)
         if sock is None:
-            sock = open_socket(self.ctx, zmq.PUSH, endpoint, linger_ms=self.settings.linger_ms,
-                               hwm=self.settings.hwm)  # fmt: skip
+            sock = open_socket(
+                self.ctx,
+                zmq.PUSH,
+                endpoint,
+                linger_ms=self.settings.linger_ms,
+                hwm=self.settings.hwm,
+            )
             self.pushes[endpoint] = sock
         try:
             sock.send(encode(msg), zmq.NOBLOCK)
@@ -113,10 +120,20 @@ class StageService:
         self.replica = f"{settings.replica_id}-L{settings.level}-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.Context()
         s = settings
-        self.inbox = open_socket(self.ctx, zmq.PULL, f"tcp://{s.bind_host}:{s.inbox_port or '*'}",
-                                 linger_ms=s.linger_ms, hwm=s.hwm)  # fmt: skip
-        self.notices = open_socket(self.ctx, zmq.PUB, f"tcp://{s.bind_host}:{s.notices_port or '*'}",
-                                   linger_ms=s.linger_ms, hwm=s.hwm)  # fmt: skip
+        self.inbox = open_socket(
+            self.ctx,
+            zmq.PULL,
+            f"tcp://{s.bind_host}:{s.inbox_port or '*'}",
+            linger_ms=s.linger_ms,
+            hwm=s.hwm,
+        )
+        self.notices = open_socket(
+            self.ctx,
+            zmq.PUB,
+            f"tcp://{s.bind_host}:{s.notices_port or '*'}",
+            linger_ms=s.linger_ms,
+            hwm=s.hwm,
+        )
         self.sub = self.ctx.socket(zmq.SUB)  # connects lazily, per route
         self.sub.setsockopt(zmq.LINGER, s.linger_ms)
         self.sub.setsockopt(zmq.RCVHWM, s.hwm)
@@ -131,8 +148,13 @@ class StageService:
         self.watch = LoopWatch(s.liveness_timeout_s)
         self.http = None
         if s.metrics_port is not None:
-            self.http = serve_http(self.metrics, s.bind_host, s.metrics_port, live=self.watch.alive,
-                                   ready=lambda: not self.engine.draining)  # fmt: skip
+            self.http = serve_http(
+                self.metrics,
+                s.bind_host,
+                s.metrics_port,
+                live=self.watch.alive,
+                ready=lambda: not self.engine.draining,
+            )
         self.rejected_frames = 0
         self.running = True
         self.drain_deadline: float | None = None
@@ -167,17 +189,27 @@ class StageService:
     def heartbeat(self) -> Heartbeat:
         b = self.backend
         return Heartbeat(
-            replica=self.replica, incarnation=self.replica, level=self.settings.level,
-            inbox=self.inbox_endpoint, notices=self.notices_endpoint, ready=self.watch.alive(),
-            draining=self.engine.draining, active_requests=len(self.engine.requests),
-            model=b.name, backend=b.kind, can_verify=b.can_verify,
-            tokenizer_fingerprint=b.tokenizer_fingerprint, max_context=b.max_context,
-        )  # fmt: skip
+            replica=self.replica,
+            incarnation=self.replica,
+            level=self.settings.level,
+            inbox=self.inbox_endpoint,
+            notices=self.notices_endpoint,
+            ready=self.watch.alive(),
+            draining=self.engine.draining,
+            active_requests=len(self.engine.requests),
+            model=b.name,
+            backend=b.kind,
+            can_verify=b.can_verify,
+            tokenizer_fingerprint=b.tokenizer_fingerprint,
+            max_context=b.max_context,
+        )
 
     def _drain(self, sock: zmq.Socket, multipart: bool) -> None:
         for _ in range(DRAIN_LIMIT):
             try:
-                frame = sock.recv_multipart(zmq.NOBLOCK)[-1] if multipart else sock.recv(zmq.NOBLOCK)
+                frame = (
+                    sock.recv_multipart(zmq.NOBLOCK)[-1] if multipart else sock.recv(zmq.NOBLOCK)
+                )
             except zmq.Again:
                 return
             try:
@@ -185,8 +217,12 @@ class StageService:
             except DecodeError as exc:
                 self.rejected_frames += 1
                 self.metrics.rejected_frames.inc()
-                log.warning("frame_rejected", reason=str(exc), bytes=len(frame),
-                            total_rejected=self.rejected_frames)  # fmt: skip
+                log.warning(
+                    "frame_rejected",
+                    reason=str(exc),
+                    bytes=len(frame),
+                    total_rejected=self.rejected_frames,
+                )
                 continue
             self.engine.handle(msg)
 
@@ -196,9 +232,17 @@ class StageService:
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
-        log.info("stage_ready", replica=self.replica, level=self.settings.level,
-                 inbox=self.inbox_endpoint, notices=self.notices_endpoint, model=self.backend.name,
-                 backend=self.backend.kind, device=self.settings.device, dtype=self.settings.dtype)  # fmt: skip
+        log.info(
+            "stage_ready",
+            replica=self.replica,
+            level=self.settings.level,
+            inbox=self.inbox_endpoint,
+            notices=self.notices_endpoint,
+            model=self.backend.name,
+            backend=self.backend.kind,
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+        )
         interval = self.settings.heartbeat_interval_s
         next_beat = 0.0
         self._beating.set()
@@ -217,7 +261,11 @@ class StageService:
                 # and the target of a drafter's request goes on without it (or the gateway moves it).
                 owned = self.engine.target_requests()
                 if not owned or now >= self.drain_deadline:
-                    log.info("stage_drained", unfinished=owned, speculative=len(self.engine.requests) - owned)
+                    log.info(
+                        "stage_drained",
+                        unfinished=owned,
+                        speculative=len(self.engine.requests) - owned,
+                    )
                     break
             busy = self.engine.has_work()
             timeout_ms = 0 if busy else max(1, min(50, int((next_beat - now) * 1000)))
@@ -234,11 +282,18 @@ class StageService:
     def _stop(self, signum, frame) -> None:
         """First SIGTERM: drain (take no new requests, finish in-flight ones, at most
         drain_timeout_s; the gateway moves what is left). SIGINT or a second signal: stop now."""
-        if signum == signal.SIGTERM and self.drain_deadline is None and self.settings.drain_timeout_s > 0:
+        if (
+            signum == signal.SIGTERM
+            and self.drain_deadline is None
+            and self.settings.drain_timeout_s > 0
+        ):
             self.engine.draining = True
             self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
-            log.info("stage_draining", active_requests=len(self.engine.requests),
-                     timeout_s=self.settings.drain_timeout_s)  # fmt: skip
+            log.info(
+                "stage_draining",
+                active_requests=len(self.engine.requests),
+                timeout_s=self.settings.drain_timeout_s,
+            )
             return
         log.info("stage_stopping", signal=signum)
         self.running = False

@@ -27,8 +27,13 @@ VECTORS = [
 
 @pytest.mark.parametrize("a, g, rho, win, ps, sd4, sd10", VECTORS)
 def test_formulas_match_the_test_vectors(a, g, rho, win, ps, sd4, sd10):
-    got = (steady_state_rho(a, g), window_term(a, g), tokens_per_step(a, g),
-           speculative_decoding_speedup(a, g, 4), speculative_decoding_speedup(a, g, 10))  # fmt: skip
+    got = (
+        steady_state_rho(a, g),
+        window_term(a, g),
+        tokens_per_step(a, g),
+        speculative_decoding_speedup(a, g, 4),
+        speculative_decoding_speedup(a, g, 10),
+    )
     assert got == pytest.approx((rho, win, ps, sd4, sd10), abs=1e-4)
 
 

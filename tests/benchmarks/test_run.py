@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from benchmarks import run, sim_profile as sp
+from benchmarks import run
+from benchmarks import sim_profile as sp
 from benchmarks.hf_methods import level_counts
 from benchmarks.prompts import load, prose
 from benchmarks.report import (
@@ -28,14 +29,20 @@ def method(name, runs, suite="s", kind="measured"):
 
 
 def ar_runs():
-    return [PromptRun("p0", list(range(10)), wall_s=2.0, ttft_s=0.4, target_passes=10, busy_s=[1.9]),
-            PromptRun("p1", list(range(10)), wall_s=2.0, ttft_s=0.4, target_passes=10, busy_s=[1.9])]
+    return [
+        PromptRun("p0", list(range(10)), wall_s=2.0, ttft_s=0.4, target_passes=10, busy_s=[1.9]),
+        PromptRun("p1", list(range(10)), wall_s=2.0, ttft_s=0.4, target_passes=10, busy_s=[1.9]),
+    ]
 
 
 def spec_runs():
     lv = [LevelCount(1, drafts=3, draft_tokens=12, accepted_tokens=6, rollbacks=2)]
-    return [PromptRun("p0", list(range(10)), 1.0, 0.5, 4, levels=lv, busy_s=[0.5, 0.9], passes=[12, 4]),
-            PromptRun("p1", list(range(9)) + [99], 1.0, 0.5, 4, levels=lv, busy_s=[0.5, 0.9], passes=[12, 4])]
+    return [
+        PromptRun("p0", list(range(10)), 1.0, 0.5, 4, levels=lv, busy_s=[0.5, 0.9], passes=[12, 4]),
+        PromptRun(
+            "p1", list(range(9)) + [99], 1.0, 0.5, 4, levels=lv, busy_s=[0.5, 0.9], passes=[12, 4]
+        ),
+    ]
 
 
 def test_summary_totals_speedup_and_acceptance():
@@ -62,8 +69,11 @@ def test_failed_method_is_a_row_with_its_error():
 
 def test_table_has_one_line_per_method():
     ar = method("autoregressive", ar_runs())
-    rows = [summarize(ar, ar), summarize(method("pipespec-k2", spec_runs()), ar),
-            summarize(method("pipespec-k2", spec_runs(), kind="ideal"), ar)]
+    rows = [
+        summarize(ar, ar),
+        summarize(method("pipespec-k2", spec_runs()), ar),
+        summarize(method("pipespec-k2", spec_runs(), kind="ideal"), ar),
+    ]
     text = table(rows, title="== s ==")
     lines = text.splitlines()
     assert lines[0] == "== s ==" and len(lines) == 3 + len(rows)
@@ -81,12 +91,16 @@ def test_json_document_round_trips():
     ar = method("autoregressive", ar_runs())
     doc = document({"command": "x"}, [ar], [summarize(ar, ar)], {})
     back = json.loads(json.dumps(doc))
-    assert back["methods"][0]["runs"][0]["prompt_id"] == "p0" and back["summary"][0]["speedup"] == 1.0
+    assert (
+        back["methods"][0]["runs"][0]["prompt_id"] == "p0" and back["summary"][0]["speedup"] == 1.0
+    )
 
 
 def test_measured_vs_ideal_share():
-    share = measured_vs_ideal({"method": "m", "tokens_per_s": 9.0, "decode_ms_per_token": 110.0},
-                              {"tokens_per_s": 10.0, "decode_ms_per_token": 100.0})
+    share = measured_vs_ideal(
+        {"method": "m", "tokens_per_s": 9.0, "decode_ms_per_token": 110.0},
+        {"tokens_per_s": 10.0, "decode_ms_per_token": 100.0},
+    )
     assert share["share"] == 0.9 and share["decode_share"] == pytest.approx(0.9091, abs=1e-4)
 
 
@@ -109,9 +123,15 @@ def test_scrape_sums_labelled_samples():
 def test_cost_derivation_from_the_paper():
     levels = sp.derive_levels()
     big, mid, small = levels["70B"], levels["8B"], levels["1B"]
-    assert big.cost_ms == 123.69 and big.per_token_ms == pytest.approx((437 - 123.69) / 9.75, abs=1e-3)
-    assert mid.cost_ms == 22.46 and mid.per_token_ms == pytest.approx((28.08 - 22.46) / 3.28, abs=1e-3)
-    assert small.cost_ms == 12.45 and small.per_token_ms == pytest.approx(12.45 * mid.per_token_ms / 22.46, abs=1e-3)
+    assert big.cost_ms == 123.69 and big.per_token_ms == pytest.approx(
+        (437 - 123.69) / 9.75, abs=1e-3
+    )
+    assert mid.cost_ms == 22.46 and mid.per_token_ms == pytest.approx(
+        (28.08 - 22.46) / 3.28, abs=1e-3
+    )
+    assert small.cost_ms == 12.45 and small.per_token_ms == pytest.approx(
+        12.45 * mid.per_token_ms / 22.46, abs=1e-3
+    )
     assert (small.agreement, mid.agreement, big.agreement) == (0.92, 0.94, 1.0)
     # the 70B's mean PipeSpec step of the paper is reproduced at its mean window
     assert big.cost_ms + (10.75 - 1) * big.per_token_ms == pytest.approx(437.0, abs=0.01)
@@ -122,7 +142,9 @@ def test_simulated_stage_tables():
     tables = sp.stage_tables("sync-k3", levels, tokenizer=None, overrides={"max_lead": 4})
     assert [t["level"] for t in tables] == [0, 1, 2]
     assert [t["sim_agreement"] for t in tables] == [0.92, 0.94, 1.0]
-    assert all(t["schedule"] == "sync" and t["lookahead"] == 8 and t["max_lead"] == 4 for t in tables)
+    assert all(
+        t["schedule"] == "sync" and t["lookahead"] == 8 and t["max_lead"] == 4 for t in tables
+    )
     assert [t["sim_cost_ms"] for t in sp.stage_tables("autoregressive", levels, None)] == [123.69]
 
 
@@ -132,8 +154,11 @@ def test_sim_prompts_are_short_and_in_the_vocabulary():
     assert sp.sim_text([3, 17]) == "w3 w17"
 
 
-TINY = {"1B": sp.SimLevel("small", 1.0, 0.1, 0.8), "8B": sp.SimLevel("mid", 3.0, 0.2, 0.9),
-        "70B": sp.SimLevel("big", 20.0, 2.0, 1.0)}
+TINY = {
+    "1B": sp.SimLevel("small", 1.0, 0.1, 0.8),
+    "8B": sp.SimLevel("mid", 3.0, 0.2, 0.9),
+    "70B": sp.SimLevel("big", 20.0, 2.0, 1.0),
+}
 
 
 @pytest.mark.parametrize("name", list(sp.hierarchies()))
@@ -147,7 +172,9 @@ def test_ideal_schedule_reproduces_the_target_and_times_passes(name):
         assert r.busy_s[-1] <= r.wall_s + 1e-9  # a level is never busy longer than the request
         if name == "autoregressive":  # prefill (2 tokens, or 1) + 40 one-token passes of 20 ms
             assert r.target_passes == 40
-            assert r.wall_s == pytest.approx((20.0 + 2.0 * (len(dict(prompts)[r.prompt_id]) - 2) + 40 * 20.0) / 1000)
+            assert r.wall_s == pytest.approx(
+                (20.0 + 2.0 * (len(dict(prompts)[r.prompt_id]) - 2) + 40 * 20.0) / 1000
+            )
         else:
             assert r.target_passes < 40 and r.levels[-1].draft_tokens > 0
         if name.startswith("pipespec"):  # the asynchronous target never idles
@@ -155,10 +182,22 @@ def test_ideal_schedule_reproduces_the_target_and_times_passes(name):
 
 
 def test_simulated_comparison_against_the_paper():
-    rows = [{"suite": "simulated", "kind": kind, "method": m, "tokens_per_s": tps,
-             "ms_per_token": 1000 / tps, "speedup": tps / 8.0}
-            for kind, scale in (("measured", 0.95), ("ideal", 1.0))
-            for m, tps in (("autoregressive", 8.0 * scale), ("sync-k3", 11.0 * scale), ("pipespec-k3", 16.0 * scale))]
+    rows = [
+        {
+            "suite": "simulated",
+            "kind": kind,
+            "method": m,
+            "tokens_per_s": tps,
+            "ms_per_token": 1000 / tps,
+            "speedup": tps / 8.0,
+        }
+        for kind, scale in (("measured", 0.95), ("ideal", 1.0))
+        for m, tps in (
+            ("autoregressive", 8.0 * scale),
+            ("sync-k3", 11.0 * scale),
+            ("pipespec-k3", 16.0 * scale),
+        )
+    ]
     comp = run.simulated_comparison(rows)
     assert comp["methods"]["pipespec-k3"]["paper_speedup"] == 2.54
     assert comp["methods"]["sync-k3"]["paper_speedup"] == 1.37
@@ -178,13 +217,18 @@ def test_real_stage_configs():
     assert k3[1]["sync_wait_s"] == run.NGRAM_SYNC_WAIT_S and "sync_wait_s" not in k3[2]
     assert "threads" not in k3[0] and k3[0]["max_verify_tokens"] == 8 and k3[2]["threads"] == 2
     k2 = run.real_stages(models, "pipespec-k2", {})
-    assert [s["level"] for s in k2] == [0, 1] and all(s["schedule"] == "async" and s["threads"] == 1 for s in k2)
+    assert [s["level"] for s in k2] == [0, 1] and all(
+        s["schedule"] == "async" and s["threads"] == 1 for s in k2
+    )
     smol = run.real_stages(run.MODEL_SETS["smollm2"], "pipespec-k3", {})
     assert smol[1]["backend"] == "early-exit" and smol[1]["early_exit_layers"] == 25
 
 
 def test_overrides_and_prompt_sets():
-    assert run.parse_overrides(["max_lead=4", "dtype=bfloat16"]) == {"max_lead": 4, "dtype": "bfloat16"}
+    assert run.parse_overrides(["max_lead=4", "dtype=bfloat16"]) == {
+        "max_lead": 4,
+        "dtype": "bfloat16",
+    }
     assert [p.id for p in load("prose", 3)] == ["prose/0", "prose/1", "prose/2"]
     with pytest.raises(ValueError):
         load("poetry", 1)

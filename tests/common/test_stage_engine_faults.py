@@ -21,8 +21,10 @@ def models(tmp_path_factory):
     target = tiny_llama(root / "target", layers=3)
     mid = noisy_copy(target, root / "mid", noise=0.02)
     low = noisy_copy(target, root / "low", noise=0.08, seed=2)
-    return {name: HFBackend(str(path)) for name, path in
-            (("target", target), ("mid", mid), ("low", low))}  # fmt: skip
+    return {
+        name: HFBackend(str(path))
+        for name, path in (("target", target), ("mid", mid), ("low", low))
+    }
 
 
 def test_every_seed_reproduces_target_greedy(models):
@@ -31,18 +33,28 @@ def test_every_seed_reproduces_target_greedy(models):
     for seed in range(RUNS):
         rng = random.Random(seed)
         k = rng.choice((2, 3))
-        backends = [models["low"], models["mid"], models["target"]][-k:] if k == 3 else [
-            models[rng.choice(("low", "mid"))], models["target"]]  # fmt: skip
+        backends = (
+            [models["low"], models["mid"], models["target"]][-k:]
+            if k == 3
+            else [models[rng.choice(("low", "mid"))], models["target"]]
+        )
         prompt = [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.randint(1, 8))]
         max_tokens = rng.randint(1, 24)
         key = (tuple(prompt), max_tokens)
         if key not in references:
             references[key] = greedy_reference(models["target"], prompt, max_tokens, eos=[EOS])
-        faults = Faults(drop=rng.uniform(0, 0.3), duplicate=rng.uniform(0, 0.3),
-                        max_delay=rng.uniform(0, 10))  # fmt: skip
+        faults = Faults(
+            drop=rng.uniform(0, 0.3), duplicate=rng.uniform(0, 0.3), max_delay=rng.uniform(0, 10)
+        )
         costs = [1.0, 3.0, 8.0][-k:]
-        h = build(backends, costs, seed=seed, faults=faults, max_lead=rng.randint(1, 10),
-                  max_verify_tokens=rng.randint(1, 12))  # fmt: skip
+        h = build(
+            backends,
+            costs,
+            seed=seed,
+            faults=faults,
+            max_lead=rng.randint(1, 10),
+            max_verify_tokens=rng.randint(1, 12),
+        )
         req = run_request(h, prompt, max_tokens, eos=[EOS])
         if req is None or req.tokens != references[key]:
             failures.append((seed, None if req is None else req.tokens, references[key]))

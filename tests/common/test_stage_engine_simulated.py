@@ -7,7 +7,9 @@ from common.simnet import Faults, build, greedy_reference, run_request
 
 
 def sims(agreements, seed=3):
-    return [SimulatedBackend(agreement=a, seed=seed, vocab=50, sleep=lambda s: None) for a in agreements]
+    return [
+        SimulatedBackend(agreement=a, seed=seed, vocab=50, sleep=lambda s: None) for a in agreements
+    ]
 
 
 @pytest.mark.parametrize("agreements", [(0.9, 1.0), (0.6, 0.8, 1.0), (0.2, 0.5, 1.0)])
@@ -15,7 +17,7 @@ def test_clean_network_matches_target(agreements):
     backends = sims(agreements)
     prompt = [1, 2, 3, 4]
     want = greedy_reference(backends[-1], prompt, 60, eos=())
-    h = build(backends, costs=[1.0, 3.0, 9.0][-len(backends):], seed=0)
+    h = build(backends, costs=[1.0, 3.0, 9.0][-len(backends) :], seed=0)
     req = run_request(h, prompt, 60)
     assert req is not None and req.tokens == want and req.finish_reason == "length"
     stats = {s.level: s for s in req.stats}
@@ -30,8 +32,12 @@ def test_faulty_network_matches_target(seed):
     backends = sims((0.5, 0.8, 1.0), seed=seed)
     prompt = [seed % 7 + 1, 5, 9]
     want = greedy_reference(backends[-1], prompt, 40, eos=())
-    h = build(backends, costs=[1.0, 3.0, 9.0], seed=seed,
-              faults=Faults(drop=0.15, duplicate=0.15, max_delay=6.0))
+    h = build(
+        backends,
+        costs=[1.0, 3.0, 9.0],
+        seed=seed,
+        faults=Faults(drop=0.15, duplicate=0.15, max_delay=6.0),
+    )
     req = run_request(h, prompt, 40)
     assert req is not None, "hung"
     assert req.tokens == want

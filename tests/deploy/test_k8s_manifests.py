@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -46,8 +47,13 @@ Doc = dict[str, Any]
 
 @functools.cache
 def render(target: str) -> tuple[Doc, ...]:
-    proc = subprocess.run([KUBECTL, "kustomize", str(K8S / target)], capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(K8S / target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{proc.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
@@ -112,9 +118,12 @@ def selects(selector: Doc | None, labels: dict[str, str]) -> bool:
         return False
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values", [])
-        ok = {"In": key in labels and labels[key] in values,
-              "NotIn": labels.get(key) not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}[op]  # fmt: skip
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
         if not ok:
             return False
     return True
@@ -187,8 +196,11 @@ def test_everything_is_in_the_pipespec_namespace(docs):
 
 
 def test_one_stage_deployment_per_level_the_gateway_expects(docs):
-    num_levels = int(env_of(gateway_deployment(docs)["spec"]["template"]["spec"]["containers"][0],
-                            docs)["PIPESPEC_GATEWAY_NUM_LEVELS"])  # fmt: skip
+    num_levels = int(
+        env_of(gateway_deployment(docs)["spec"]["template"]["spec"]["containers"][0], docs)[
+            "PIPESPEC_GATEWAY_NUM_LEVELS"
+        ]
+    )
     stages = stage_deployments(docs)
     assert len(stages) == num_levels
     assert sorted(level_of(d) for d in stages) == list(range(num_levels))
@@ -224,8 +236,12 @@ def test_every_service_selects_some_workload(docs):
 def test_gateway_services_registry_reaches_an_unready_gateway(docs):
     """The gateway turns ready only once stages have registered, so the registry Service must not
     wait for readiness; the client-facing one must."""
-    stage_env = env_of(stage_deployments(docs)[0]["spec"]["template"]["spec"]["containers"][0], docs)
-    host, registry_port = re.fullmatch(r"tcp://([^:]+):(\d+)", stage_env["PIPESPEC_STAGE_GATEWAY"]).groups()
+    stage_env = env_of(
+        stage_deployments(docs)[0]["spec"]["template"]["spec"]["containers"][0], docs
+    )
+    host, registry_port = re.fullmatch(
+        r"tcp://([^:]+):(\d+)", stage_env["PIPESPEC_STAGE_GATEWAY"]
+    ).groups()
     services = {name(s): s for s in of_kind(docs, "Service")}
     registry = services[host]
     assert registry["spec"].get("publishNotReadyAddresses") is True
@@ -246,7 +262,9 @@ def test_every_deployment_has_a_disruption_budget_and_an_autoscaler(docs):
         assert len(scalers) == 1, f"{name(deployment)}: {len(scalers)} autoscalers"
         (hpa,) = scalers
         assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
-        assert "replicas" not in deployment["spec"], f"{name(deployment)}: the autoscaler owns replicas"
+        assert "replicas" not in deployment["spec"], (
+            f"{name(deployment)}: the autoscaler owns replicas"
+        )
         metrics = hpa["spec"]["metrics"]
         if component(deployment) == "stage":
             assert [m["pods"]["metric"]["name"] for m in metrics if m["type"] == "Pods"] == [
@@ -281,7 +299,9 @@ def test_stage_probes_match_the_stage_http_endpoints(docs):
         assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
         assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
         startup = c["startupProbe"]
-        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model load needs time"
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, (
+            "model load needs time"
+        )
 
 
 def test_stages_outlive_their_drain(docs, monkeypatch):
@@ -289,7 +309,9 @@ def test_stages_outlive_their_drain(docs, monkeypatch):
     for deployment in stage_deployments(docs):
         pod = deployment["spec"]["template"]["spec"]
         settings = settings_of(StageSettings, env_of(pod["containers"][0], docs), monkeypatch)
-        assert pod["terminationGracePeriodSeconds"] >= settings.drain_timeout_s + 10, name(deployment)
+        assert pod["terminationGracePeriodSeconds"] >= settings.drain_timeout_s + 10, name(
+            deployment
+        )
 
 
 def test_images_are_pinned(docs):
@@ -349,7 +371,9 @@ def test_gpu_overlays_request_gpus_and_cpu_ones_do_not(target, docs, monkeypatch
         limits, requests = c["resources"]["limits"], c["resources"]["requests"]
         if settings.device.startswith("cuda"):
             on_cuda += 1
-            assert int(limits.get(GPU_RESOURCE, 0)) >= 1, f"{name(deployment)} runs on CUDA without a GPU"
+            assert int(limits.get(GPU_RESOURCE, 0)) >= 1, (
+                f"{name(deployment)} runs on CUDA without a GPU"
+            )
             assert requests.get(GPU_RESOURCE, limits[GPU_RESOURCE]) == limits[GPU_RESOURCE]
             assert pod.get("nodeSelector"), f"{name(deployment)}: no nodeSelector for GPU nodes"
             assert any(t.get("key") == GPU_RESOURCE for t in pod.get("tolerations", []))
@@ -371,7 +395,9 @@ def test_config_map_keys_are_settings_fields(docs):
             assert prefix, f"ConfigMap {name(config_map)}: {key} is not PIPESPEC_GATEWAY_/STAGE_*"
             field = key[len(prefix) :].lower()
             cls = PREFIXES[prefix]
-            assert field in cls.model_fields, f"ConfigMap {name(config_map)}: {cls.__name__} has no {field!r}"
+            assert field in cls.model_fields, (
+                f"ConfigMap {name(config_map)}: {cls.__name__} has no {field!r}"
+            )
 
 
 def test_every_level_loads_valid_settings_that_fit_the_pod(docs, monkeypatch):
@@ -380,8 +406,10 @@ def test_every_level_loads_valid_settings_that_fit_the_pod(docs, monkeypatch):
     assert gateway.http_host == gateway.bind_host == "0.0.0.0"
     assert gateway.advertise_host == POD_IP
     assert [port(gateway_container, n) for n in ("http", "registry", "zmq-client")] == [
-        gateway.http_port, gateway.registry_port, gateway.client_port
-    ]  # fmt: skip
+        gateway.http_port,
+        gateway.registry_port,
+        gateway.client_port,
+    ]
     levels = {}
     for deployment in stage_deployments(docs):
         (c,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -404,7 +432,9 @@ def test_every_level_loads_valid_settings_that_fit_the_pod(docs, monkeypatch):
 def allowed(docs, source: dict[str, str], dest: dict[str, str], port_number: int) -> bool:
     """Whether the namespace's NetworkPolicies let a pod labelled ``source`` (same namespace)
     reach a pod labelled ``dest`` on TCP ``port_number``."""
-    policies = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], dest)]
+    policies = [
+        p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], dest)
+    ]
     assert policies, f"no NetworkPolicy selects {dest}"
     for policy in policies:
         for rule in policy["spec"].get("ingress", []):
@@ -412,8 +442,12 @@ def allowed(docs, source: dict[str, str], dest: dict[str, str], port_number: int
             if ports and port_number not in ports:
                 continue
             peers = rule.get("from")
-            if not peers or any("podSelector" in peer and "namespaceSelector" not in peer
-                                and selects(peer["podSelector"], source) for peer in peers):  # fmt: skip
+            if not peers or any(
+                "podSelector" in peer
+                and "namespaceSelector" not in peer
+                and selects(peer["podSelector"], source)
+                for peer in peers
+            ):
                 return True
     return False
 
@@ -423,19 +457,26 @@ def test_network_policies_allow_exactly_the_pipespec_paths(docs):
     stages = [pod_labels(d) for d in stage_deployments(docs)]
     (job,) = [pod_labels(j) for j in of_kind(docs, "Job")]
     outsider = {"app": "something-else"}
-    assert any(p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]
-               for p in of_kind(docs, "NetworkPolicy")), "no default-deny ingress policy"  # fmt: skip
+    assert any(
+        p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]
+        for p in of_kind(docs, "NetworkPolicy")
+    ), "no default-deny ingress policy"
 
     def who(labels: dict[str, str]) -> str:
         return labels.get("app.kubernetes.io/component", "outsider") + (
-            f"-{labels['pipespec/level']}" if "pipespec/level" in labels else "")  # fmt: skip
+            f"-{labels['pipespec/level']}" if "pipespec/level" in labels else ""
+        )
 
     for stage in stages:
         for port_number in (5560, 5561):  # inbox, notices
             for peer in (gateway, *stages):
-                assert allowed(docs, peer, stage, port_number), f"{who(peer)} -> {who(stage)}:{port_number}"
+                assert allowed(docs, peer, stage, port_number), (
+                    f"{who(peer)} -> {who(stage)}:{port_number}"
+                )
             for peer in (outsider, job):
-                assert not allowed(docs, peer, stage, port_number), f"{who(peer)} -> {who(stage)}:{port_number}"
+                assert not allowed(docs, peer, stage, port_number), (
+                    f"{who(peer)} -> {who(stage)}:{port_number}"
+                )
         assert allowed(docs, stage, gateway, 5550), f"{who(stage)} -> gateway:5550"
     assert allowed(docs, outsider, gateway, 8000), "clients -> gateway:8000"
     assert not allowed(docs, outsider, gateway, 5550), "anyone -> gateway registry"

@@ -15,7 +15,10 @@ CONFIGS = Path(__file__).parents[2] / "deploy" / "configs"
 def config(**gateway) -> dict:
     return {
         "gateway": {"tokenizer": "/models/t", "num_levels": 2} | gateway,
-        "stages": [{"level": 0, "backend": "ngram"}, {"level": 1, "model": "/models/t", "replicas": 2}],
+        "stages": [
+            {"level": 0, "backend": "ngram"},
+            {"level": 1, "model": "/models/t", "replicas": 2},
+        ],
     }
 
 
@@ -23,11 +26,16 @@ def test_children_get_their_settings_as_environment_variables():
     plan = plan_from_config(config(registry_port=5600, served_model_name="m"))
     assert [c.name for c in plan.children] == ["gateway", "stage0", "stage1.0", "stage1.1"]
     gateway, *stages = plan.children
-    assert gateway.module == "services.gateway" and gateway.env["PIPESPEC_GATEWAY_SERVED_MODEL_NAME"] == "m"
+    assert (
+        gateway.module == "services.gateway"
+        and gateway.env["PIPESPEC_GATEWAY_SERVED_MODEL_NAME"] == "m"
+    )
     assert all(s.module == "services.stage" for s in stages)
     assert {s.env["PIPESPEC_STAGE_GATEWAY"] for s in stages} == {"tcp://127.0.0.1:5600"}
     assert "PIPESPEC_STAGE_REPLICAS" not in stages[1].env
-    assert plan.http_url == "http://127.0.0.1:8000" and plan.client_endpoint == "tcp://127.0.0.1:5551"
+    assert (
+        plan.http_url == "http://127.0.0.1:8000" and plan.client_endpoint == "tcp://127.0.0.1:5551"
+    )
 
 
 def test_port_zero_means_a_free_port():
@@ -72,10 +80,25 @@ def test_shipped_configs_describe_one_stage_per_level(monkeypatch, name, levels)
 
 
 def test_stats_are_printed_for_people():
-    stats = {"request_id": "cmpl-1", "completion_tokens": 8, "wall_time_s": 0.5, "tokens_per_s": 16.0,
-             "time_to_first_token_s": 0.1, "target_forward_passes": 4, "tokens_per_target_pass": 2.0,
-             "acceptance": [{"level": 1, "accepted_tokens": 3, "draft_tokens": 4, "acceptance_rate": 0.75,
-                             "drafts": 2, "rollbacks": 1}]}  # fmt: skip
+    stats = {
+        "request_id": "cmpl-1",
+        "completion_tokens": 8,
+        "wall_time_s": 0.5,
+        "tokens_per_s": 16.0,
+        "time_to_first_token_s": 0.1,
+        "target_forward_passes": 4,
+        "tokens_per_target_pass": 2.0,
+        "acceptance": [
+            {
+                "level": 1,
+                "accepted_tokens": 3,
+                "draft_tokens": 4,
+                "acceptance_rate": 0.75,
+                "drafts": 2,
+                "rollbacks": 1,
+            }
+        ],
+    }
     text = format_stats(stats)
     assert "8 tokens in 0.50 s (16.0 tokens/s), first token after 0.10 s" in text
     assert "level 1 accepted 3/4 draft tokens (75.0%) in 2 verifications, 1 rollbacks" in text

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
 
 import httpx
 import torch
@@ -20,11 +20,17 @@ from deploy.launch import Plan, System, plan_from_config
 def system_config(tokenizer: str, stages: list[dict], **gateway) -> dict:
     """A launcher config on ephemeral ports; each stage gets one thread (2-core machine)."""
     return {
-        "gateway": {"tokenizer": tokenizer, "num_levels": 1 + max(s["level"] for s in stages),
-                    "http_port": 0, "registry_port": 0, "client_port": 0,
-                    "served_model_name": "test", **gateway},
+        "gateway": {
+            "tokenizer": tokenizer,
+            "num_levels": 1 + max(s["level"] for s in stages),
+            "http_port": 0,
+            "registry_port": 0,
+            "client_port": 0,
+            "served_model_name": "test",
+            **gateway,
+        },
         "stages": [{"threads": 1, **s} if s.get("backend") != "ngram" else s for s in stages],
-    }  # fmt: skip
+    }
 
 
 @contextlib.contextmanager
@@ -40,8 +46,9 @@ def running(config: dict, log_dir: Path, startup_timeout_s: float = 180) -> Iter
     finally:
         system.stop()
         codes = {c.spec.name: c.process.returncode for c in system.children}
-        assert all(code == 0 for code in codes.values()), (
-            f"exit codes {codes}\n" + "\n".join(c.tail() for c in system.children))  # fmt: skip
+        assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n" + "\n".join(
+            c.tail() for c in system.children
+        )
 
 
 def complete(plan: Plan, prompt: str, max_tokens: int, timeout_s: float = 300) -> dict:
@@ -60,7 +67,7 @@ def complete_all(plan: Plan, prompts: list[str], max_tokens: int, concurrency: i
 class GreedyOracle:
     """The target model's own ``generate(do_sample=False)``: the output every run must equal."""
 
-    def __init__(self, model_dir: str, threads: Optional[int] = None):
+    def __init__(self, model_dir: str, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -69,26 +76,37 @@ class GreedyOracle:
     def ids(self, prompt: str, max_tokens: int) -> list[int]:
         prompt_ids = self.tokenizer.encode(prompt)
         with torch.inference_mode():
-            out = self.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(
-                1, len(prompt_ids), dtype=torch.long), max_new_tokens=max_tokens, do_sample=False)  # fmt: skip
+            out = self.model.generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+            )
         return out[0, len(prompt_ids) :].tolist()
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def assert_same_as_oracle(oracle: GreedyOracle, prompts: list[str], results: list[dict], max_tokens: int) -> None:
+def assert_same_as_oracle(
+    oracle: GreedyOracle, prompts: list[str], results: list[dict], max_tokens: int
+) -> None:
     wrong = []
     for prompt, res in zip(prompts, results):
         ids = oracle.ids(prompt, max_tokens)
         got = res["choices"][0]["text"], res["usage"]["completion_tokens"]
         if got != (oracle.text(ids), len(ids)):
             wrong.append((prompt, got, (oracle.text(ids), len(ids))))
-    assert not wrong, f"{len(wrong)}/{len(prompts)} differ from the target's greedy output: {wrong[:2]}"
+    assert not wrong, (
+        f"{len(wrong)}/{len(prompts)} differ from the target's greedy output: {wrong[:2]}"
+    )
 
 
 def leftover_service_processes() -> list[str]:
     """Service processes started by this test process (its children) that are still running."""
-    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-af", r"services\.(stage|gateway)"],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-af", r"services\.(stage|gateway)"],
+        capture_output=True,
+        text=True,
+    )
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]

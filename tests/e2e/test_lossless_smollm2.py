@@ -8,27 +8,46 @@ import torch
 
 from common import model_store
 from common.backends.hf import load_causal_lm
-from tests.e2e.harness import GreedyOracle, assert_same_as_oracle, complete_all, running, system_config
+from tests.e2e.harness import (
+    GreedyOracle,
+    assert_same_as_oracle,
+    complete_all,
+    running,
+    system_config,
+)
 
 MODEL = "smollm2-135m"
 pytestmark = [
     pytest.mark.models,
-    pytest.mark.skipif(not model_store.is_prepared(MODEL),
-                       reason=f"run `{model_store.PREPARE_COMMAND} smollm2` first"),
-]  # fmt: skip
+    pytest.mark.skipif(
+        not model_store.is_prepared(MODEL),
+        reason=f"run `{model_store.PREPARE_COMMAND} smollm2` first",
+    ),
+]
 MAX_TOKENS = 32
 
 PROMPTS = [
-    "def fibonacci(n):", "def quicksort(arr):", "class Stack:\n    def __init__(self):",
-    "import numpy as np\n\ndef normalize(x):", "def is_prime(n):", "for i in range(10):",
-    "def binary_search(items, target):", "# Read a CSV file and print each row\nimport csv\n",
-    "SELECT name, email FROM users WHERE", "def merge_sorted(a, b):",
-    "The capital of France is", "Once upon a time, in a small village,",
-    "The three laws of thermodynamics are", "Photosynthesis is the process by which",
-    "A haiku about the sea:", "The best way to learn a new language is",
-    "Water boils at", "In 1969, the first humans", "The recipe for pancakes:",
+    "def fibonacci(n):",
+    "def quicksort(arr):",
+    "class Stack:\n    def __init__(self):",
+    "import numpy as np\n\ndef normalize(x):",
+    "def is_prime(n):",
+    "for i in range(10):",
+    "def binary_search(items, target):",
+    "# Read a CSV file and print each row\nimport csv\n",
+    "SELECT name, email FROM users WHERE",
+    "def merge_sorted(a, b):",
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three laws of thermodynamics are",
+    "Photosynthesis is the process by which",
+    "A haiku about the sea:",
+    "The best way to learn a new language is",
+    "Water boils at",
+    "In 1969, the first humans",
+    "The recipe for pancakes:",
     "Dear hiring manager,",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +57,11 @@ def oracle():
 
 HIERARCHIES = {
     "k2-ngram": [{"backend": "ngram"}, {"backend": "hf", "model": MODEL}],
-    "k3-ngram-earlyexit": [{"backend": "ngram"},
-                           {"backend": "early-exit", "model": MODEL, "early_exit_layers": 25},
-                           {"backend": "hf", "model": MODEL}],  # fmt: skip
+    "k3-ngram-earlyexit": [
+        {"backend": "ngram"},
+        {"backend": "early-exit", "model": MODEL, "early_exit_layers": 25},
+        {"backend": "hf", "model": MODEL},
+    ],
 }
 
 
@@ -52,7 +73,9 @@ def test_twenty_prompts_equal_target_greedy(oracle, tmp_path, name):
     assert_same_as_oracle(oracle, PROMPTS, results, MAX_TOKENS)
 
 
-def offline_acceptance(oracle: GreedyOracle, drafter_layers: int, max_tokens: int) -> tuple[int, int]:
+def offline_acceptance(
+    oracle: GreedyOracle, drafter_layers: int, max_tokens: int
+) -> tuple[int, int]:
     """Teacher-forced on the target's greedy text: positions where the drafter's argmax equals
     the target's token, and positions checked."""
     drafter = load_causal_lm(str(model_store.model_dir(MODEL)), layers=drafter_layers)
@@ -70,8 +93,10 @@ def offline_acceptance(oracle: GreedyOracle, drafter_layers: int, max_tokens: in
 
 def test_pipeline_acceptance_matches_offline(oracle, tmp_path):
     layers, max_tokens = 25, 64
-    stages = [{"level": 0, "backend": "early-exit", "model": MODEL, "early_exit_layers": layers},
-              {"level": 1, "backend": "hf", "model": MODEL}]  # fmt: skip
+    stages = [
+        {"level": 0, "backend": "early-exit", "model": MODEL, "early_exit_layers": layers},
+        {"level": 1, "backend": "hf", "model": MODEL},
+    ]
     with running(system_config(MODEL, stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, PROMPTS, max_tokens, concurrency=2)
     assert_same_as_oracle(oracle, PROMPTS, results, max_tokens)
@@ -82,7 +107,9 @@ def test_pipeline_acceptance_matches_offline(oracle, tmp_path):
     checked = accepted + sum(a["rollbacks"] for a in level1)
     hits, total = offline_acceptance(oracle, layers, max_tokens)
     online, offline = accepted / checked, hits / total
-    print(f"acceptance per checked position: pipeline {online:.3f} ({checked} positions), "
-          f"offline {offline:.3f} ({total} positions)")
+    print(
+        f"acceptance per checked position: pipeline {online:.3f} ({checked} positions), "
+        f"offline {offline:.3f} ({total} positions)"
+    )
     assert abs(online - offline) <= 0.05
     assert checked >= 100, "too few drafts were checked for a meaningful comparison"

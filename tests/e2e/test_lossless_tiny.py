@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from tests.e2e.harness import GreedyOracle, assert_same_as_oracle, complete_all, running, system_config
+from tests.e2e.harness import (
+    GreedyOracle,
+    assert_same_as_oracle,
+    complete_all,
+    running,
+    system_config,
+)
 from tests.tiny_models import VOCAB_SIZE, noisy_copy, tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -44,8 +50,10 @@ HIERARCHIES = {
 
 @pytest.mark.parametrize("name", HIERARCHIES)
 def test_twenty_prompts_equal_target_greedy(tiny, tmp_path, name):
-    stages = [{"level": i, "backend": b, **({"model": tiny[m]} if m else {})}
-              for i, (b, m) in enumerate(HIERARCHIES[name])]  # fmt: skip
+    stages = [
+        {"level": i, "backend": b, **({"model": tiny[m]} if m else {})}
+        for i, (b, m) in enumerate(HIERARCHIES[name])
+    ]
     ps = prompts(20, seed=len(name))
     with running(system_config(tiny["target"], stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, ps, MAX_TOKENS, concurrency=4)
@@ -59,9 +67,11 @@ def test_twenty_prompts_equal_target_greedy(tiny, tmp_path, name):
 
 
 def test_eight_concurrent_requests_two_replicas_of_a_level(tiny, tmp_path):
-    stages = [{"level": 0, "backend": "ngram"},
-              {"level": 1, "backend": "hf", "model": tiny["close"], "replicas": 2},
-              {"level": 2, "backend": "hf", "model": tiny["target"]}]  # fmt: skip
+    stages = [
+        {"level": 0, "backend": "ngram"},
+        {"level": 1, "backend": "hf", "model": tiny["close"], "replicas": 2},
+        {"level": 2, "backend": "hf", "model": tiny["target"]},
+    ]
     ps = prompts(8, seed=99)
     with running(system_config(tiny["target"], stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, ps, MAX_TOKENS, concurrency=8)

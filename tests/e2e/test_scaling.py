@@ -25,9 +25,16 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
     # big enough that a request (400 tokens) outlasts the 0.05 s drain, so some are in flight at the SIGTERM
     target = str(tiny_llama(tmp_path / "target", hidden=192, layers=6))
     metrics_port = free_port()
-    stages = [{"level": 0, "backend": "ngram"},
-              {"level": 1, "backend": "hf", "model": target, "drain_timeout_s": 0.05,
-               "metrics_port": metrics_port}]  # fmt: skip
+    stages = [
+        {"level": 0, "backend": "ngram"},
+        {
+            "level": 1,
+            "backend": "hf",
+            "model": target,
+            "drain_timeout_s": 0.05,
+            "metrics_port": metrics_port,
+        },
+    ]
     config = system_config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=2.0)
     rng = random.Random(5)
     prompts = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(6)) for _ in range(6)]
@@ -54,8 +61,13 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
         time.sleep(3)
         with open(tmp_path / "second.log", "wb") as log:
             env = os.environ | first.spec.env | {"PIPESPEC_STAGE_METRICS_PORT": str(free_port())}
-            second = subprocess.Popen([sys.executable, "-m", "services.stage"], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+            second = subprocess.Popen(
+                [sys.executable, "-m", "services.stage"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         try:
             deadline = time.monotonic() + 60
             while len(served_by(results)) < 2 and time.monotonic() < deadline:

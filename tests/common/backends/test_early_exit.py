@@ -26,7 +26,9 @@ def exit_after(model, layers: int, sequence: list[int]) -> list[int]:
 
 
 def test_runs_only_the_first_layers(target_dir):
-    settings = StageSettings(level=0, backend="early-exit", model=str(target_dir), early_exit_layers=2)
+    settings = StageSettings(
+        level=0, backend="early-exit", model=str(target_dir), early_exit_layers=2
+    )
     backend = load_backend(settings)
     assert (backend.kind, backend.can_verify) == ("early-exit", True)
     assert backend.name == f"{target_dir} (first 2 layers)"
@@ -38,7 +40,9 @@ def test_predictions_equal_the_full_models_hidden_state_reference(target_dir):
     sequence = PROMPT + [9, 10, 11, 12]
     for layers in (1, 3):
         session = HFBackend(str(target_dir), early_exit_layers=layers).new_session(PROMPT[:2])
-        preds = session.forward(sequence[2:5]) + [p for t in sequence[5:] for p in session.forward([t])]
+        preds = session.forward(sequence[2:5]) + [
+            p for t in sequence[5:] for p in session.forward([t])
+        ]
         assert preds == exit_after(full, layers, sequence)[2:]
 
 
@@ -63,7 +67,9 @@ def test_layer_count_out_of_range(target_dir, layers):
 
 def test_hf_backend_rejects_early_exit_layers(target_dir):
     with pytest.raises(ValueError, match="use backend 'early-exit'"):
-        load_backend(StageSettings(level=0, backend="hf", model=str(target_dir), early_exit_layers=2))
+        load_backend(
+            StageSettings(level=0, backend="hf", model=str(target_dir), early_exit_layers=2)
+        )
 
 
 @pytest.mark.models

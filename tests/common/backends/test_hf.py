@@ -27,7 +27,11 @@ def generate(model, prompt: list[int], n: int) -> list[int]:
     """transformers' own greedy decoding, never stopping at EOS."""
     ids = torch.tensor([prompt])
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
     )
     return out[0, len(prompt) :].tolist()
 
@@ -135,8 +139,12 @@ def agreement(backend, reference_preds: list[int], sequence: list[int]) -> float
 def test_draft_factories(target, target_dir, tmp_path):
     sequence = PROMPT + step_by_step(target, PROMPT, NEW_TOKENS)
     truth = target.new_session([]).forward(sequence)
-    similar = agreement(HFBackend(str(noisy_copy(target_dir, tmp_path / "similar"))), truth, sequence)
-    unrelated = agreement(HFBackend(str(tiny_llama(tmp_path / "draft", seed=1, layers=2))), truth, sequence)
+    similar = agreement(
+        HFBackend(str(noisy_copy(target_dir, tmp_path / "similar"))), truth, sequence
+    )
+    unrelated = agreement(
+        HFBackend(str(tiny_llama(tmp_path / "draft", seed=1, layers=2))), truth, sequence
+    )
     assert 0.25 < similar < 0.95 and unrelated < similar
 
 
@@ -188,7 +196,9 @@ def test_unavailable_backend_kind(monkeypatch):
 
 def require(name: str) -> None:
     if not model_store.is_prepared(name):
-        pytest.skip(f"{name} not prepared: run `{model_store.PREPARE_COMMAND} {model_store.group_for(name)}`")
+        pytest.skip(
+            f"{name} not prepared: run `{model_store.PREPARE_COMMAND} {model_store.group_for(name)}`"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -221,5 +231,8 @@ def test_smollm2_from_gguf_matches_the_converted_directory(smollm2):
 def test_qwen_models_share_a_tokenizer():
     require("qwen2.5-coder-0.5b")
     require("qwen2.5-coder-1.5b")
-    small, large = (fingerprint(load_tokenizer(str(model_store.model_dir(n)))) for n in model_store.GROUPS["qwen"])
+    small, large = (
+        fingerprint(load_tokenizer(str(model_store.model_dir(n))))
+        for n in model_store.GROUPS["qwen"]
+    )
     assert small == large

@@ -60,7 +60,9 @@ def test_prepared_models_are_skipped(tmp_path, capsys):
 
 def installed_file_spec(copies: int, sha256: str, size: int) -> ModelSpec:
     """A spec whose parts are an installed package's file (pytest's __init__.py), repeated."""
-    return ModelSpec("test", (Part(f"pytest=={pytest.__version__}", "__init__.py"),) * copies, size, sha256)
+    return ModelSpec(
+        "test", (Part(f"pytest=={pytest.__version__}", "__init__.py"),) * copies, size, sha256
+    )
 
 
 def test_join_checks_size_and_hash(tmp_path):

@@ -14,7 +14,9 @@ def scan_predict(history: list[int], ngram_max: int, ngram_min: int):
         if n > len(history):
             continue
         suffix = history[-n:]
-        for end in range(len(history) - 1, n - 1, -1):  # occurrence history[end-n:end], then history[end]
+        for end in range(
+            len(history) - 1, n - 1, -1
+        ):  # occurrence history[end-n:end], then history[end]
             if history[end - n : end] == suffix:
                 return history[end]
     return None
@@ -28,7 +30,11 @@ def test_docstring_example():
 
 def test_backend_attributes():
     backend = NgramBackend()
-    assert (backend.kind, backend.can_verify, backend.tokenizer_fingerprint) == ("ngram", False, None)
+    assert (backend.kind, backend.can_verify, backend.tokenizer_fingerprint) == (
+        "ngram",
+        False,
+        None,
+    )
     assert backend.eos_token_ids == () and backend.max_context == 0
 
 
@@ -43,7 +49,9 @@ def test_longest_suffix_wins_over_a_later_shorter_match():
     session = NgramBackend(ngram_max=2, ngram_min=1).new_session([1, 2, 3, 2, 8, 1])
     assert session.forward([2]) == [3]
     # with only unigrams, the latest "2" wins
-    assert NgramBackend(ngram_max=1, ngram_min=1).new_session([1, 2, 3, 2, 8, 1]).forward([2]) == [8]
+    assert NgramBackend(ngram_max=1, ngram_min=1).new_session([1, 2, 3, 2, 8, 1]).forward([2]) == [
+        8
+    ]
 
 
 def test_ngram_min_excludes_short_matches():

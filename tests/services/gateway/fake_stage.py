@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Optional
 
 import zmq
 
@@ -29,11 +28,11 @@ class FakeStage:
         self,
         gateway: str,
         level: int,
-        script: Optional[list[int]] = None,
+        script: list[int] | None = None,
         *,
         piece: int = 2,
         delay_s: float = 0.0,
-        fingerprint: Optional[str] = None,
+        fingerprint: str | None = None,
         max_context: int = 0,
         die_on_start: bool = False,
     ):
@@ -78,7 +77,9 @@ class FakeStage:
 
     def _run(self) -> None:
         push = open_socket(self._ctx, zmq.PUSH, self.gateway, linger_ms=0)
-        sending: dict[str, tuple[Start, int]] = {}  # request id -> (its Start, next position to send)
+        sending: dict[
+            str, tuple[Start, int]
+        ] = {}  # request id -> (its Start, next position to send)
         next_beat = 0.0
         while not self._stop.is_set():
             if self.silent.is_set():
@@ -106,7 +107,7 @@ class FakeStage:
         self._inbox.close()
         self._ctx.term()
 
-    def _committed(self, start: Start) -> tuple[list[int], Optional[str]]:
+    def _committed(self, start: Start) -> tuple[list[int], str | None]:
         return apply_stop(self.script, start.eos_ids, start.max_tokens)
 
     def _output(self, start: Start, pos: int) -> Output:
@@ -116,7 +117,12 @@ class FakeStage:
         stats = [
             LevelStats(level=0, forward_passes=len(tokens)),
             LevelStats(
-                level=1, forward_passes=4, drafts=3, draft_tokens=12, accepted_tokens=9, rollbacks_issued=2
+                level=1,
+                forward_passes=4,
+                drafts=3,
+                draft_tokens=12,
+                accepted_tokens=9,
+                rollbacks_issued=2,
             ),
         ]
         return Output(

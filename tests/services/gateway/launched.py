@@ -8,8 +8,8 @@ import contextlib
 import json
 import re
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import torch

@@ -9,7 +9,6 @@ import json
 import socket
 import threading
 import time
-from typing import Optional
 
 import httpx
 import msgpack
@@ -47,7 +46,7 @@ def free_port() -> int:
 class System:
     """App + gateway + client API, and a faked drafter and target that reply with TEXT."""
 
-    def __init__(self, tokenizer, settings: Optional[dict] = None, **target_options):
+    def __init__(self, tokenizer, settings: dict | None = None, **target_options):
         fields = dict(
             tokenizer="built-in-test",
             num_levels=2,
@@ -80,7 +79,7 @@ class System:
 
 
 @contextlib.contextmanager
-def running(tokenizer, settings: Optional[dict] = None, **target_options):
+def running(tokenizer, settings: dict | None = None, **target_options):
     system = System(tokenizer, settings, **target_options)
     with TestClient(system.app) as http:
         system.http = http
@@ -130,11 +129,17 @@ def test_http_stream_is_openai_sse_and_adds_up_to_the_text(system):
 
 def test_http_stream_without_include_usage_has_no_usage(system):
     chunks = stream_chunks(system, "/v1/completions", {"prompt": "Le café"})
-    assert all("usage" not in c for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert (
+        all("usage" not in c for c in chunks)
+        and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    )
 
 
 def test_chat_renders_the_template_and_answers_as_the_assistant(system):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Le café ?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Le café ?"},
+    ]
     response = system.http.post(
         "/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 5}
     )
@@ -155,8 +160,13 @@ def test_chat_renders_the_template_and_answers_as_the_assistant(system):
 def test_chat_max_completion_tokens_wins_and_is_named_in_errors(system):
     messages = [{"role": "user", "content": "hi"}]
     body = {"messages": messages, "max_tokens": 9, "max_completion_tokens": 2}
-    assert system.http.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] == 2
-    error = system.http.post("/v1/chat/completions", json=body | {"max_completion_tokens": 0}).json()["error"]
+    assert (
+        system.http.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"]
+        == 2
+    )
+    error = system.http.post(
+        "/v1/chat/completions", json=body | {"max_completion_tokens": 0}
+    ).json()["error"]
     assert (
         error["param"] == "max_completion_tokens"
         and "max_completion_tokens must be at least 1" in error["message"]
@@ -165,7 +175,9 @@ def test_chat_max_completion_tokens_wins_and_is_named_in_errors(system):
 
 def test_chat_stream_starts_with_the_role_and_ends_with_an_empty_delta(system):
     parts = [{"type": "text", "text": "Le "}, {"type": "text", "text": "café"}]
-    chunks = stream_chunks(system, "/v1/chat/completions", {"messages": [{"role": "user", "content": parts}]})
+    chunks = stream_chunks(
+        system, "/v1/chat/completions", {"messages": [{"role": "user", "content": parts}]}
+    )
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == TEXT
@@ -214,7 +226,9 @@ def test_a_stop_string_that_never_comes_changes_nothing(system):
 
 def test_echo_and_token_id_prompts(system):
     ids = system.tokenizer.encode("Le café")
-    body = system.http.post("/v1/completions", json={"prompt": ids, "echo": True, "max_tokens": 3}).json()
+    body = system.http.post(
+        "/v1/completions", json={"prompt": ids, "echo": True, "max_tokens": 3}
+    ).json()
     assert body["choices"][0]["text"] == "Le café" + system.tokenizer.decode(system.script[:3])
     assert system.stages[1].starts()[-1].prompt == ids
     chunks = stream_chunks(system, "/v1/completions", {"prompt": "Le café", "echo": True})
@@ -242,7 +256,10 @@ def test_requests_beyond_the_admission_limits_get_429(tokenizer):
         assert queued[0].status_code == 429  # waited past queue_timeout_s
         assert "no request slot freed within 0.2 s" in queued[0].json()["error"]["message"]
         first.join(timeout=10)
-        assert system.http.post("/v1/completions", json={"prompt": "d", "max_tokens": 2}).status_code == 200
+        assert (
+            system.http.post("/v1/completions", json={"prompt": "d", "max_tokens": 2}).status_code
+            == 200
+        )
         assert (system.gateway.admission.running, system.gateway.admission.waiting) == (0, 0)
         metrics = system.http.get("/metrics").text
         assert 'pipespec:rejected_requests_total{api="http",code="429"} 2.0' in metrics
@@ -273,7 +290,10 @@ def test_zmq_client_streams_and_completes(system):
         (b"\xc1 not msgpack", "not msgpack"),
         (msgpack.packb([1, 2]), "must be a msgpack map"),
         (msgpack.packb({"max_tokens": 3}), "prompt: Field required"),
-        (msgpack.packb({"prompt": "hi", "max_tokens": "3"}), "max_tokens: Input should be a valid integer"),
+        (
+            msgpack.packb({"prompt": "hi", "max_tokens": "3"}),
+            "max_tokens: Input should be a valid integer",
+        ),
         (msgpack.packb({"prompt": "hi", "max_tokens": 0}), "at least 1"),
         (msgpack.packb({"prompt": "", "max_tokens": 3}), "must not be empty"),
         (msgpack.packb({"prompt": "hi", "stream": True}), "stream: Extra inputs are not permitted"),
@@ -302,7 +322,9 @@ def test_zmq_bad_input_gets_an_error_and_nothing_breaks(system, payload, words):
 def test_http_client_disconnect_cancels_the_request(tokenizer, stream):
     system = System(tokenizer, piece=1, delay_s=0.05)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(system.app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(system.app, host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -61,7 +61,11 @@ def error_of(response, status: int) -> dict:
         ({"prompt": "hi", "max_tokens": -3}, "max_tokens", "at least 1"),
         ({"prompt": "hi", "max_tokens": LIMIT + 1}, "max_tokens", f"at most {LIMIT}"),
         ({"prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
-        ({"prompt": "hi", "temperature": 0.7}, "temperature", "sampling, which is not supported yet"),
+        (
+            {"prompt": "hi", "temperature": 0.7},
+            "temperature",
+            "sampling, which is not supported yet",
+        ),
         ({"prompt": "hi", "temperature": -1}, "temperature", "greater than or equal to 0"),
         ({"prompt": "hi", "top_p": 0}, "top_p", "greater than 0"),
         ({"prompt": "hi", "n": 2}, "n", "only n=1 is supported, got 2"),
@@ -72,9 +76,21 @@ def error_of(response, status: int) -> dict:
         ({"prompt": "hi", "stop": ["a", ""]}, "stop", "must not be empty"),
         ({"prompt": "hi", "stop": list("abcdefghijklmnopq")}, "stop", "at most 16 stop strings"),
         ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", "only 0 is accepted"),
-        ({"prompt": "hi", "stream_options": {"include_usage": True}}, None, "only allowed with stream"),
-        ({"prompt": "hi", "stream": True, "stream_options": {"x": 1}}, "stream_options.x", "unsupported"),
-        ({"prompt": "hi", "logprobs": 2}, "logprobs", "unsupported field 'logprobs' (supported: model,"),
+        (
+            {"prompt": "hi", "stream_options": {"include_usage": True}},
+            None,
+            "only allowed with stream",
+        ),
+        (
+            {"prompt": "hi", "stream": True, "stream_options": {"x": 1}},
+            "stream_options.x",
+            "unsupported",
+        ),
+        (
+            {"prompt": "hi", "logprobs": 2},
+            "logprobs",
+            "unsupported field 'logprobs' (supported: model,",
+        ),
         ({"prompt": ""}, "prompt", "must not be empty"),
     ],
 )
@@ -91,16 +107,32 @@ def test_bad_fields_are_400_with_the_field_named(client, body, param, words):
         ({}, "messages", "field 'messages' is required"),
         ({"messages": []}, "messages", "at least 1 item"),
         ({"messages": "hi"}, "messages", "valid list"),
-        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "'system', 'developer'"),
-        ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content", "string or a list of text"),
+        (
+            {"messages": [{"role": "wizard", "content": "hi"}]},
+            "messages.0.role",
+            "'system', 'developer'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": 3}]},
+            "messages.0.content",
+            "string or a list of text",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages.0.content",
             "part 0: type",
         ),
         ({"messages": [{"role": "user"}]}, "messages.0.content", "is required"),
-        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1}, "temperature", "sampling"),
-        ({"messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo", "unsupported field"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": 1},
+            "temperature",
+            "sampling",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "echo": True},
+            "echo",
+            "unsupported field",
+        ),
     ],
 )
 def test_bad_chat_fields_are_400_with_the_field_named(client, body, param, words):
@@ -159,7 +191,9 @@ def test_prompt_plus_max_tokens_beyond_the_targets_context_is_400(client, gatewa
     )
     prompt = "The quick brown fox"
     n = len(tokenizer.encode(prompt))
-    error = error_of(client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 17 - n}), 400)
+    error = error_of(
+        client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 17 - n}), 400
+    )
     assert "context of 16 tokens" in error["message"] and error["param"] == "max_tokens"
     long = "The quick brown fox jumps over the lazy dog. " * 3
     error = error_of(client.post("/v1/completions", json={"prompt": long}), 400)
@@ -235,9 +269,13 @@ def test_liveness_needs_no_stages(client):
 def test_openapi_documents_the_request_bodies(client):
     schema = client.get("/openapi.json").json()
     components = schema["components"]["schemas"]
-    assert {"CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions"} <= set(components)
+    assert {"CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions"} <= set(
+        components
+    )
     assert {"prompt", "max_tokens", "stop", "echo", "stream_options"} <= set(
         components["CompletionRequest"]["properties"]
     )
-    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"][
+        "application/json"
+    ]
     assert body["schema"] == {"$ref": "#/components/schemas/ChatCompletionRequest"}

@@ -34,7 +34,9 @@ def wait_for_stages(ports: list[int], active: float, timeout_s: float) -> float:
     """Seconds until every stage reports ``active`` requests; fails after ``timeout_s``."""
     started = time.monotonic()
     while [stage_gauge(port) for port in ports] != [active] * len(ports):
-        assert time.monotonic() - started < timeout_s, f"stages did not reach {active} active requests"
+        assert time.monotonic() - started < timeout_s, (
+            f"stages did not reach {active} active requests"
+        )
         time.sleep(0.02)
     return time.monotonic() - started
 
@@ -58,7 +60,9 @@ def test_non_stream_disconnect_frees_every_stage_within_a_second(sim):
 
     def impatient_client() -> None:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{plan.http_url}/v1/completions", json=BODY, timeout=httpx.Timeout(10, read=1.5))
+            httpx.post(
+                f"{plan.http_url}/v1/completions", json=BODY, timeout=httpx.Timeout(10, read=1.5)
+            )
         gone_at.append(time.monotonic())
 
     client = threading.Thread(target=impatient_client)

@@ -53,7 +53,9 @@ async def running_gateway(tokenizer, **overrides):
     stages: list[FakeStage] = []
 
     def stage(level: int, script=None, **kw) -> FakeStage:
-        stages.append(FakeStage(gateway.reply_to, level, script, fingerprint=fingerprint(tokenizer), **kw))
+        stages.append(
+            FakeStage(gateway.reply_to, level, script, fingerprint=fingerprint(tokenizer), **kw)
+        )
         return stages[-1]
 
     try:
@@ -88,7 +90,9 @@ def test_streams_the_targets_output_with_statistics(tokenizer, script):
         async with running_gateway(tokenizer) as (gateway, stage):
             drafter, target = stage(0), stage(1, script)
             await until(lambda: gateway.unavailable_reason() is None)
-            ids, finish = await collect(await gateway.generate(tokenizer.encode("Le café"), max_tokens=64))
+            ids, finish = await collect(
+                await gateway.generate(tokenizer.encode("Le café"), max_tokens=64)
+            )
             assert ids == script and finish.finish_reason == "stop"
             s = finish.stats
             assert (s.completion_tokens, s.target_forward_passes, s.tokens_per_target_pass) == (
@@ -96,7 +100,9 @@ def test_streams_the_targets_output_with_statistics(tokenizer, script):
                 4,
                 len(script) / 4,
             )
-            assert [(a.level, a.acceptance_rate, a.rollbacks) for a in s.acceptance] == [(1, 0.75, 2)]
+            assert [(a.level, a.acceptance_rate, a.rollbacks) for a in s.acceptance] == [
+                (1, 0.75, 2)
+            ]
             start = target.starts()[0]
             assert start.eos_ids == [tokenizer.eos_token_id] and start.reply_to == gateway.reply_to
             assert [hop.replica for hop in start.route] == [drafter.replica, target.replica]
@@ -202,7 +208,10 @@ def test_a_stage_error_fails_the_request(tokenizer):
             await push.send(
                 encode(
                     RequestError(
-                        request_id=generation.request_id, replica="r", level=1, message="prompt too long"
+                        request_id=generation.request_id,
+                        replica="r",
+                        level=1,
+                        message="prompt too long",
                     )
                 )
             )
@@ -264,7 +273,10 @@ def test_stop_ends_the_request_early_with_statistics(tokenizer, script):
             assert (stats.completion_tokens, stats.prompt_tokens, stats.acceptance) == (1, 2, [])
             await until(lambda: target.cancels())
             assert [c.reason for c in target.cancels()] == ["stop string"]
-            assert 'pipespec:requests_total{outcome="stop"} 1.0' in gateway.metrics.exposition().decode()
+            assert (
+                'pipespec:requests_total{outcome="stop"} 1.0'
+                in gateway.metrics.exposition().decode()
+            )
 
     asyncio.run(main())
 

@@ -37,7 +37,9 @@ class Tiny:
         self.plan, self.target = plan, target
         self.url = plan.http_url
         self.tokenizer = AutoTokenizer.from_pretrained(target)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60
+        )
 
     def expected(self, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
         ids = greedy_ids(self.target, prompt_ids, max_tokens)
@@ -63,7 +65,9 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_completions(tiny, stream):
     text, count = tiny.expected(tiny.tokenizer.encode(PROMPT))
-    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=3, user="u1")
+    kwargs = dict(
+        model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=3, user="u1"
+    )
     if not stream:
         response = tiny.client.completions.create(**kwargs)
         assert response.choices[0].text == text and response.usage.completion_tokens == count
@@ -71,7 +75,9 @@ def test_openai_completions(tiny, stream):
         assert response.model_extra["spec_decode_stats"]["completion_tokens"] == count
         return
     chunks = list(
-        tiny.client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+        tiny.client.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == count
@@ -88,7 +94,8 @@ def test_openai_chat(tiny, stream):
         assert response.choices[0].message.role == "assistant"
         assert response.choices[0].message.content == text
         assert (
-            response.usage.prompt_tokens == len(tiny.chat_ids()) and response.usage.completion_tokens == count
+            response.usage.prompt_tokens == len(tiny.chat_ids())
+            and response.usage.completion_tokens == count
         )
         return
     chunks = list(tiny.client.chat.completions.create(**kwargs, stream=True))
@@ -110,13 +117,17 @@ def test_openai_errors_and_models(tiny):
 def test_stop_string_across_tokens_over_raw_http(tiny):
     text, _ = tiny.expected(tiny.tokenizer.encode(PROMPT))
     words = text.split()
-    stop = f"{words[2][1:]} {words[3][:2]}"  # the end of one token, the space, the start of the next
+    stop = (
+        f"{words[2][1:]} {words[3][:2]}"  # the end of one token, the space, the start of the next
+    )
     expected = text[: text.find(stop)]
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stop": [stop]}
     with httpx.Client(base_url=tiny.url, timeout=60) as http:
         whole = http.post("/v1/completions", json=body).json()
         chunks = sse_chunks(http.post("/v1/completions", json=body | {"stream": True}).text)
-    assert whole["choices"][0]["text"] == expected and whole["choices"][0]["finish_reason"] == "stop"
+    assert (
+        whole["choices"][0]["text"] == expected and whole["choices"][0]["finish_reason"] == "stop"
+    )
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
@@ -131,7 +142,12 @@ BAD_REQUESTS = [  # (path, httpx keyword arguments, status, words in the message
     ("/v1/completions", {"json": {"model": "gpt-4", "prompt": PROMPT}}, 404, "does not exist"),
     ("/v1/completions", {"json": {"prompt": ""}}, 400, "must not be empty"),
     ("/v1/completions", {"content": b'{"prompt": "w5 \xff"}'}, 400, "not valid UTF-8"),
-    ("/v1/completions", {"content": b'{"prompt": "' + b"w5 " * 30_000 + b'"}'}, 413, "over the limit"),
+    (
+        "/v1/completions",
+        {"content": b'{"prompt": "' + b"w5 " * 30_000 + b'"}'},
+        413,
+        "over the limit",
+    ),
     ("/v1/completions", {"json": {"prompt": PROMPT, "temperature": 0.9}}, 400, "sampling"),
     ("/v1/chat/completions", {"json": {"messages": [{"role": "user"}]}}, 400, "is required"),
     ("/v1/chat/completions", {"json": {"messages": MESSAGES, "n": 2}}, 400, "only n=1"),
@@ -153,7 +169,12 @@ def test_bad_input_gets_4xx_and_leaves_a_running_stream_intact(tiny):
             while not stop.is_set():
                 response = http.post(path, **kwargs)
                 answers.append(
-                    (time.monotonic(), case, response.status_code, response.json()["error"]["message"])
+                    (
+                        time.monotonic(),
+                        case,
+                        response.status_code,
+                        response.json()["error"]["message"],
+                    )
                 )
 
     firing = [threading.Thread(target=fire, args=(i,)) for i in range(len(BAD_REQUESTS))]
@@ -161,7 +182,10 @@ def test_bad_input_gets_4xx_and_leaves_a_running_stream_intact(tiny):
         thread.start()
     try:
         deadline = time.monotonic() + 30
-        while len({case for _, case, _, _ in answers}) < len(BAD_REQUESTS) and time.monotonic() < deadline:
+        while (
+            len({case for _, case, _, _ in answers}) < len(BAD_REQUESTS)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         with httpx.Client(base_url=tiny.url, timeout=60) as http:
             with http.stream("POST", "/v1/completions", json=body) as response:
@@ -178,7 +202,9 @@ def test_bad_input_gets_4xx_and_leaves_a_running_stream_intact(tiny):
         path, _, expected_status, words = BAD_REQUESTS[case]
         assert (status, words in message) == (expected_status, True), (path, status, message)
     assert len({case for _, case, _, _ in answers}) == len(BAD_REQUESTS)
-    assert any(began < when < ended for when, _, _, _ in answers), "no bad request overlapped the stream"
+    assert any(began < when < ended for when, _, _, _ in answers), (
+        "no bad request overlapped the stream"
+    )
     chunks = sse_chunks("".join(f"{line}\n\n" for line in lines if line))
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == text
     assert chunks[-1]["usage"]["completion_tokens"] == count

@@ -37,7 +37,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def registry(clock: Clock) -> ReplicaRegistry:
-    return ReplicaRegistry(num_levels=3, tokenizer_fingerprint=FP, heartbeat_timeout_s=TIMEOUT, clock=clock)
+    return ReplicaRegistry(
+        num_levels=3, tokenizer_fingerprint=FP, heartbeat_timeout_s=TIMEOUT, clock=clock
+    )
 
 
 def register_full(registry: ReplicaRegistry) -> None:
@@ -49,7 +51,11 @@ def register_full(registry: ReplicaRegistry) -> None:
 def test_route_has_one_hop_per_level_in_order(registry):
     register_full(registry)
     route = registry.pick_route()
-    assert [(hop.level, hop.replica) for hop in route] == [(0, "ngram"), (1, "draft"), (2, "target")]
+    assert [(hop.level, hop.replica) for hop in route] == [
+        (0, "ngram"),
+        (1, "draft"),
+        (2, "target"),
+    ]
     assert registry.unavailable_reason() is None
 
 
@@ -63,7 +69,10 @@ def test_missing_level_is_named(registry):
 @pytest.mark.parametrize(
     "hb, reason",
     [
-        (beat("wrong-vocab", 1, tokenizer_fingerprint="other"), "tokenizer fingerprint other differs"),
+        (
+            beat("wrong-vocab", 1, tokenizer_fingerprint="other"),
+            "tokenizer fingerprint other differs",
+        ),
         (beat("too-high", 3), "level 3 is not below num_levels=3"),
         (beat("weak-target", 2, can_verify=False), "is the target but backend"),
     ],

@@ -31,7 +31,9 @@ def smol(tmp_path_factory):
     with launched(
         config(str(model_dir), stages), tmp_path_factory.mktemp("smol"), startup_timeout_s=300
     ) as plan:
-        client = openai.OpenAI(base_url=f"{plan.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(
+            base_url=f"{plan.http_url}/v1", api_key="unused", max_retries=0, timeout=120
+        )
         yield client, model_dir, AutoTokenizer.from_pretrained(model_dir)
 
 
