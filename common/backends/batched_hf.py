@@ -1,0 +1,319 @@
+"""A compact batched runner over a transformers Llama / Qwen2 model's own modules (gpt-fast style).
+
+One :meth:`BatchedRunner.step` is one forward pass for many requests. Their runs are flattened
+into one ``[tokens, hidden]`` batch with per-token positions; the linear layers, norms and the
+head see the whole batch; attention runs per request against that request's rows of a static KV
+pool (``[kv_heads, pool_tokens, head_dim]`` per layer, blocks handed out by
+:class:`~common.backends.kv_pool.BlockPool`).
+
+**Logits independent of window and batch, by construction** (research: batching-sampling.md §3):
+
+* every matrix product gets at least ``min_rows`` (4) rows: the flat batch, each request's queries
+  in attention and the rows given to the head are padded with dummy rows, because MKL's fp32
+  products give a row bit-identical results for any row count M >= 4 at one thread, but not for
+  M = 1..3; run one intra-op thread (``threads=1``, the default of :class:`HFBatchedBackend`);
+* a request's attention always spans its whole reservation (``capacity`` rounded up to a block),
+  masked beyond each query's position, so the reductions over keys have the same length whatever
+  the request's window, length, or neighbours;
+* norms, rotary, residuals and the MLP's activation act on each row alone.
+
+So a request's logits in a mixed ragged batch are bit-identical to the same request fed one token
+at a time (``tests/common/backends/test_batched_hf.py`` checks this and each operation).
+
+It reuses the loaded model's modules and weights (embedding, q/k/v/o with Qwen2's biases, MLP,
+RMSNorm, rotary tables, tied or untied lm_head, GQA) and loads through
+:func:`common.backends.hf.load_causal_lm`, like every other transformers backend. No kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from common.backends.batched import (
+    BatchedBackend,
+    PoolUsage,
+    Run,
+    RunResult,
+    check_runs,
+)
+from common.backends.kv_pool import BlockPool
+
+SUPPORTED = ("llama", "qwen2")
+
+
+def pad_rows(x: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``min_rows`` rows (dim 0); ``x`` itself if it has enough.
+
+    >>> pad_rows(torch.ones(1, 2), 4).tolist()
+    [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    >>> pad_rows(torch.ones(5, 2), 4).shape
+    torch.Size([5, 2])
+    """
+    if x.shape[0] >= min_rows:
+        return x
+    return torch.cat([x, x.new_zeros((min_rows - x.shape[0], *x.shape[1:]))])
+
+
+def causal_span_mask(positions: torch.Tensor, span: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[rows, span]``: 0 where key ``j <= position`` of the row, else -inf.
+
+    >>> causal_span_mask(torch.tensor([1, 2]), 4, torch.float32).tolist()
+    [[0.0, 0.0, -inf, -inf], [0.0, 0.0, 0.0, -inf]]
+    """
+    keys = torch.arange(span, device=positions.device)
+    mask = torch.zeros((len(positions), span), dtype=dtype, device=positions.device)
+    return mask.masked_fill_(keys[None, :] > positions[:, None], float("-inf"))
+
+
+def _check_architecture(lm: PreTrainedModel) -> None:
+    config = lm.config
+    if config.model_type not in SUPPORTED:
+        raise ValueError(
+            f"the batched runner supports {', '.join(SUPPORTED)} models, not {config.model_type!r}"
+        )
+    if getattr(config, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(config, "layer_types", None) or ()
+    ):
+        raise ValueError("the batched runner does not support sliding-window attention layers")
+
+
+class _Slot:
+    """One open request: its pool rows (reservation order) and how many positions it holds."""
+
+    __slots__ = ("rows", "length")
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows, self.length = rows, 0
+
+
+class BatchedRunner(BatchedBackend):
+    """Batched forward passes of ``lm`` (a loaded Llama / Qwen2 causal LM) over a static KV pool.
+
+    ``kv_pool_tokens``: positions the pool holds for all requests together (a stage setting);
+    ``min_rows``: rows every matrix product gets (4 makes logits batch-invariant; 1 disables it).
+    """
+
+    kind = "hf-batched"
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        *,
+        kv_pool_tokens: int = 4096,
+        block_size: int = 16,
+        min_rows: int = 4,
+    ):
+        _check_architecture(lm)
+        self.lm, self.min_rows = lm, max(1, min_rows)
+        decoder = lm.model
+        config = lm.config
+        first = decoder.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.groups = self.n_heads // self.n_kv
+        self.scaling = first.scaling
+        self.max_context = getattr(config, "max_position_embeddings", 0) or 0
+        weight = decoder.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.pool = BlockPool(kv_pool_tokens, block_size)
+        shape = (len(decoder.layers), self.n_kv, self.pool.capacity_tokens, self.head_dim)
+        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        table = min(self.max_context or self.pool.capacity_tokens, self.pool.capacity_tokens)
+        with torch.inference_mode():
+            positions = torch.arange(table, device=self.device)[None, :]
+            cos, sin = decoder.rotary_emb(weight[:1][None], positions)
+        self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
+        self._slots: dict[Hashable, _Slot] = {}
+
+    # -- the pool ---------------------------------------------------------------------------------
+
+    def open(self, request: Hashable, capacity: int) -> None:
+        if self.max_context and capacity > self.max_context:
+            raise ValueError(
+                f"request {request!r}: capacity {capacity} exceeds the model's "
+                f"{self.max_context} positions"
+            )
+        if capacity > self.cos.shape[0]:
+            raise ValueError(
+                f"request {request!r}: capacity {capacity} exceeds the pool's "
+                f"{self.cos.shape[0]} positions"
+            )
+        self.pool.reserve(request, capacity)
+        rows = torch.tensor(self.pool.rows(request), dtype=torch.long, device=self.device)
+        self._slots[request] = _Slot(rows)
+
+    def can_open(self, capacity: int) -> bool:
+        return capacity <= self.cos.shape[0] and self.pool.can_reserve(capacity)
+
+    def length(self, request: Hashable) -> int:
+        return self._slots[request].length
+
+    def crop(self, request: Hashable, length: int) -> None:
+        slot = self._slots[request]
+        if not 0 <= length <= slot.length:
+            raise ValueError(f"crop({length}) on request {request!r} of length {slot.length}")
+        slot.length = length  # rows past it are masked out and overwritten by the next feed
+
+    def close(self, request: Hashable) -> None:
+        if self._slots.pop(request, None) is not None:
+            self.pool.release(request)
+
+    def usage(self) -> PoolUsage:
+        used, capacity = self.pool.usage()
+        held = sum(s.length for s in self._slots.values())
+        return PoolUsage(used, capacity, held_tokens=held, requests=len(self._slots))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.k_pool.shape[0] * self.n_kv * self.head_dim * self.k_pool.element_size()
+
+    # -- one pass ---------------------------------------------------------------------------------
+
+    def step(self, runs: Sequence[Run]) -> dict[Hashable, RunResult]:
+        check_runs(runs, self._slots)
+        vocab = self.lm.config.vocab_size
+        for run in runs:
+            slot = self._slots[run.request]
+            if slot.length + len(run.tokens) > len(slot.rows):
+                raise ValueError(
+                    f"request {run.request!r}: {slot.length} + {len(run.tokens)} positions exceed "
+                    f"its capacity of {len(slot.rows)}"
+                )
+            if any(not 0 <= t < vocab for t in run.tokens):
+                raise ValueError(f"request {run.request!r}: token ids must be in [0, {vocab})")
+        runs = [run for run in runs if run.tokens]
+        if not runs:
+            return {}
+        with torch.inference_mode():
+            return self._step(runs)
+
+    def _step(self, runs: list[Run]) -> dict[Hashable, RunResult]:
+        dev = self.device
+        starts = [self._slots[r.request].length for r in runs]
+        ids = torch.tensor([t for r in runs for t in r.tokens], dtype=torch.long, device=dev)
+        positions = torch.cat(
+            [torch.arange(s, s + len(r.tokens), device=dev) for s, r in zip(starts, runs)]
+        )
+        n = len(ids)
+        write = torch.cat(
+            [
+                self._slots[r.request].rows[p]
+                for r, p in zip(runs, positions.split(self._lens(runs)))
+            ]
+        )
+        # per request: its rows in the flat batch, its key rows in the pool, its mask
+        parts, offset = [], 0
+        for r, s in zip(runs, starts):
+            t = len(r.tokens)
+            pos = torch.arange(s, s + t, device=dev)
+            if t < self.min_rows:  # dummy query rows repeat the last position: never -inf rows
+                pos = torch.cat([pos, pos[-1:].expand(self.min_rows - t)])
+            rows = self._slots[r.request].rows
+            parts.append((offset, t, rows, causal_span_mask(pos, len(rows), self.dtype)))
+            offset += t
+
+        decoder = self.lm.model
+        x = pad_rows(decoder.embed_tokens(ids), self.min_rows)
+        padded_pos = pad_rows(positions, self.min_rows)
+        cos, sin = self.cos[padded_pos], self.sin[padded_pos]  # [N, d]
+        for i, layer in enumerate(decoder.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(-1, self.n_heads, self.head_dim)
+            k = attn.k_proj(h).view(-1, self.n_kv, self.head_dim)
+            v = attn.v_proj(h).view(-1, self.n_kv, self.head_dim)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+            self.k_pool[i].index_copy_(1, write, k[:n].transpose(0, 1))
+            self.v_pool[i].index_copy_(1, write, v[:n].transpose(0, 1))
+            out = x.new_zeros((x.shape[0], self.n_heads * self.head_dim))
+            for start, t, rows, mask in parts:
+                out[start : start + t] = self._attend(i, q[start : start + t], rows, mask, t)
+            x = x + attn.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+
+        results, offset = {}, 0
+        for r, s in zip(runs, starts):
+            t = len(r.tokens)
+            self._slots[r.request].length = s + t
+            keep = r.n_rows()
+            hidden = x[offset + t - keep : offset + t]
+            offset += t
+            if keep == 0:
+                results[r.request] = RunResult([], [], x.new_zeros((0, self.lm.config.vocab_size)))
+                continue
+            logits = self.lm.lm_head(decoder.norm(pad_rows(hidden, self.min_rows)))[:keep]
+            results[r.request] = RunResult(
+                r.row_positions(s), logits.argmax(dim=-1).tolist(), logits
+            )
+        return results
+
+    @staticmethod
+    def _lens(runs: list[Run]) -> list[int]:
+        return [len(r.tokens) for r in runs]
+
+    def _attend(
+        self, layer: int, q: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, t: int
+    ) -> torch.Tensor:
+        """One request's attention: ``q [t, heads, d]`` against its whole reserved span."""
+        tp = mask.shape[0]
+        q = pad_rows(q, tp).permute(1, 0, 2)  # [heads, tp, d]
+        q = q.reshape(self.n_kv, self.groups * tp, self.head_dim)  # kv head i serves heads i*g..
+        k = self.k_pool[layer].index_select(1, rows)  # [kv, span, d]
+        v = self.v_pool[layer].index_select(1, rows)
+        scores = torch.matmul(q, k.transpose(1, 2)) * self.scaling  # [kv, g*tp, span]
+        scores = scores.view(self.n_kv, self.groups, tp, -1) + mask
+        probs = torch.softmax(scores, dim=-1).view(self.n_kv, self.groups * tp, -1)
+        out = torch.matmul(probs, v).view(self.n_heads, tp, self.head_dim)
+        return out[:, :t].transpose(0, 1).reshape(t, self.n_heads * self.head_dim)
+
+
+class HFBatchedBackend(BatchedRunner):
+    """:class:`BatchedRunner` over a model loaded the users' way (:func:`load_causal_lm`: a
+    prepared name, a directory, a ``.gguf`` or a cached hub id; ``early_exit_layers`` keeps the
+    first N layers). ``threads`` (default 1) sets torch's intra-op threads for the process: one
+    thread is part of what keeps logits batch-invariant."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        threads: int | None = 1,
+        early_exit_layers: int | None = None,
+        kv_pool_tokens: int = 4096,
+        block_size: int = 16,
+        min_rows: int = 4,
+    ):
+        from common.backends.hf import _ids, load_causal_lm
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        lm = load_causal_lm(model, dtype, early_exit_layers).to(torch.device(device))
+        super().__init__(
+            lm, kv_pool_tokens=kv_pool_tokens, block_size=block_size, min_rows=min_rows
+        )
+        self.name = (
+            model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"
+        )
+        generation = lm.generation_config
+        self.eos_token_ids = _ids(generation and generation.eos_token_id) or _ids(
+            lm.config.eos_token_id
+        )
+        self._tokenizer_source = tokenizer or model
+        self._fingerprint: str | None = None
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            from common.tokenization import fingerprint, load_tokenizer
+
+            self._fingerprint = fingerprint(load_tokenizer(self._tokenizer_source))
+        return self._fingerprint

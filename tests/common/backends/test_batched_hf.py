@@ -1,0 +1,188 @@
+"""The batched runner on tiny random Llama and Qwen2 models, loaded through ``load_causal_lm``.
+
+The oracle is the runner itself decoding one request alone, one token at a time (padded the same
+way): every row a mixed ragged batch returns must equal it bit for bit, rollbacks included. Against
+transformers the logits are close and greedy decoding equals ``generate``.
+"""
+
+import random
+
+import pytest
+import torch
+
+from common.backends.batched import PoolExhausted, Run
+from common.backends.batched_hf import BatchedRunner, HFBatchedBackend
+from tests.common.backends.batched_fixtures import BUILDERS
+from tests.tiny_models import VOCAB_SIZE
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def model_dir(request, tmp_path_factory):
+    return BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir):
+    return HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=1024)
+
+
+def oracle(runner: BatchedRunner, seq: list[int], request="oracle") -> torch.Tensor:
+    """Logits after each token of ``seq``, fed alone one token at a time."""
+    runner.open(request, len(seq))
+    try:
+        rows = [runner.step([Run(request, [t])])[request].logits[0] for t in seq]
+    finally:
+        runner.close(request)
+    return torch.stack(rows)
+
+
+def test_mixed_ragged_batches_with_rollbacks_equal_the_oracle_bit_for_bit(backend):
+    """Four requests of different lengths share passes: prefills, windows of 1-6 tokens, wrong
+    drafts cropped off and re-fed; every row for a true position equals the oracle exactly."""
+    rng = random.Random(0)
+    seqs = {
+        f"r{i}": [rng.randrange(3, VOCAB_SIZE) for _ in range(n)]
+        for i, n in enumerate((40, 23, 57, 31))
+    }
+    # reservations longer than the oracle's (room for wrong drafts): spans differ too
+    expected = {r: oracle(backend, s) for r, s in seqs.items()}
+    for r, s in seqs.items():
+        backend.open(r, len(s) + 8)
+    checked = 0
+    try:
+        while any(backend.length(r) < len(s) for r, s in seqs.items()):
+            runs, fed = [], {}
+            for r, s in seqs.items():
+                done = backend.length(r)
+                if done == len(s) or rng.random() < 0.3:
+                    continue
+                n = rng.choice((1, 1, 2, 3, 4, 6, 17)) if done else rng.randrange(1, 20)
+                good = s[done : done + n]
+                bad = [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.choice((0, 0, 1, 3)))]
+                fed[r] = (done, len(good))
+                runs.append(Run(r, good + bad))
+            out = backend.step(runs)
+            for r, (done, n_good) in fed.items():
+                got = out[r]
+                assert got.positions == list(range(done, done + len(got.positions)))
+                assert torch.equal(got.logits[:n_good], expected[r][done : done + n_good])
+                assert got.greedy[:n_good] == expected[r][done : done + n_good].argmax(-1).tolist()
+                checked += n_good
+                backend.crop(r, done + n_good)  # drop the wrong drafts; re-fed correctly later
+    finally:
+        for r in seqs:
+            backend.close(r)
+    assert checked == sum(map(len, seqs.values()))
+    assert backend.usage().used_tokens == 0
+
+
+def test_crop_and_refeed_gives_identical_logits(backend):
+    seq = [1, 5, 17, 33, 60, 8, 9, 10, 11, 40, 41, 42]
+    backend.open("a", 32)
+    try:
+        first = backend.step([Run("a", seq)])["a"].logits
+        backend.crop("a", 5)
+        again = backend.step([Run("a", seq[5:])])["a"].logits
+        assert torch.equal(first[5:], again)
+    finally:
+        backend.close("a")
+
+
+def test_logits_are_close_to_the_transformers_model(backend):
+    seq = [1, 5, 17, 33, 60, 8, 9, 10, 11, 40, 41, 42, 77, 3, 94, 50]
+    reference = backend.lm(torch.tensor([seq])).logits[0].detach()
+    delta = (oracle(backend, seq) - reference).abs().max().item()
+    assert delta < 1e-4, delta
+
+
+def greedy_batched(runner: BatchedRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy decoding of all prompts together: one prefill pass, then one token each per pass."""
+    names = [f"g{i}" for i in range(len(prompts))]
+    for name, prompt in zip(names, prompts):
+        runner.open(name, len(prompt) + n)
+    try:
+        out = runner.step([Run(name, p, rows=1) for name, p in zip(names, prompts)])
+        tokens = {name: [out[name].greedy[0]] for name in names}
+        while len(tokens[names[0]]) < n:
+            out = runner.step([Run(name, tokens[name][-1:]) for name in names])
+            for name in names:
+                tokens[name].append(out[name].greedy[0])
+        return [tokens[name] for name in names]
+    finally:
+        for name in names:
+            runner.close(name)
+
+
+def generate(lm, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = lm.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_decoding_equals_transformers_generate(backend):
+    prompts = [[1, 5, 17, 33, 60, 8], [1, 70], [1, 9, 9, 9, 12, 44, 45, 46, 3, 3, 80]]
+    got = greedy_batched(backend, prompts, 30)
+    assert got == [generate(backend.lm, p, 30) for p in prompts]
+
+
+def test_the_pool_is_bounded_and_its_usage_readable(model_dir):
+    runner = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=64, block_size=16)
+    assert runner.usage().capacity_tokens == 64
+    runner.open("a", 40)  # 3 blocks
+    assert (runner.usage().used_tokens, runner.usage().perc) == (48, 0.75)
+    assert not runner.can_open(17)
+    with pytest.raises(PoolExhausted, match="KV pool full"):
+        runner.open("b", 17)
+    runner.step([Run("a", [1, 2, 3])])
+    assert runner.usage().held_tokens == 3
+    with pytest.raises(ValueError, match="exceed its capacity of 48"):
+        runner.step([Run("a", [4] * 46)])
+    assert runner.length("a") == 3  # a rejected pass changes nothing
+    runner.close("a")
+    runner.open("b", 64)
+    assert runner.usage().perc == 1.0
+
+
+def test_bad_passes_get_clear_errors_and_change_nothing(backend):
+    backend.open("a", 16)
+    try:
+        with pytest.raises(KeyError, match="not open"):
+            backend.step([Run("a", [1]), Run("zz", [1])])
+        with pytest.raises(ValueError, match="twice"):
+            backend.step([Run("a", [1]), Run("a", [2])])
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
+            backend.step([Run("a", [1, VOCAB_SIZE])])
+        with pytest.raises(ValueError, match="already open"):
+            backend.open("a", 16)
+        with pytest.raises(ValueError, match="crop"):
+            backend.crop("a", 1)
+        assert backend.length("a") == 0
+        assert backend.step([Run("a", [])]) == {}
+        assert backend.step([Run("a", [1, 2], rows=0)])["a"].positions == []
+        assert backend.length("a") == 2
+    finally:
+        backend.close("a")
+
+
+def test_unsupported_architectures_are_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB_SIZE)
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="supports llama, qwen2 models, not 'gpt2'"):
+        HFBatchedBackend(str(tmp_path), threads=None)

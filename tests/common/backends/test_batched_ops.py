@@ -1,0 +1,100 @@
+"""Row invariance of each operation the batched runner uses, bit for bit, at one thread.
+
+A row computed among M rows (M >= 4, the runner's padding) must equal the same row computed in a
+4-row call, for every M tried: linear layers (with and without bias, SmolLM2's and Qwen's shapes),
+RMSNorm, the head, and attention over ragged requests. Also runs the modules' worked examples.
+"""
+
+import doctest
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from common.backends import batched, batched_hf, kv_pool
+from common.backends.batched import Run
+from common.backends.batched_hf import pad_rows
+
+ROW_COUNTS = (4, 5, 7, 8, 13, 16, 33, 64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("module", [batched, kv_pool, batched_hf])
+def test_worked_examples(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def rows_are_invariant(op, width: int, generator: torch.Generator) -> None:
+    """``op`` on M rows gives each row exactly what it gives that row padded to 4 rows."""
+    big = torch.randn(max(ROW_COUNTS), width, generator=generator)
+    for m in ROW_COUNTS:
+        together = op(big[:m])
+        for i in (0, m // 2, m - 1):
+            alone = op(pad_rows(big[i : i + 1], 4))[0]
+            assert torch.equal(together[i], alone), (m, i)
+
+
+@pytest.mark.parametrize(
+    "d_in, d_out, bias",
+    [(576, 1536, False), (1536, 576, False), (576, 192, False), (896, 128, True), (32, 96, False)],
+)
+def test_linear_rows_are_invariant(d_in, d_out, bias):
+    g = torch.Generator().manual_seed(d_in + d_out)
+    linear = torch.nn.Linear(d_in, d_out, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(d_out, d_in, generator=g) * 0.05)
+        if bias:
+            linear.bias.copy_(torch.randn(d_out, generator=g))
+    with torch.inference_mode():
+        rows_are_invariant(linear, d_in, g)
+
+
+def test_rmsnorm_rows_are_invariant():
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    with torch.inference_mode():
+        rows_are_invariant(norm, 576, torch.Generator().manual_seed(1))
+
+
+def test_attention_rows_are_invariant_across_windows(tmp_path):
+    """One request's query rows attend the same whether fed 1, 3, 4 or 9 at a time."""
+    from common.backends.batched_hf import HFBatchedBackend
+    from tests.common.backends.batched_fixtures import tiny_llama
+
+    runner = HFBatchedBackend(str(tiny_llama(tmp_path / "m", hidden=64)), threads=None)
+    runner.open("a", 48)
+    runner.step([Run("a", list(range(3, 30)))])  # 27 positions of keys in every layer
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(9, runner.n_heads, runner.head_dim, generator=g)
+    rows = runner._slots["a"].rows
+    with torch.inference_mode():
+
+        def attend(first: int, t: int) -> torch.Tensor:
+            pos = torch.arange(first, first + t)
+            tp = max(t, 4)
+            pos = torch.cat([pos, pos[-1:].expand(tp - t)])
+            mask = batched_hf.causal_span_mask(pos, len(rows), runner.dtype)
+            return runner._attend(0, q[first - 18 : first - 18 + t], rows, mask, t)
+
+        window = attend(18, 9)
+        for t in (1, 2, 3, 4, 5):
+            for first in range(18, 27 - t + 1, t):
+                assert torch.equal(attend(first, t), window[first - 18 : first - 18 + t]), t
+
+
+def test_head_rows_are_invariant():
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(576, 4096, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(4096, 576, generator=g) * 0.05)
+    with torch.inference_mode():
+        rows_are_invariant(head, 576, g)
