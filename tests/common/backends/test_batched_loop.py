@@ -1,0 +1,78 @@
+"""n-gram and simulated backends behind the batched interface: same predictions as their sessions,
+one cost per pass for the simulator, bounded reservations."""
+
+import doctest
+import random
+
+import pytest
+
+from common.backends import batched_loop, batched_sim
+from common.backends.batched import PoolExhausted, Run
+from common.backends.batched_loop import LoopedBatched
+from common.backends.batched_sim import SimulatedBatched, relative_cost
+from common.backends.ngram import NgramBackend
+from common.backends.simulated import SimulatedBackend
+
+
+@pytest.mark.parametrize("module", [batched_loop, batched_sim])
+def test_worked_examples(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def interleaved(batched, sessions_of, seqs, seed=0):
+    """Feed ``seqs`` in random ragged chunks, with wrong tails cropped off; compare every row with
+    a plain session fed the same tokens."""
+    rng = random.Random(seed)
+    for name, seq in seqs.items():
+        batched.open(name, len(seq) + 4)
+    while any(batched.length(n) < len(s) for n, s in seqs.items()):
+        runs, fed = [], {}
+        for name, seq in seqs.items():
+            done = batched.length(name)
+            if done < len(seq) and rng.random() < 0.7:
+                good = seq[done : done + rng.randrange(1, 6)]
+                runs.append(Run(name, good + [rng.randrange(50)] * rng.choice((0, 2))))
+                fed[name] = (done, len(good))
+        out = batched.step(runs)
+        for name, (done, n) in fed.items():
+            session = sessions_of.new_session(seqs[name][:done])
+            assert out[name].greedy[:n] == session.forward(seqs[name][done : done + n])
+            batched.crop(name, done + n)
+
+
+def test_ngram_batched_predicts_like_its_sessions():
+    rng = random.Random(1)
+    seqs = {f"r{i}": [rng.randrange(6) for _ in range(30)] for i in range(3)}
+    interleaved(LoopedBatched(NgramBackend(3, 1)), NgramBackend(3, 1), seqs)
+
+
+def test_simulated_batched_predicts_like_its_sessions_and_pays_once_per_pass():
+    slept = []
+    batched = SimulatedBatched(agreement=0.6, seed=3, vocab=50, cost_ms=20.0, sleep=slept.append)
+    seqs = {f"r{i}": list(range(i, i + 25)) for i in range(4)}
+    interleaved(batched, SimulatedBackend(agreement=0.6, seed=3, vocab=50), seqs)
+    assert slept and all(s >= 0.02 for s in slept)
+    slept.clear()
+    batched.open("x", 40)
+    batched.open("y", 40)
+    batched.step([Run("x", list(range(10))), Run("y", list(range(6)))])
+    assert slept == [pytest.approx(0.02 * relative_cost(16))]
+
+
+def test_the_cost_curve_grows_with_batch_tokens():
+    costs = [relative_cost(n) for n in range(1, 80)]
+    assert costs == sorted(costs) and costs[0] == 1.0
+
+
+def test_reservations_are_bounded():
+    batched = LoopedBatched(NgramBackend(2, 1), kv_pool_tokens=20)
+    batched.open("a", 15)
+    assert not batched.can_open(6)
+    with pytest.raises(PoolExhausted, match="5 of 20 free"):
+        batched.open("b", 6)
+    with pytest.raises(ValueError, match="exceed its capacity of 15"):
+        batched.step([Run("a", [1] * 16)])
+    batched.close("a")
+    batched.open("b", 20)
+    assert batched.usage().perc == 1.0
