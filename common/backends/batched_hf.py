@@ -237,20 +237,22 @@ class BatchedRunner(BatchedBackend):
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
 
-        results, offset = {}, 0
-        for r, s in zip(runs, starts):
+        # one head call for every request's wanted rows (rows are independent: padding suffices)
+        keep, offset = [], 0
+        for r in runs:
             t = len(r.tokens)
-            self._slots[r.request].length = s + t
-            keep = r.n_rows()
-            hidden = x[offset + t - keep : offset + t]
+            keep.append(torch.arange(offset + t - r.n_rows(), offset + t, device=dev))
             offset += t
-            if keep == 0:
-                results[r.request] = RunResult([], [], x.new_zeros((0, self.lm.config.vocab_size)))
-                continue
-            logits = self.lm.lm_head(decoder.norm(pad_rows(hidden, self.min_rows)))[:keep]
-            results[r.request] = RunResult(
-                r.row_positions(s), logits.argmax(dim=-1).tolist(), logits
-            )
+        wanted = torch.cat(keep)
+        if len(wanted):
+            logits = self.lm.lm_head(decoder.norm(pad_rows(x[wanted], self.min_rows)))
+        else:
+            logits = x.new_zeros((0, self.lm.config.vocab_size))
+        logits = logits[: len(wanted)].split([len(k) for k in keep])
+        results = {}
+        for r, s, rows in zip(runs, starts, logits):
+            self._slots[r.request].length = s + len(r.tokens)
+            results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
 
     @staticmethod
