@@ -4,10 +4,10 @@
     python -m benchmarks.batched_costs curve              # pass cost vs requests x tokens
     python -m benchmarks.batched_costs cb                 # transformers' continuous batching
 
-``padding``: median ms of one 1-token step of one request (64-token context) through the batched
+``padding``: min and median ms (runs interleaved) of one 1-token step of one request (64-token context) through the batched
 runner with ``min_rows`` 4 and 1, and through the transformers model with a ``DynamicCache``.
 
-``curve``: median ms of one runner pass in which R requests (64-token contexts) each feed T tokens,
+``curve``: min and median ms of one runner pass in which R requests (64-token contexts) each feed T tokens,
 for R in 1, 2, 4, 8, 16 and T in 1, 4, against R separate transformers passes of T tokens each
 (what the per-request engine pays today).
 
@@ -32,14 +32,18 @@ from common.backends.batched_hf import HFBatchedBackend
 CONTEXT = 64
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_ms(fns: dict, repeats: int) -> dict:
+    """{name: (min ms, median ms)} of each function, the functions interleaved so that the
+    machine's other load falls on all of them alike (min: the least disturbed run)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {n: (round(min(t), 1), round(statistics.median(t), 1)) for n, t in times.items()}
 
 
 def _runner_pass(runner: HFBatchedBackend, requests: int, tokens: int):
@@ -75,16 +79,27 @@ def _hf_passes(lm, requests: int, tokens: int):
 
 
 def padding(model: str, repeats: int) -> None:
-    for min_rows in (4, 1):
-        runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=2048, min_rows=min_rows)
-        once, close = _runner_pass(runner, 1, 1)
-        with torch.inference_mode():
-            ms = median_ms(once, repeats)
-        close()
-        print(json.dumps({"what": "runner 1x1", "min_rows": min_rows, "ms": round(ms, 2)}))
+    runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=2048)
+    once, close = _runner_pass(runner, 1, 1)
+
+    def rows(n):
+        def run():
+            runner.min_rows = n
+            once()
+
+        return run
+
     with torch.inference_mode():
-        ms = median_ms(_hf_passes(runner.lm, 1, 1), repeats)
-    print(json.dumps({"what": "transformers 1x1", "ms": round(ms, 2)}))
+        got = timed_ms(
+            {
+                "min_rows=4": rows(4),
+                "min_rows=1": rows(1),
+                "transformers": _hf_passes(runner.lm, 1, 1),
+            },
+            repeats,
+        )
+    close()
+    print(json.dumps({"what": "lone 1-token step, ms (min, median)"} | got))
 
 
 def curve(model: str, repeats: int) -> None:
@@ -92,12 +107,14 @@ def curve(model: str, repeats: int) -> None:
     for tokens in (1, 4):
         for requests in (1, 2, 4, 8, 16):
             once, close = _runner_pass(runner, requests, tokens)
+            fns = {
+                "runner": once,
+                "transformers_per_request": _hf_passes(runner.lm, requests, tokens),
+            }
             with torch.inference_mode():
-                ms = median_ms(once, repeats)
-                hf = median_ms(_hf_passes(runner.lm, requests, tokens), max(1, repeats // 2))
+                got = timed_ms(fns, repeats)
             close()
-            row = {"requests": requests, "tokens": tokens, "runner_ms": round(ms, 1)}
-            print(json.dumps(row | {"transformers_per_request_ms": round(hf, 1)}))
+            print(json.dumps({"requests": requests, "tokens": tokens} | got))
 
 
 def continuous_batching(model: str, new_tokens: int = 16) -> None:
@@ -135,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("padding", "curve", "cb"))
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "padding":
