@@ -108,7 +108,10 @@ class BatchedBackend(ABC):
 
     @abstractmethod
     def open(self, request: Hashable, capacity: int) -> None:
-        """Reserve room for ``capacity`` positions; :class:`PoolExhausted` if the pool is short."""
+        """Reserve room for ``capacity`` positions.
+
+        :class:`PoolExhausted` if the pool is short now (queue the request and retry when another
+        closes); ``ValueError`` if it could never fit (more than the pool or the model holds)."""
 
     def can_open(self, capacity: int) -> bool:
         """Whether :meth:`open` with this capacity would succeed now."""

@@ -55,6 +55,10 @@ class LoopedBatched(BatchedBackend):
     def open(self, request: Hashable, capacity: int) -> None:
         if request in self._sessions:
             raise ValueError(f"request {request!r} is already open")
+        if self.capacity is not None and capacity > self.capacity:
+            raise ValueError(
+                f"request {request!r}: capacity {capacity} exceeds the pool's {self.capacity}"
+            )
         if not self.can_open(capacity):
             raise PoolExhausted(
                 f"pool full: {capacity} positions asked, "

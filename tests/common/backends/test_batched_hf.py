@@ -186,3 +186,25 @@ def test_unsupported_architectures_are_refused(tmp_path):
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="supports llama, qwen2 models, not 'gpt2'"):
         HFBatchedBackend(str(tmp_path), threads=None)
+
+
+def test_bfloat16_batches_equal_the_oracle_bit_for_bit_too(model_dir):
+    runner = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=1024, dtype="bfloat16")
+    test_mixed_ragged_batches_with_rollbacks_equal_the_oracle_bit_for_bit(runner)
+
+
+def test_an_early_exit_view_decodes_like_its_transformers_model(model_dir):
+    runner = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=256, early_exit_layers=2)
+    assert len(runner.lm.model.layers) == 2 and runner.name.endswith("(first 2 layers)")
+    prompts = [[1, 5, 17], [1, 9, 9, 9, 40]]
+    assert greedy_batched(runner, prompts, 12) == [generate(runner.lm, p, 12) for p in prompts]
+
+
+def test_a_reservation_beyond_the_model_or_the_pool_is_refused(model_dir):
+    runner = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=1024)
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        runner.open("a", 513)
+    small = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=128)
+    assert not small.can_open(129)
+    with pytest.raises(ValueError, match="exceeds the pool's 128 positions"):
+        small.open("a", 129)

@@ -73,6 +73,8 @@ def test_reservations_are_bounded():
         batched.open("b", 6)
     with pytest.raises(ValueError, match="exceed its capacity of 15"):
         batched.step([Run("a", [1] * 16)])
+    with pytest.raises(ValueError, match="exceeds the pool's 20"):
+        batched.open("c", 21)
     batched.close("a")
     batched.open("b", 20)
     assert batched.usage().perc == 1.0
