@@ -3,6 +3,7 @@
     python -m benchmarks.batched_costs padding            # lone 1-token step, 4-row padding on/off
     python -m benchmarks.batched_costs curve              # pass cost vs requests x tokens
     python -m benchmarks.batched_costs cb                 # transformers' continuous batching
+    python -m benchmarks.batched_costs agree --model qwen2.5-coder-0.5b   # vs generate
 
 ``padding``: min and median ms (runs interleaved) of one 1-token step of one request (64-token context) through the batched
 runner with ``min_rows`` 4 and 1, and through the transformers model with a ``DynamicCache``.
@@ -10,6 +11,10 @@ runner with ``min_rows`` 4 and 1, and through the transformers model with a ``Dy
 ``curve``: min and median ms of one runner pass in which R requests (64-token contexts) each feed T tokens,
 for R in 1, 2, 4, 8, 16 and T in 1, 4, against R separate transformers passes of T tokens each
 (what the per-request engine pays today).
+
+``agree``: greedy decoding of a few prompts through the runner (all in one batch) against
+transformers ``generate``: prompts fully equal, the top-2 margin at any first divergence, and the
+max |logit difference| from the transformers model over one prompt and its continuation.
 
 ``cb``: 8 prompts x 16 greedy tokens through ``generate_batch`` (``transformers.generation.
 continuous_batching``) and through the runner (one prefill pass, then one pass per token).
@@ -148,9 +153,43 @@ def continuous_batching(model: str, new_tokens: int = 16) -> None:
     )
 
 
+AGREE_PROMPTS = [
+    "def fibonacci(n):",
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "import numpy as np\n\ndef softmax(x):",
+]
+
+
+def agree(model: str, new_tokens: int = 16) -> None:
+    from transformers import AutoTokenizer
+
+    from common.model_store import locate
+    from tests.common.backends.test_batched_hf import generate, greedy_batched, oracle
+
+    runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=1024)
+    source, gguf = locate(model)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    prompts = [tokenizer(p)["input_ids"] for p in AGREE_PROMPTS]
+    with torch.inference_mode():
+        ours = greedy_batched(runner, prompts, new_tokens)
+        report = {"model": model, "equal": 0, "divergences": []}
+        for prompt, got in zip(prompts, ours):
+            reference = generate(runner.lm, prompt, new_tokens)
+            if got == reference:
+                report["equal"] += 1
+                continue
+            first = next(i for i, (a, b) in enumerate(zip(got, reference)) if a != b)
+            top = oracle(runner, prompt + got[:first])[-1].topk(2).values
+            report["divergences"].append({"at": first, "top2_margin": (top[0] - top[1]).item()})
+        seq = prompts[0] + ours[0]
+        delta = (oracle(runner, seq) - runner.lm(torch.tensor([seq])).logits[0]).abs().max()
+    print(json.dumps(report | {"of": len(prompts), "max_abs_logit_delta": delta.item()}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("padding", "curve", "cb"))
+    parser.add_argument("what", choices=("padding", "curve", "cb", "agree"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
@@ -159,6 +198,8 @@ def main() -> None:
         padding(args.model, args.repeats)
     elif args.what == "curve":
         curve(args.model, args.repeats)
+    elif args.what == "agree":
+        agree(args.model)
     else:
         continuous_batching(args.model)
 

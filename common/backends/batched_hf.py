@@ -187,11 +187,18 @@ class BatchedRunner(BatchedBackend):
                 )
             if any(not 0 <= t < vocab for t in run.tokens):
                 raise ValueError(f"request {run.request!r}: token ids must be in [0, {vocab})")
+        empty = {
+            r.request: RunResult(
+                [], [], torch.zeros((0, vocab), dtype=self.dtype, device=self.device)
+            )
+            for r in runs
+            if not r.tokens
+        }
         runs = [run for run in runs if run.tokens]
         if not runs:
-            return {}
+            return empty
         with torch.inference_mode():
-            return self._step(runs)
+            return self._step(runs) | empty
 
     def _step(self, runs: list[Run]) -> dict[Hashable, RunResult]:
         dev = self.device
