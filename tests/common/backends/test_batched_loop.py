@@ -5,6 +5,7 @@ import doctest
 import random
 
 import pytest
+import torch
 
 from common.backends import batched_loop, batched_sim
 from common.backends.batched import PoolExhausted, Run
@@ -78,3 +79,26 @@ def test_reservations_are_bounded():
     batched.close("a")
     batched.open("b", 20)
     assert batched.usage().perc == 1.0
+
+
+def test_stage_settings_pick_the_batched_backend(tmp_path):
+    from common.backends.batched_factory import KV_POOL_TOKENS, load_batched_backend
+    from common.backends.batched_hf import HFBatchedBackend
+    from common.settings import StageSettings
+    from tests.tiny_models import tiny_llama
+
+    ngram = load_batched_backend(StageSettings(level=0, backend="ngram"))
+    assert isinstance(ngram, LoopedBatched) and ngram.usage().capacity_tokens == KV_POOL_TOKENS
+    sim = load_batched_backend(StageSettings(level=1, backend="simulated", sim_cost_ms=5.0))
+    assert isinstance(sim, SimulatedBatched) and sim.pass_seconds(1) == 0.005
+    before = torch.get_num_threads()
+    try:
+        hf = load_batched_backend(
+            StageSettings(
+                level=2, backend="early-exit", model=str(tiny_llama(tmp_path)), early_exit_layers=2
+            )
+        )
+        assert torch.get_num_threads() == 1  # one intra-op thread unless the settings say otherwise
+    finally:
+        torch.set_num_threads(before)
+    assert isinstance(hf, HFBatchedBackend) and len(hf.lm.model.layers) == 2
