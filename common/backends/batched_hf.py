@@ -211,7 +211,7 @@ class BatchedRunner(BatchedBackend):
         write = torch.cat(
             [
                 self._slots[r.request].rows[p]
-                for r, p in zip(runs, positions.split(self._lens(runs)))
+                for r, p in zip(runs, positions.split([len(r.tokens) for r in runs]))
             ]
         )
         # per request: its rows in the flat batch, its key rows in the pool, its mask
@@ -261,10 +261,6 @@ class BatchedRunner(BatchedBackend):
             self._slots[r.request].length = s + len(r.tokens)
             results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
-
-    @staticmethod
-    def _lens(runs: list[Run]) -> list[int]:
-        return [len(r.tokens) for r in runs]
 
     def _attend(
         self, layer: int, q: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, t: int
