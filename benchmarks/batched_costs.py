@@ -17,7 +17,8 @@ transformers ``generate``: prompts fully equal, the top-2 margin at any first di
 max |logit difference| from the transformers model over one prompt and its continuation.
 
 ``cb``: 8 prompts x 16 greedy tokens through ``generate_batch`` (``transformers.generation.
-continuous_batching``) and through the runner (one prefill pass, then one pass per token).
+continuous_batching``), through the runner (one prefill pass, then one pass per token) and through
+``generate`` on one left-padded batch (the issue's baseline (a)).
 
 All at one intra-op thread, fp32. Prints JSON lines.
 """
@@ -140,6 +141,13 @@ def continuous_batching(model: str, new_tokens: int = 16) -> None:
     with torch.inference_mode():
         ours = greedy_batched(runner, prompts, new_tokens)
     ours_s = time.perf_counter() - start
+    width = max(map(len, prompts))  # transformers generate, one left-padded static batch
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        runner.lm.generate(ids, attention_mask=mask, generation_config=config, pad_token_id=0)
+    padded_s = time.perf_counter() - start
     same = sum(a == b for a, b in zip(ours, cb))
     print(
         json.dumps(
@@ -147,6 +155,7 @@ def continuous_batching(model: str, new_tokens: int = 16) -> None:
                 "what": f"8 prompts x {new_tokens} tokens",
                 "generate_batch_s": round(cb_s, 2),
                 "runner_s": round(ours_s, 2),
+                "generate_padded_batch_s": round(padded_s, 2),
                 "outputs_equal": f"{same}/8",
             }
         )
