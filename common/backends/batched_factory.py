@@ -3,6 +3,8 @@
 ``kv_pool_tokens`` (positions in the stage's KV pool, all requests together) and ``min_rows``
 (rows every matrix product gets; 4 keeps logits batch-invariant) are read from the settings when
 they have them, else the defaults below: the settings class gains them with the engine switch.
+The transformers runner gets one intra-op thread unless ``threads`` says otherwise; more than
+one voids the row invariance (at 2 threads a 7-row product differs; batching-sampling.md §3).
 The simulator's per-pass cost is ``sim_cost_ms`` times the measured batch curve.
 """
 
