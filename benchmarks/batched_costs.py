@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from common.backends.batched import Run
+from common.backends.batched import Run, greedy_decode, one_at_a_time
 from common.backends.batched_hf import HFBatchedBackend
 
 CONTEXT = 64
@@ -135,11 +135,9 @@ def continuous_batching(model: str, new_tokens: int = 16) -> None:
     cb_s = time.perf_counter() - start
     cb = [out[k].generated_tokens for k in sorted(out, key=lambda k: int(k.split("_")[-1]))]
 
-    from tests.common.backends.test_batched_hf import greedy_batched
-
     start = time.perf_counter()
     with torch.inference_mode():
-        ours = greedy_batched(runner, prompts, new_tokens)
+        ours = greedy_decode(runner, prompts, new_tokens)
     ours_s = time.perf_counter() - start
     width = max(map(len, prompts))  # transformers generate, one left-padded static batch
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -170,29 +168,41 @@ AGREE_PROMPTS = [
 ]
 
 
+def _generate(lm, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = lm.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
 def agree(model: str, new_tokens: int = 16) -> None:
     from transformers import AutoTokenizer
 
     from common.model_store import locate
-    from tests.common.backends.test_batched_hf import generate, greedy_batched, oracle
 
     runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=1024)
     source, gguf = locate(model)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
     prompts = [tokenizer(p)["input_ids"] for p in AGREE_PROMPTS]
     with torch.inference_mode():
-        ours = greedy_batched(runner, prompts, new_tokens)
+        ours = greedy_decode(runner, prompts, new_tokens)
         report = {"model": model, "equal": 0, "divergences": []}
         for prompt, got in zip(prompts, ours):
-            reference = generate(runner.lm, prompt, new_tokens)
+            reference = _generate(runner.lm, prompt, new_tokens)
             if got == reference:
                 report["equal"] += 1
                 continue
             first = next(i for i, (a, b) in enumerate(zip(got, reference)) if a != b)
-            top = oracle(runner, prompt + got[:first])[-1].topk(2).values
+            top = one_at_a_time(runner, prompt + got[:first])[-1].topk(2).values
             report["divergences"].append({"at": first, "top2_margin": (top[0] - top[1]).item()})
         seq = prompts[0] + ours[0]
-        delta = (oracle(runner, seq) - runner.lm(torch.tensor([seq])).logits[0]).abs().max()
+        alone = torch.stack(one_at_a_time(runner, seq))
+        delta = (alone - runner.lm(torch.tensor([seq])).logits[0]).abs().max()
     print(json.dumps(report | {"of": len(prompts), "max_abs_logit_delta": delta.item()}))
 
 

@@ -158,3 +158,38 @@ def check_runs(runs: Sequence[Run], known) -> None:
             raise KeyError(f"request {run.request!r} is not open")
         if run.rows is not None and run.rows < 0:
             raise ValueError(f"request {run.request!r}: rows={run.rows} is negative")
+
+
+def one_at_a_time(backend: BatchedBackend, tokens: Sequence[int], request="oracle") -> list:
+    """The oracle: each token of ``tokens`` fed alone in its own pass (a fresh request reserving
+    exactly ``len(tokens)``); the list of per-pass results' first rows (logits, else greedy)."""
+    backend.open(request, len(tokens))
+    try:
+        rows = []
+        for t in tokens:
+            got = backend.step([Run(request, [t])])[request]
+            rows.append(got.greedy[0] if got.logits is None else got.logits[0])
+        return rows
+    finally:
+        backend.close(request)
+
+
+def greedy_decode(
+    backend: BatchedBackend, prompts: Sequence[Sequence[int]], n: int
+) -> list[list[int]]:
+    """Greedy decoding of every prompt together: one pass prefills all, then one pass per token
+    decodes one token for each (``n`` tokens each, never stopping at EOS)."""
+    names = [("greedy", i) for i in range(len(prompts))]
+    for name, prompt in zip(names, prompts):
+        backend.open(name, len(prompt) + n)
+    try:
+        out = backend.step([Run(name, p, rows=1) for name, p in zip(names, prompts)])
+        tokens = {name: [out[name].greedy[0]] for name in names}
+        while len(tokens[names[0]]) < n:
+            out = backend.step([Run(name, tokens[name][-1:]) for name in names])
+            for name in names:
+                tokens[name].append(out[name].greedy[0])
+        return [tokens[name] for name in names]
+    finally:
+        for name in names:
+            backend.close(name)

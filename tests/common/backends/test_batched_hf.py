@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from common.backends.batched import PoolExhausted, Run
+from common.backends.batched import PoolExhausted, Run, greedy_decode, one_at_a_time
 from common.backends.batched_hf import BatchedRunner, HFBatchedBackend
 from tests.common.backends.batched_fixtures import BUILDERS
 from tests.tiny_models import VOCAB_SIZE
@@ -34,14 +34,9 @@ def backend(model_dir):
     return HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=1024)
 
 
-def oracle(runner: BatchedRunner, seq: list[int], request="oracle") -> torch.Tensor:
+def oracle(runner: BatchedRunner, seq: list[int]) -> torch.Tensor:
     """Logits after each token of ``seq``, fed alone one token at a time."""
-    runner.open(request, len(seq))
-    try:
-        rows = [runner.step([Run(request, [t])])[request].logits[0] for t in seq]
-    finally:
-        runner.close(request)
-    return torch.stack(rows)
+    return torch.stack(one_at_a_time(runner, seq))
 
 
 def test_mixed_ragged_batches_with_rollbacks_equal_the_oracle_bit_for_bit(backend):
@@ -103,24 +98,6 @@ def test_logits_are_close_to_the_transformers_model(backend):
     assert delta < 1e-4, delta
 
 
-def greedy_batched(runner: BatchedRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Greedy decoding of all prompts together: one prefill pass, then one token each per pass."""
-    names = [f"g{i}" for i in range(len(prompts))]
-    for name, prompt in zip(names, prompts):
-        runner.open(name, len(prompt) + n)
-    try:
-        out = runner.step([Run(name, p, rows=1) for name, p in zip(names, prompts)])
-        tokens = {name: [out[name].greedy[0]] for name in names}
-        while len(tokens[names[0]]) < n:
-            out = runner.step([Run(name, tokens[name][-1:]) for name in names])
-            for name in names:
-                tokens[name].append(out[name].greedy[0])
-        return [tokens[name] for name in names]
-    finally:
-        for name in names:
-            runner.close(name)
-
-
 def generate(lm, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     out = lm.generate(
@@ -135,7 +112,7 @@ def generate(lm, prompt: list[int], n: int) -> list[int]:
 
 def test_greedy_decoding_equals_transformers_generate(backend):
     prompts = [[1, 5, 17, 33, 60, 8], [1, 70], [1, 9, 9, 9, 12, 44, 45, 46, 3, 3, 80]]
-    got = greedy_batched(backend, prompts, 30)
+    got = greedy_decode(backend, prompts, 30)
     assert got == [generate(backend.lm, p, 30) for p in prompts]
 
 
@@ -197,7 +174,7 @@ def test_an_early_exit_view_decodes_like_its_transformers_model(model_dir):
     runner = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=256, early_exit_layers=2)
     assert len(runner.lm.model.layers) == 2 and runner.name.endswith("(first 2 layers)")
     prompts = [[1, 5, 17], [1, 9, 9, 9, 40]]
-    assert greedy_batched(runner, prompts, 12) == [generate(runner.lm, p, 12) for p in prompts]
+    assert greedy_decode(runner, prompts, 12) == [generate(runner.lm, p, 12) for p in prompts]
 
 
 def test_a_reservation_beyond_the_model_or_the_pool_is_refused(model_dir):

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoTokenizer
 
 from common import model_store
-from common.backends.batched import Run
+from common.backends.batched import Run, greedy_decode
 from common.backends.batched_hf import HFBatchedBackend
-from tests.common.backends.test_batched_hf import generate, greedy_batched, oracle
+from tests.common.backends.test_batched_hf import generate, oracle
 
 MODEL = "smollm2-135m"
 PROMPTS = [
@@ -52,7 +52,7 @@ def top2_margin(runner, context: list[int]) -> float:
 
 
 def test_greedy_batched_decoding_equals_generate_or_differs_only_at_a_near_tie(runner, prompts):
-    ours = greedy_batched(runner, prompts, NEW_TOKENS)
+    ours = greedy_decode(runner, prompts, NEW_TOKENS)
     equal = 0
     for prompt, got in zip(prompts, ours):
         reference = generate(runner.lm, prompt, NEW_TOKENS)
