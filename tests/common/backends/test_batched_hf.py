@@ -116,6 +116,14 @@ def test_greedy_decoding_equals_transformers_generate(backend):
     assert got == [generate(backend.lm, p, 30) for p in prompts]
 
 
+def test_sixteen_requests_of_different_lengths_decode_together_like_generate(backend):
+    rng = random.Random(5)
+    prompts = [[1] + [rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in range(0, 48, 3)]
+    assert len(prompts) == 16
+    got = greedy_decode(backend, prompts, 12)
+    assert got == [generate(backend.lm, p, 12) for p in prompts]
+
+
 def test_the_pool_is_bounded_and_its_usage_readable(model_dir):
     runner = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=64, block_size=16)
     assert runner.usage().capacity_tokens == 64
