@@ -214,17 +214,7 @@ class BatchedRunner(BatchedBackend):
                 for r, p in zip(runs, positions.split([len(r.tokens) for r in runs]))
             ]
         )
-        # per request: its rows in the flat batch, its key rows in the pool, its mask
-        parts, offset = [], 0
-        for r, s in zip(runs, starts):
-            t = len(r.tokens)
-            pos = torch.arange(s, s + t, device=dev)
-            if t < self.min_rows:  # dummy query rows repeat the last position: never -inf rows
-                pos = torch.cat([pos, pos[-1:].expand(self.min_rows - t)])
-            rows = self._slots[r.request].rows
-            parts.append((offset, t, rows, causal_span_mask(pos, len(rows), self.dtype)))
-            offset += t
-
+        groups = self._groups(runs, starts)
         decoder = self.lm.model
         x = pad_rows(decoder.embed_tokens(ids), self.min_rows)
         padded_pos = pad_rows(positions, self.min_rows)
@@ -239,8 +229,8 @@ class BatchedRunner(BatchedBackend):
             self.k_pool[i].index_copy_(1, write, k[:n].transpose(0, 1))
             self.v_pool[i].index_copy_(1, write, v[:n].transpose(0, 1))
             out = x.new_zeros((x.shape[0], self.n_heads * self.head_dim))
-            for start, t, rows, mask in parts:
-                out[start : start + t] = self._attend(i, q[start : start + t], rows, mask, t)
+            for group in groups:
+                out.index_copy_(0, group.dest, self._attend(i, q, group))
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -262,20 +252,57 @@ class BatchedRunner(BatchedBackend):
             results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
 
-    def _attend(
-        self, layer: int, q: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, t: int
-    ) -> torch.Tensor:
-        """One request's attention: ``q [t, heads, d]`` against its whole reserved span."""
-        tp = mask.shape[0]
-        q = pad_rows(q, tp).permute(1, 0, 2)  # [heads, tp, d]
-        q = q.reshape(self.n_kv, self.groups * tp, self.head_dim)  # kv head i serves heads i*g..
-        k = self.k_pool[layer].index_select(1, rows)  # [kv, span, d]
-        v = self.v_pool[layer].index_select(1, rows)
-        scores = torch.matmul(q, k.transpose(1, 2)) * self.scaling  # [kv, g*tp, span]
-        scores = scores.view(self.n_kv, self.groups, tp, -1) + mask
-        probs = torch.softmax(scores, dim=-1).view(self.n_kv, self.groups * tp, -1)
-        out = torch.matmul(probs, v).view(self.n_heads, tp, self.head_dim)
-        return out[:, :t].transpose(0, 1).reshape(t, self.n_heads * self.head_dim)
+    def _groups(self, runs: list[Run], starts: list[int]) -> list[_Group]:
+        """Requests whose padded query rows and key span match share one set of attention ops."""
+        by_shape: dict[tuple[int, int], list] = {}
+        offset = 0
+        for r, s in zip(runs, starts):
+            t = len(r.tokens)
+            rows = self._slots[r.request].rows
+            by_shape.setdefault((max(t, self.min_rows), len(rows)), []).append((offset, t, s, rows))
+            offset += t
+        return [_Group(tp, members, self.dtype) for (tp, _), members in by_shape.items()]
+
+    def _attend(self, layer: int, q: torch.Tensor, group: _Group) -> torch.Tensor:
+        """Attention of one group's requests (``q``: the whole batch's ``[N, heads, d]``), each
+        against its whole reserved span; returns the group's real rows ``[rows, heads * d]``."""
+        g, tp, span = len(group.members), group.tp, group.span
+        q = q.index_select(0, group.queries).view(g, tp, self.n_heads, self.head_dim)
+        q = q.permute(0, 2, 1, 3).reshape(g, self.n_kv, self.groups * tp, self.head_dim)
+        k = self.k_pool[layer].index_select(1, group.keys).view(self.n_kv, g, span, -1)
+        v = self.v_pool[layer].index_select(1, group.keys).view(self.n_kv, g, span, -1)
+        scores = torch.matmul(q, k.transpose(0, 1).transpose(2, 3)) * self.scaling
+        scores = scores.view(g, self.n_kv, self.groups, tp, span) + group.mask
+        probs = torch.softmax(scores, dim=-1).view(g, self.n_kv, self.groups * tp, span)
+        out = torch.matmul(probs, v.transpose(0, 1))  # [g, kv, groups * tp, d]
+        out = out.view(g, self.n_heads, tp, self.head_dim).transpose(1, 2)
+        return out.reshape(g * tp, -1).index_select(0, group.real)
+
+
+class _Group:
+    """Attention bookkeeping for requests with the same padded rows ``tp`` and key ``span``.
+
+    ``queries``: the flat-batch row of each of the g x tp query rows (a request's dummy rows
+    repeat its last row); ``real``: which of those rows are real; ``dest``: where they go in the
+    flat batch; ``keys``: the pool rows of every member's span, member after member; ``mask``:
+    ``[g, 1, 1, tp, span]``, causal by position (dummy rows take the last row's position).
+    """
+
+    def __init__(self, tp: int, members: list, dtype: torch.dtype):
+        device = members[0][3].device
+        self.tp, self.members, self.span = tp, members, len(members[0][3])
+        queries, real, dest, masks = [], [], [], []
+        for i, (offset, t, start, _) in enumerate(members):
+            queries += [offset + min(j, t - 1) for j in range(tp)]
+            real += [i * tp + j for j in range(t)]
+            dest += range(offset, offset + t)
+            pos = torch.tensor([start + min(j, t - 1) for j in range(tp)], device=device)
+            masks.append(causal_span_mask(pos, self.span, dtype))
+        self.queries = torch.tensor(queries, device=device)
+        self.real = torch.tensor(real, device=device)
+        self.dest = torch.tensor(dest, device=device)
+        self.keys = torch.cat([rows for *_, rows in members])
+        self.mask = torch.stack(masks)[:, None, None]
 
 
 class HFBatchedBackend(BatchedRunner):

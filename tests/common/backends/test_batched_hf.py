@@ -40,12 +40,13 @@ def oracle(runner: BatchedRunner, seq: list[int]) -> torch.Tensor:
 
 
 def test_mixed_ragged_batches_with_rollbacks_equal_the_oracle_bit_for_bit(backend):
-    """Four requests of different lengths share passes: prefills, windows of 1-6 tokens, wrong
-    drafts cropped off and re-fed; every row for a true position equals the oracle exactly."""
+    """Five requests of different lengths (two of one span: their attention ops are shared when
+    their windows match) share passes: prefills, windows of 1-17 tokens, wrong drafts cropped off
+    and re-fed; every row for a true position equals the oracle exactly."""
     rng = random.Random(0)
     seqs = {
         f"r{i}": [rng.randrange(3, VOCAB_SIZE) for _ in range(n)]
-        for i, n in enumerate((40, 23, 57, 31))
+        for i, n in enumerate((40, 23, 57, 31, 40))
     }
     # reservations longer than the oracle's (room for wrong drafts): spans differ too
     expected = {r: oracle(backend, s) for r, s in seqs.items()}

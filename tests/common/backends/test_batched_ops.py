@@ -65,30 +65,36 @@ def test_rmsnorm_rows_are_invariant():
         rows_are_invariant(norm, 576, torch.Generator().manual_seed(1))
 
 
-def test_attention_rows_are_invariant_across_windows(tmp_path):
-    """One request's query rows attend the same whether fed 1, 3, 4 or 9 at a time."""
-    from common.backends.batched_hf import HFBatchedBackend
+def test_attention_rows_are_invariant_across_windows_and_groups(tmp_path):
+    """A request's query rows attend the same whether fed 1-5 or 9 at a time, alone or in one
+    group of attention ops with another request of the same span."""
+    from common.backends.batched_hf import HFBatchedBackend, _Group
     from tests.common.backends.batched_fixtures import tiny_llama
 
     runner = HFBatchedBackend(str(tiny_llama(tmp_path / "m", hidden=64)), threads=None)
-    runner.open("a", 48)
-    runner.step([Run("a", list(range(3, 30)))])  # 27 positions of keys in every layer
+    for k, name in enumerate("ab"):
+        runner.open(name, 48)
+        runner.step([Run(name, list(range(3 + k, 30 + k)))])  # 27 key positions, every layer
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(9, runner.n_heads, runner.head_dim, generator=g)
-    rows = runner._slots["a"].rows
+    q = {name: torch.randn(9, runner.n_heads, runner.head_dim, generator=g) for name in "ab"}
+
+    def attend(names: str, first: int, t: int) -> list[torch.Tensor]:
+        flat = torch.cat([q[name][first - 18 : first - 18 + t] for name in names])
+        rows = [runner._slots[name].rows for name in names]
+        members = [(i * t, t, first, r) for i, r in enumerate(rows)]
+        out = runner._attend(0, flat, _Group(max(t, 4), members, runner.dtype))
+        return list(out.split(t))
+
     with torch.inference_mode():
-
-        def attend(first: int, t: int) -> torch.Tensor:
-            pos = torch.arange(first, first + t)
-            tp = max(t, 4)
-            pos = torch.cat([pos, pos[-1:].expand(tp - t)])
-            mask = batched_hf.causal_span_mask(pos, len(rows), runner.dtype)
-            return runner._attend(0, q[first - 18 : first - 18 + t], rows, mask, t)
-
-        window = attend(18, 9)
+        window = {name: attend(name, 18, 9)[0] for name in "ab"}
         for t in (1, 2, 3, 4, 5):
             for first in range(18, 27 - t + 1, t):
-                assert torch.equal(attend(first, t), window[first - 18 : first - 18 + t]), t
+                expected = [window[name][first - 18 : first - 18 + t] for name in "ab"]
+                assert torch.equal(attend("a", first, t)[0], expected[0]), t
+                together = attend("ab", first, t)
+                assert torch.equal(together[0], expected[0]) and torch.equal(
+                    together[1], expected[1]
+                )
 
 
 def test_head_rows_are_invariant():
