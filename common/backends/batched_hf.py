@@ -4,7 +4,8 @@ One :meth:`BatchedRunner.step` is one forward pass for many requests. Their runs
 into one ``[tokens, hidden]`` batch with per-token positions; the linear layers, norms and the
 head see the whole batch; attention runs per request against that request's rows of a static KV
 pool (``[kv_heads, pool_tokens, head_dim]`` per layer, blocks handed out by
-:class:`~common.backends.kv_pool.BlockPool`).
+:class:`~common.backends.kv_pool.BlockPool`); requests with the same padded window and span share
+one set of attention ops (batched products, one product per request and kv head).
 
 **Logits independent of window and batch, by construction** (research: batching-sampling.md §3):
 
@@ -18,7 +19,8 @@ pool (``[kv_heads, pool_tokens, head_dim]`` per layer, blocks handed out by
 * norms, rotary, residuals and the MLP's activation act on each row alone.
 
 So a request's logits in a mixed ragged batch are bit-identical to the same request fed one token
-at a time (``tests/common/backends/test_batched_hf.py`` checks this and each operation).
+at a time (``tests/common/backends/test_batched_hf.py`` checks this; ``test_batched_ops.py``
+each operation).
 
 It reuses the loaded model's modules and weights (embedding, q/k/v/o with Qwen2's biases, MLP,
 RMSNorm, rotary tables, tied or untied lm_head, GQA) and loads through
