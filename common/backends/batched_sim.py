@@ -7,7 +7,7 @@ relative to a one-token pass. The default curve is the batched runner's on SmolL
 thread (``python -m benchmarks.batched_costs curve``; docs/batched-runner.md).
 
 >>> relative_cost(1), relative_cost(4), relative_cost(6), relative_cost(48)
-(1.0, 1.0, 1.05, 2.8)
+(1.0, 1.0, 1.05, 2.65)
 >>> relative_cost(100, curve=((1, 1.0), (10, 2.0)))   # past the end: the last slope, extended
 12.0
 >>> from common.backends.batched import Run
@@ -30,14 +30,14 @@ from common.backends.batched_loop import LoopedBatched
 from common.backends.simulated import SimulatedBackend
 
 # (tokens in the batch, pass cost / one-token pass cost); see the module docstring
-# (measured under heavy load, min of 7 runs: see docs/batched-runner.md; 4 rows are padding)
+# (two runs under heavy load, min of 7 each, averaged: docs/batched-runner.md; 1-4 rows are padded)
 DEFAULT_CURVE: tuple[tuple[int, float], ...] = (
     (1, 1.0),
     (4, 1.0),
     (8, 1.1),
-    (16, 1.4),
+    (16, 1.5),
     (32, 1.8),
-    (64, 3.8),
+    (64, 3.5),
 )
 
 
