@@ -167,6 +167,10 @@ def create_app(gateway: Gateway, tokenizer, client_api: ClientApi | None = None)
         body = {
             "status": "ok" if reason is None else "unavailable",
             "reason": reason,
+            # plain TCP between the services (settings: insecure = true): anyone who reaches
+            # the ZMQ ports may register as a stage or read prompts
+            "insecure": gateway.curve is None,
+            "restarts": settings.restarts,
             "levels": [
                 [r.describe() for r in registry.live(level)] for level in range(settings.num_levels)
             ],

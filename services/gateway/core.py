@@ -32,6 +32,7 @@ import zmq.asyncio
 from common.codec import DecodeError, decode, encode
 from common.protocol import Cancel, Heartbeat, Message, Output, RequestError, RouteHop
 from common.request_tracker import RequestTracker, Send, TrackedRequest
+from common.security import GATEWAY, denied_total, identity, level_role, release, sender_role
 from common.settings import GatewaySettings
 from common.sockets import bound_endpoint, open_socket
 from services.gateway.admission import Admission
@@ -149,7 +150,16 @@ class Gateway:
         )
         self.metrics.requests_waiting.set_function(lambda: self.admission.waiting)
         self.registry = ReplicaRegistry(
-            settings.num_levels, tokenizer_fingerprint, settings.heartbeat_timeout_s
+            settings.num_levels,
+            tokenizer_fingerprint,
+            settings.heartbeat_timeout_s,
+            min_heartbeat_interval_s=settings.min_heartbeat_interval_s,
+        )
+        # CURVE identity (None only with insecure = true); KeyError_ if keys are missing
+        self.curve = identity(GATEWAY, settings.insecure, settings.public_keys, settings.secret_key)
+        self.metrics.watch_rejects(
+            lambda: self.registry.rejected,
+            lambda: denied_total(self._ctx) if self._ctx is not None else 0,
         )
         self.tracker = RequestTracker(settings.resend_after_s)
         self.reply_to = ""  # the registry endpoint as stages reach it; set by start()
@@ -172,13 +182,22 @@ class Gateway:
             f"tcp://{s.bind_host}:{s.registry_port}",
             linger_ms=s.linger_ms,
             hwm=s.hwm,
+            curve=self.curve,
+            allow={level_role(level) for level in range(s.num_levels)},
+            max_msg_bytes=s.max_message_bytes,
         )
         self.reply_to = bound_endpoint(self._pull, advertised_host(s))
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="gateway-receive"),
             asyncio.create_task(self._tick_loop(), name="gateway-tick"),
         ]
-        log.info("gateway_started", registry=self.reply_to, num_levels=s.num_levels)
+        log.info(
+            "gateway_started",
+            registry=self.reply_to,
+            num_levels=s.num_levels,
+            secure=self.curve is not None,
+            restarts=s.restarts,
+        )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -196,6 +215,7 @@ class Gateway:
         if self._pull is not None:
             self._pull.close(linger=linger)
         if self._ctx is not None:
+            release(self._ctx)
             self._ctx.destroy(linger=linger)
         self._ctx = self._send_ctx = self._pull = None
         log.info("gateway_stopped")
@@ -321,23 +341,28 @@ class Gateway:
 
     async def _receive_loop(self) -> None:
         while True:  # runs until stop() cancels it
-            frame = await self._pull.recv()
+            frame = await self._pull.recv(copy=False)
             try:
-                msg = decode(frame)
+                msg = decode(frame.bytes)
             except DecodeError as exc:
                 self.metrics.decode_rejects.labels("registry").inc()
-                log.warning("frame_rejected", reason=str(exc), bytes=len(frame))
+                log.warning("frame_rejected", reason=str(exc), bytes=len(frame.bytes))
                 continue
             try:
-                self._dispatch(msg)
+                self._dispatch(msg, sender_role(frame) if self.curve is not None else None)
             except Exception:
                 log.exception("dispatch_failed", type=msg.TYPE)
 
-    def _dispatch(self, msg: Message) -> None:
+    def _dispatch(self, msg: Message, sender: str | None = None) -> None:
+        """``sender``: the role whose key sent ``msg`` (None on plain TCP). Outputs and errors
+        count only from the target level's key; heartbeats only from their own level's."""
         if isinstance(msg, Heartbeat):
             refused_before = self.registry.refused_total
-            self.registry.apply(msg)
+            self.registry.apply(msg, sender)
             self.metrics.replicas_refused.inc(self.registry.refused_total - refused_before)
+        elif sender is not None and sender != level_role(self.registry.target_level):
+            self.metrics.decode_rejects.labels("registry_sender").inc()
+            log.warning("message_from_wrong_role", type=msg.TYPE, sender=sender)
         elif isinstance(msg, Output):
             self._on_output(msg)
         elif isinstance(msg, RequestError):
@@ -518,7 +543,13 @@ class Gateway:
         if sock is None:
             s = self.settings
             sock = open_socket(
-                self._send_ctx, zmq.PUSH, hop.inbox, linger_ms=s.linger_ms, hwm=s.hwm
+                self._send_ctx,
+                zmq.PUSH,
+                hop.inbox,
+                linger_ms=s.linger_ms,
+                hwm=s.hwm,
+                curve=self.curve,
+                server=level_role(hop.level),
             )
             self._pushes[hop.inbox] = sock
         try:
