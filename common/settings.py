@@ -117,6 +117,9 @@ class GatewaySettings(BaseSettings):
     heartbeat_timeout_s: float = Field(3.0, gt=0)
     resend_after_s: float = Field(5.0, gt=0, description="re-sync a request silent for this long")
     request_timeout_s: float = Field(600.0, gt=0)
+    target_lost_timeout_s: float = Field(
+        30.0, gt=0, description="fail a request whose target has had no live replica this long"
+    )
     min_heartbeat_interval_s: float = Field(
         0.05, ge=0, description="a replica's heartbeats closer than this are refused and counted"
     )

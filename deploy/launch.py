@@ -330,7 +330,7 @@ class System:
         last = "no answer yet"
         with httpx.Client(timeout=2.0) as http:
             while time.monotonic() < deadline:
-                dead = self.exited()
+                dead = self.exited() if self._supervisor is None else None  # else restarted
                 if dead is not None:
                     raise LaunchError(
                         f"{dead.spec.name} exited with code {dead.process.returncode} during "

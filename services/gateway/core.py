@@ -70,6 +70,7 @@ class _InFlight:
     req: TrackedRequest  # kept after the tracker lets go of it, for the final statistics
     first_token_at: float | None = None
     last_token_at: float | None = None
+    target_lost_at: float | None = None  # since when its target hop has no live replica
 
 
 class Generation:
@@ -431,6 +432,7 @@ class Gateway:
             self.metrics.resyncs.inc(len({msg.request_id for _, msg in resends}))
             self._send_all(resends)
         self._expire_requests()
+        self._fail_targetless()
         for level in range(self.settings.num_levels):
             self.metrics.live_replicas.labels(str(level)).set(len(self.registry.live(level)))
 
@@ -463,6 +465,28 @@ class Gateway:
 
     def _replacement(self, hop: RouteHop) -> RouteHop:
         return self.registry.pick(hop.level) or hop
+
+    def _fail_targetless(self) -> None:
+        """Fail requests whose target has had no live replica for ``target_lost_timeout_s``
+        (every target replica died): a clear error instead of waiting for the request timeout.
+        A lost drafter never fails a request: the levels above decode without it."""
+        now, limit = time.monotonic(), self.settings.target_lost_timeout_s
+        for request_id, flight in list(self._flights.items()):
+            if self.registry.is_live(flight.req.route[-1].replica):
+                flight.target_lost_at = None
+                continue
+            if flight.target_lost_at is None:
+                flight.target_lost_at = now
+            elif now - flight.target_lost_at >= limit:
+                log.warning("request_target_lost", request_id=request_id, limit_s=limit)
+                self._fail(
+                    request_id,
+                    GenerationError(
+                        f"the target level has had no live replica for {limit:g} s; "
+                        f"{len(flight.req.tokens)} tokens were produced before it was lost"
+                    ),
+                    "error",
+                )
 
     def _expire_requests(self) -> None:
         now, limit = time.monotonic(), self.settings.request_timeout_s

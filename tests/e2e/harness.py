@@ -34,14 +34,19 @@ def system_config(tokenizer: str, stages: list[dict], **gateway) -> dict:
 
 
 @contextlib.contextmanager
-def running(config: dict, log_dir: Path, startup_timeout_s: float = 180) -> Iterator[System]:
+def running(
+    config: dict, log_dir: Path, startup_timeout_s: float = 180, supervise: bool = False
+) -> Iterator[System]:
     """Start the system, wait for /health, yield it; stop it and require every process to have
-    exited with status 0 (none left running)."""
+    exited with status 0 (none left running). ``supervise``: restart children that die, as the
+    launcher's command does."""
     plan = plan_from_config(config)
     system = System(plan, log_dir)
     system.start()
     try:
         system.wait_healthy(timeout_s=startup_timeout_s)
+        if supervise:
+            system.start_supervisor()
         yield system
     finally:
         system.stop()
