@@ -121,7 +121,7 @@ class GatewaySettings(BaseSettings):
         30.0, gt=0, description="fail a request whose target has had no live replica this long"
     )
     min_heartbeat_interval_s: float = Field(
-        0.05, ge=0, description="a replica's heartbeats closer than this are refused and counted"
+        0.02, ge=0, description="a replica's heartbeats closer than this are refused and counted"
     )
     hwm: int = Field(10_000, ge=0)
     linger_ms: int = Field(500, ge=0)

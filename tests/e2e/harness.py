@@ -49,7 +49,7 @@ def running(
             system.start_supervisor()
         yield system
     finally:
-        system.stop()
+        system.stop(timeout_s=30)  # torch processes exiting together on a loaded 2-core machine
         codes = {c.spec.name: c.process.returncode for c in system.children}
         assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n" + "\n".join(
             c.tail() for c in system.children

@@ -151,10 +151,10 @@ def test_chaos_kill_9_replicas_while_16_clients_stream(tmp_path):
         reroutes = metric_total(url, "pipespec:reroutes_total")
         resyncs = metric_total(url, "pipespec:resyncs_total")
         restarts = {c.spec.name: c.restarts for c in system.children if c.restarts}
-    print(
-        f"\nchaos: outcomes {dict(outcomes)}, kills {dict(kills)}, restarts {restarts}, "
-        f"reroutes {reroutes:g}, resyncs {resyncs:g}"
-    )
+        print(
+            f"\nchaos: outcomes {dict(outcomes)}, kills {dict(kills)}, restarts {restarts}, "
+            f"reroutes {reroutes:g}, resyncs {resyncs:g}"
+        )
     assert hung_threads == 0, f"{hung_threads} clients never returned"
     assert not problems, f"{len(problems)} bad requests: {problems[:5]}"
     assert sum(v for k, v in kills.items() if k.startswith("level")) >= KILLS - 1, kills
