@@ -14,9 +14,9 @@ import time
 
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 import uvicorn
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS
 
 from common.settings import GatewaySettings
