@@ -12,6 +12,11 @@ keys yet; rotate by generating a new set and rolling every process)::
 
     DIR/public/<role>.key              every role's public key (not secret; mounted everywhere)
     DIR/<role>/<role>.key_secret       that role's secret key (mount only into that role)
+
+For Kubernetes, ``python -m common.security k8s --levels K [--from DIR] | kubectl apply -f -``
+prints the ConfigMap ``pipespec-public-keys`` and one Secret per role, ``pipespec-keys-gateway``
+and ``pipespec-keys-level-<N>`` (file ``key_secret``), which k8s/ mounts (a new set each run
+unless ``--from`` names one; keep the ``client`` key printed on stderr for ZMQ-API clients).
 """
 
 from __future__ import annotations
@@ -221,19 +226,81 @@ def sender_role(frame: zmq.Frame) -> str | None:
         return None
 
 
+K8S_NAMESPACE = "pipespec"
+
+
+def k8s_secret_name(role: str) -> str:
+    """>>> k8s_secret_name("level1"), k8s_secret_name("gateway")
+    ('pipespec-keys-level-1', 'pipespec-keys-gateway')
+    """
+    return (
+        f"pipespec-keys-level-{role[len('level') :]}"
+        if role.startswith("level")
+        else (f"pipespec-keys-{role}")
+    )
+
+
+def k8s_manifests(directory: str | Path, levels: int, namespace: str = K8S_NAMESPACE) -> list:
+    """The ConfigMap of public keys and one Secret per mounted role, as dicts."""
+    directory = Path(directory)
+    meta = {"namespace": namespace, "labels": {"app.kubernetes.io/part-of": "pipespec"}}
+    public = {p.name: p.read_text() for p in sorted((directory / "public").glob("*.key"))}
+    docs = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "pipespec-public-keys", **meta},
+            "data": public,
+        }
+    ]
+    for role in roles_for(levels):
+        if role == CLIENT:
+            continue  # not mounted: handed to trusted ZMQ-API clients
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": k8s_secret_name(role), **meta},
+                "type": "Opaque",
+                "stringData": {"key_secret": secret_file(directory, role).read_text()},
+            }
+        )
+    return docs
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.security", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m common.security",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write a fresh key set")
     gen.add_argument("directory", type=Path)
     gen.add_argument("--levels", type=int, required=True, help="levels in the hierarchy (k)")
+    k8s = sub.add_parser("k8s", help="print the key Secrets and ConfigMap for k8s/")
+    k8s.add_argument("--levels", type=int, required=True, help="levels in the hierarchy (k)")
+    k8s.add_argument("--from", dest="source", type=Path, help="an existing key set")
+    k8s.add_argument("--namespace", default=K8S_NAMESPACE)
     args = parser.parse_args(argv)
     try:
-        generate(args.directory, args.levels)
+        if args.command == "generate":
+            generate(args.directory, args.levels)
+            print(f"keys for {', '.join(roles_for(args.levels))} in {args.directory}")
+            return 0
+        import json
+        import tempfile
+
+        source = args.source or generate(tempfile.mkdtemp(prefix="pipespec-keys-"), args.levels)
+        for doc in k8s_manifests(source, args.levels, args.namespace):
+            print("---")
+            print(json.dumps(doc, indent=1))
+        print(
+            f"client keys (for ZMQ-API clients): {source}/public, {source}/client", file=sys.stderr
+        )
     except KeyError_ as exc:
         print(f"keys: {exc}", file=sys.stderr)
         return 1
-    print(f"keys for {', '.join(roles_for(args.levels))} in {args.directory}")
     return 0
 
 

@@ -21,7 +21,15 @@ import zmq
 from common.backends.base import Backend
 from common.codec import DecodeError, decode, encode
 from common.protocol import Heartbeat, Message, Notice, Output, RequestError, RouteHop, Span
-from common.security import GATEWAY, Curve, denied_total, identity, level_role, release
+from common.security import (
+    GATEWAY,
+    Curve,
+    KeyError_,
+    denied_total,
+    identity,
+    level_role,
+    release,
+)
 from common.settings import StageSettings
 from common.sockets import bound_endpoint, open_socket, secure_client
 from common.stage_engine import StageEngine
@@ -75,19 +83,25 @@ class ZmqOutbox:
         self.sub_connected: set[str] = set()
         self.subscribed: set[str] = set()
         self.dropped = 0
+        self.bad_peers = 0  # endpoints it could not connect to (malformed, unknown role)
 
     def _push(self, endpoint: str, msg: Message, server: str) -> None:
         sock = self.pushes.get(endpoint)
         if sock is None:
-            sock = open_socket(
-                self.ctx,
-                zmq.PUSH,
-                endpoint,
-                linger_ms=self.settings.linger_ms,
-                hwm=self.settings.hwm,
-                curve=self.curve,
-                server=server,
-            )
+            try:
+                sock = open_socket(
+                    self.ctx,
+                    zmq.PUSH,
+                    endpoint,
+                    linger_ms=self.settings.linger_ms,
+                    hwm=self.settings.hwm,
+                    curve=self.curve,
+                    server=server,
+                )
+            except (zmq.ZMQError, KeyError_) as exc:  # a malformed endpoint or unknown role
+                self.bad_peers += 1
+                log.warning("peer_refused", endpoint=endpoint, role=server, reason=str(exc))
+                return
             self.pushes[endpoint] = sock
         try:
             sock.send(encode(msg), zmq.NOBLOCK)
@@ -106,9 +120,14 @@ class ZmqOutbox:
     def subscribe(self, request_id: str, hops: list[RouteHop]) -> None:
         for hop in hops:
             if hop.notices not in self.sub_connected:
-                if self.curve is not None:
-                    secure_client(self.sub, self.curve, level_role(hop.level))
-                self.sub.connect(hop.notices)
+                try:
+                    if self.curve is not None:
+                        secure_client(self.sub, self.curve, level_role(hop.level))
+                    self.sub.connect(hop.notices)
+                except (zmq.ZMQError, KeyError_) as exc:
+                    self.bad_peers += 1
+                    log.warning("peer_refused", endpoint=hop.notices, reason=str(exc))
+                    continue
                 self.sub_connected.add(hop.notices)
         if request_id not in self.subscribed:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic(request_id))
@@ -164,7 +183,7 @@ class StageService:
         self.metrics = StageMetrics(s.level)
         self.metrics.watch(
             engine_counters=lambda: self.engine.counters,
-            dropped_sends=lambda: self.outbox.dropped,
+            dropped_sends=lambda: self.outbox.dropped + self.outbox.bad_peers,
             denied_handshakes=lambda: denied_total(self.ctx),
         )
         self.engine = StageEngine(s, backend, self.outbox, self.replica, observer=self.metrics)
