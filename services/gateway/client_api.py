@@ -77,7 +77,8 @@ class ClientApi:
             hwm=s.hwm,
             curve=self.gateway.curve,
             allow={CLIENT},
-            max_msg_bytes=min(s.max_message_bytes, MAX_REQUEST_BYTES + 1024),
+            # over MAX_REQUEST_BYTES: a clear error; over max_message_bytes: never held at all
+            max_msg_bytes=max(s.max_message_bytes, MAX_REQUEST_BYTES + 1024),
         )
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = bound_endpoint(self._router, advertised_host(s))
