@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +46,7 @@ def running(
     system.start()
     try:
         system.wait_healthy(timeout_s=startup_timeout_s)
+        wait_all_registered(system, timeout_s=startup_timeout_s)
         if supervise:
             system.start_supervisor()
         yield system
@@ -54,6 +56,23 @@ def running(
         assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n" + "\n".join(
             c.tail() for c in system.children
         )
+
+
+def wait_all_registered(system: System, timeout_s: float) -> None:
+    """Until /health lists every stage replica the plan started (healthy needs only one per
+    level; a test of several replicas wants them all)."""
+    want: dict[int, int] = {}
+    for spec in system.plan.children:
+        if spec.role.startswith("level"):
+            level = int(spec.role[len("level") :])
+            want[level] = want.get(level, 0) + 1
+    deadline = time.monotonic() + timeout_s
+    while True:
+        levels = httpx.get(f"{system.plan.http_url}/health", timeout=5).json()["levels"]
+        if all(len(levels[level]) >= n for level, n in want.items()):
+            return
+        assert time.monotonic() < deadline, f"not every replica registered: {levels}"
+        time.sleep(0.2)
 
 
 def complete(plan: Plan, prompt: str, max_tokens: int, timeout_s: float = 300) -> dict:
