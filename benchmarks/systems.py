@@ -66,12 +66,18 @@ class ZmqClient:
     """The gateway's client API (``common.protocol.ClientRequest`` / ``ClientEvent``), keeping
     the token ids and when they arrived."""
 
-    def __init__(self, endpoint: str, timeout_s: float):
+    def __init__(self, endpoint: str, timeout_s: float, keys_dir=None):
+        from common.security import CLIENT, GATEWAY, load_curve, secret_file
         from common.sockets import open_socket
 
         self.timeout_ms = int(timeout_s * 1000)
         self.ctx = zmq.Context()
-        self.sock = open_socket(self.ctx, zmq.DEALER, endpoint, linger_ms=0)
+        curve = None
+        if keys_dir is not None:  # the launcher's per-run CURVE keys
+            curve = load_curve(CLIENT, keys_dir / "public", secret_file(keys_dir, CLIENT))
+        self.sock = open_socket(
+            self.ctx, zmq.DEALER, endpoint, linger_ms=0, curve=curve, server=GATEWAY
+        )
 
     def complete(self, prompt: str, max_tokens: int) -> dict[str, Any]:
         rid = uuid.uuid4().hex
@@ -180,7 +186,7 @@ def run_system(
         system.start()
         system.wait_healthy(timeout_s=startup_timeout_s)
         result.config["startup_s"] = round(time.perf_counter() - t_start, 2)
-        client = ZmqClient(system.plan.client_endpoint, request_timeout_s)
+        client = ZmqClient(system.plan.client_endpoint, request_timeout_s, system.plan.keys_dir)
         probe = StageProbe(ports)
         if warmup:
             client.complete(warmup, warmup_tokens)

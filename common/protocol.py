@@ -162,7 +162,13 @@ class RequestError(Message):
 
 
 class Heartbeat(Message):
-    """Registration and liveness of one stage replica; sent every heartbeat interval."""
+    """Registration and liveness of one stage replica; sent every heartbeat interval.
+
+    ``replica`` names the replica and may outlive a process (a pod's name across container
+    restarts); ``incarnation`` is new on every process start. The gateway keeps the incarnation
+    it registered until that one expires: another incarnation under a live replica's id is
+    refused, never a takeover.
+    """
 
     TYPE: ClassVar[str] = "heartbeat"
     replica: str
@@ -178,6 +184,7 @@ class Heartbeat(Message):
     can_verify: bool = True
     tokenizer_fingerprint: str | None = None  # None: works on raw ids (n-gram)
     max_context: int = 0  # positions; 0 = unknown
+    restarts: int = Field(default=0, ge=0)  # times a supervisor restarted this replica
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

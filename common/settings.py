@@ -66,6 +66,16 @@ class StageSettings(BaseSettings):
     linger_ms: int = Field(500, ge=0)
     log_level: str = "info"
 
+    insecure: bool = Field(
+        False, description="plain TCP, no CURVE: anyone who reaches a port may talk (warned)"
+    )
+    public_keys: str | None = Field(None, description="directory of every role's <role>.key")
+    secret_key: str | None = Field(None, description="this role's .key_secret file")
+    max_message_bytes: int = Field(
+        16 << 20, ge=1024, description="ZMQ_MAXMSGSIZE of every receiving socket"
+    )
+    restarts: int = Field(0, ge=0, description="set by a supervisor: times this was restarted")
+
     @model_validator(mode="after")
     def _check(self) -> StageSettings:
         if self.backend in ("hf", "early-exit") and not self.model:
@@ -107,6 +117,22 @@ class GatewaySettings(BaseSettings):
     heartbeat_timeout_s: float = Field(3.0, gt=0)
     resend_after_s: float = Field(5.0, gt=0, description="re-sync a request silent for this long")
     request_timeout_s: float = Field(600.0, gt=0)
+    target_lost_timeout_s: float = Field(
+        30.0, gt=0, description="fail a request whose target has had no live replica this long"
+    )
+    min_heartbeat_interval_s: float = Field(
+        0.02, ge=0, description="a replica's heartbeats closer than this are refused and counted"
+    )
     hwm: int = Field(10_000, ge=0)
     linger_ms: int = Field(500, ge=0)
     log_level: str = "info"
+
+    insecure: bool = Field(
+        False, description="plain TCP, no CURVE: anyone who reaches a port may talk (warned)"
+    )
+    public_keys: str | None = Field(None, description="directory of every role's <role>.key")
+    secret_key: str | None = Field(None, description="this role's .key_secret file")
+    max_message_bytes: int = Field(
+        16 << 20, ge=1024, description="ZMQ_MAXMSGSIZE of every receiving socket"
+    )
+    restarts: int = Field(0, ge=0, description="set by a supervisor: times this was restarted")

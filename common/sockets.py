@@ -1,46 +1,96 @@
-"""The one ZeroMQ socket factory: which side binds, LINGER and high-water marks.
+"""The one ZeroMQ socket factory: which side binds, LINGER, high-water marks, the largest frame a
+socket accepts, and CURVE.
 
 Rule (zguide ch.2, "stable side binds"): sockets that receive from many dynamic peers bind
 (PULL inboxes, PUB notice channels, the gateway's ROUTER); sockets that reach out connect (PUSH,
 SUB, DEALER). On Kubernetes that means every replica binds its own ports and connects to peers by
 the addresses they advertise.
+
+Security (``common.security``): with a ``Curve`` identity, a bound socket is a CURVE server that
+accepts only the roles in ``allow`` (checked by the context's ZAP authenticator, so a peer without
+an allowed key never completes the handshake), and a connecting socket is a CURVE client of the
+role ``server``. Without one (``insecure = true`` in the settings) sockets are plain TCP.
 """
 
 from __future__ import annotations
 
 import zmq
 
+from common.security import Curve, guard_for
+
 BINDS = {zmq.PULL, zmq.PUB, zmq.ROUTER, zmq.XPUB}
 CONNECTS = {zmq.PUSH, zmq.SUB, zmq.DEALER, zmq.XSUB, zmq.REQ}
+RECEIVES = {zmq.PULL, zmq.SUB, zmq.ROUTER, zmq.DEALER, zmq.XSUB, zmq.REQ}
+DEFAULT_MAX_MSG_BYTES = 16 << 20
+
+
+def secure_server(sock: zmq.Socket, curve: Curve, allow: set[str]) -> None:
+    """Make ``sock`` (not yet bound) a CURVE server accepting only the keys of ``allow``."""
+    guard = guard_for(sock.context, curve)
+    sock.setsockopt_string(zmq.ZAP_DOMAIN, guard.domain({curve.key_of(r) for r in allow}))
+    sock.curve_secretkey = curve.secret
+    sock.curve_publickey = curve.public
+    sock.curve_server = True
+
+
+def secure_client(sock: zmq.Socket, curve: Curve, server: str) -> None:
+    """Make the next ``connect`` of ``sock`` a CURVE client of role ``server``. The server key
+    is copied per connect, so one SUB may connect to servers of several roles."""
+    sock.curve_secretkey = curve.secret
+    sock.curve_publickey = curve.public
+    sock.curve_serverkey = curve.key_of(server)
 
 
 def open_socket(
     ctx: zmq.Context,
     sock_type: int,
-    endpoint: str,
+    endpoint: str | None,
     *,
     linger_ms: int = 500,
     hwm: int = 10_000,
+    curve: Curve | None = None,
+    allow: set[str] | None = None,
+    server: str | None = None,
+    max_msg_bytes: int = DEFAULT_MAX_MSG_BYTES,
 ) -> zmq.Socket:
     """Create, configure and bind-or-connect a socket.
 
     ``endpoint`` may use port ``*`` or ``0`` when binding; read the real one back from
-    ``sock.last_endpoint``. LINGER is always set, so closing never hangs on unsent messages.
+    ``sock.last_endpoint``; ``None`` leaves a connecting socket unconnected (a SUB that connects
+    per route). LINGER is always set, so closing never hangs on unsent messages; receiving
+    sockets drop the connection of a peer that sends a frame over ``max_msg_bytes``
+    (ZMQ_MAXMSGSIZE) before holding it. With ``curve``, binding sockets need ``allow`` (roles)
+    and connecting ones ``server`` (the role they connect to).
     """
+    if sock_type not in BINDS | CONNECTS:
+        raise ValueError(f"no bind/connect rule for socket type {sock_type}")
     sock = ctx.socket(sock_type)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
-    if sock_type in BINDS:
-        sock.bind(endpoint.replace(":0", ":*") if endpoint.endswith(":0") else endpoint)
-    elif sock_type in CONNECTS:
-        # ZMTP heartbeats: notice a peer that vanished without closing (node loss) and reconnect
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        sock.connect(endpoint)
-    else:
+    if sock_type in RECEIVES:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
+    try:
+        if sock_type in BINDS:
+            if curve is not None:
+                if allow is None:
+                    raise ValueError("a CURVE server socket needs `allow`")
+                secure_server(sock, curve, allow)
+            sock.bind(endpoint.replace(":0", ":*") if endpoint.endswith(":0") else endpoint)
+        else:
+            # ZMTP heartbeats: notice a peer that vanished without closing (node loss) and reconnect
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            if curve is not None:
+                if server is None and endpoint is not None:
+                    raise ValueError("a CURVE client socket needs `server`")
+                if server is not None:
+                    secure_client(sock, curve, server)
+            if endpoint is not None:
+                sock.connect(endpoint)
+    except BaseException:
         sock.close(linger=0)
-        raise ValueError(f"no bind/connect rule for socket type {sock_type}")
+        raise
     return sock
 
 

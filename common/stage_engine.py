@@ -223,6 +223,8 @@ class StageEngine:
         )
 
     def _check_start(self, msg: Start) -> str | None:
+        if any(hop.level != i for i, hop in enumerate(msg.route)):
+            return "route hops must be levels 0, 1, 2, ... in order"
         if self.level >= len(msg.route) or msg.route[self.level].replica != self.replica:
             return f"route does not name this replica ({self.replica}) for level {self.level}"
         if not msg.prompt:

@@ -26,6 +26,15 @@ Config file::
 
 Each child gets its settings as PIPESPEC_* environment variables on top of this process's
 environment; every stage's ``gateway`` is set to the gateway's registry endpoint.
+
+Keys: every run generates a fresh CURVE key set (``common.security``) in a private temporary
+directory, gives each child only its own role's secret key, and removes the set when it stops.
+``[gateway] insecure = true`` runs everything on plain TCP instead (warned at start-up).
+
+Supervision, as Kubernetes does it: once the system is up, a child that exits is restarted after
+an exponential back-off (1 s, 2 s, 4 s … at most 30 s; back to 1 s after a minute of running),
+with its restart count in the status line and in its settings (``restarts``: on the gateway's
+/health). The others keep serving. Ctrl-C or SIGTERM stops everything.
 """
 
 from __future__ import annotations
@@ -33,11 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -46,11 +57,15 @@ from typing import Any
 
 import httpx
 
+from common import security
 from common.settings import GatewaySettings, StageSettings
 
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.5
+SUPERVISE_S = 0.2  # how often the supervisor looks for exited children
+BACKOFF_S = (1.0, 30.0)  # first and longest delay before a restart
+BACKOFF_RESET_S = 60.0  # a child that ran this long starts again from the first delay
 LOG_TAIL_LINES = 30
 PORT_FIELDS = ("http_port", "registry_port", "client_port")
 MODEL_FIELDS = ("model", "tokenizer")
@@ -65,12 +80,18 @@ class ChildSpec:
     name: str  # "gateway", "stage0", "stage1.2" (level 1, replica 2)
     module: str  # run as ``python -m module``
     env: dict[str, str]  # PIPESPEC_* variables
+    role: str = ""  # CURVE role: "gateway" or "level<N>"
 
 
 @dataclass
 class Plan:
     gateway: GatewaySettings
     children: list[ChildSpec]
+    keys_dir: Path | None = None  # the run's key set, once System.start made it
+
+    @property
+    def secure(self) -> bool:
+        return not self.gateway.insecure
 
     @property
     def http_url(self) -> str:
@@ -142,7 +163,12 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         f"tcp://{connect_host(gateway.advertise_host or gateway.bind_host)}:{gateway.registry_port}"
     )
     children = [
-        ChildSpec("gateway", "services.gateway", settings_env("PIPESPEC_GATEWAY_", gateway_table))
+        ChildSpec(
+            "gateway",
+            "services.gateway",
+            settings_env("PIPESPEC_GATEWAY_", gateway_table),
+            security.GATEWAY,
+        )
     ]
     stages, levels = config.get("stages", []), set()
     if not stages or not all(isinstance(entry, dict) for entry in stages):
@@ -150,6 +176,8 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
     for i, entry in enumerate(stages):
         table = {key: resolve_model(value) for key, value in entry.items() if key != "replicas"}
         table.setdefault("gateway", registry)
+        if gateway.insecure:
+            table.setdefault("insecure", True)  # one transport for the whole system
         replicas = entry.get("replicas", 1)
         if not isinstance(replicas, int) or replicas < 1:
             raise LaunchError(
@@ -163,7 +191,12 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         for r in range(replicas):
             name = f"stage{stage.level}" + (f".{r}" if replicas > 1 else "")
             children.append(
-                ChildSpec(name, "services.stage", settings_env("PIPESPEC_STAGE_", table))
+                ChildSpec(
+                    name,
+                    "services.stage",
+                    settings_env("PIPESPEC_STAGE_", table),
+                    security.level_role(stage.level),
+                )
             )
     if sorted(levels) != list(range(gateway.num_levels)):
         raise LaunchError(
@@ -185,6 +218,15 @@ class Child:
     spec: ChildSpec
     process: subprocess.Popen
     log_path: Path
+    restarts: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None  # when an exited child is due to start again
+    backoff_s: float = BACKOFF_S[0]
+
+    def status(self) -> str:
+        code = self.process.poll()
+        state = f"up, pid {self.process.pid}" if code is None else f"exited {code}"
+        return f"{self.spec.name} ({state}, restarts {self.restarts})"
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -200,20 +242,84 @@ class System:
     plan: Plan
     log_dir: Path
     children: list[Child] = field(default_factory=list)
+    say: Any = print  # where supervision status lines go
+    _supervisor: threading.Thread | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.plan.secure:
+            self._make_keys()
         for spec in self.plan.children:
             log_path = self.log_dir / f"{spec.name}.log"
-            with open(log_path, "wb") as log_file:  # the child keeps its own descriptor
-                process = subprocess.Popen(
-                    [sys.executable, "-m", spec.module],
-                    env=os.environ | spec.env,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                )
-            self.children.append(Child(spec, process, log_path))
+            self.children.append(Child(spec, self._spawn(spec, log_path, "wb"), log_path))
+
+    def _make_keys(self) -> None:
+        """A fresh key set for this run; each child's env names only its own secret key."""
+        keys = Path(tempfile.mkdtemp(prefix="pipespec-keys-"))
+        security.generate(keys, self.plan.gateway.num_levels)
+        self.plan.keys_dir = keys
+        for spec in self.plan.children:
+            prefix = "PIPESPEC_GATEWAY_" if spec.role == security.GATEWAY else "PIPESPEC_STAGE_"
+            spec.env.setdefault(f"{prefix}PUBLIC_KEYS", str(keys / "public"))
+            spec.env.setdefault(f"{prefix}SECRET_KEY", str(security.secret_file(keys, spec.role)))
+
+    @staticmethod
+    def _spawn(spec: ChildSpec, log_path: Path, mode: str, restarts: int = 0) -> subprocess.Popen:
+        prefix = "PIPESPEC_GATEWAY_" if spec.role == security.GATEWAY else "PIPESPEC_STAGE_"
+        env = os.environ | spec.env | ({f"{prefix}RESTARTS": str(restarts)} if restarts else {})
+        with open(log_path, mode) as log_file:  # the child keeps its own descriptor
+            return subprocess.Popen(
+                [sys.executable, "-m", spec.module],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    # -- supervision ---------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Restart children that exited, each after its back-off. Call it every so often (or
+        ``start_supervisor`` does it from a thread)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            for child in self.children:
+                code = child.process.poll()
+                if code is None:
+                    continue
+                if child.restart_at is None:
+                    ran = now - child.started_at
+                    if ran >= BACKOFF_RESET_S:
+                        child.backoff_s = BACKOFF_S[0]
+                    child.restart_at = now + child.backoff_s
+                    self.say(
+                        f"supervisor: {child.spec.name} exited with code {code} after {ran:.1f} s; "
+                        f"restarting in {child.backoff_s:g} s; log {child.log_path}",
+                        flush=True,
+                    )
+                    child.backoff_s = min(child.backoff_s * 2, BACKOFF_S[1])
+                elif now >= child.restart_at:
+                    child.restarts += 1
+                    child.process = self._spawn(child.spec, child.log_path, "ab", child.restarts)
+                    child.started_at, child.restart_at = now, None
+                    self.say(
+                        f"supervisor: restarted {child.spec.name}; {self.status()}", flush=True
+                    )
+
+    def status(self) -> str:
+        return "status: " + ", ".join(child.status() for child in self.children)
+
+    def start_supervisor(self) -> None:
+        def loop() -> None:
+            while not self._stopping.wait(SUPERVISE_S):
+                self.supervise()
+
+        self._supervisor = threading.Thread(target=loop, name="supervisor", daemon=True)
+        self._supervisor.start()
 
     def exited(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)
@@ -224,7 +330,7 @@ class System:
         last = "no answer yet"
         with httpx.Client(timeout=2.0) as http:
             while time.monotonic() < deadline:
-                dead = self.exited()
+                dead = self.exited() if self._supervisor is None else None  # else restarted
                 if dead is not None:
                     raise LaunchError(
                         f"{dead.spec.name} exited with code {dead.process.returncode} during "
@@ -241,7 +347,17 @@ class System:
         raise LaunchError(f"not healthy after {timeout_s:g} s: {last}; logs in {self.log_dir}")
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM every child, SIGKILL those still running after ``timeout_s``."""
+        """SIGTERM every child, SIGKILL those still running after ``timeout_s``; then remove
+        the run's keys."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        with self._lock:
+            self._stop_children(timeout_s)
+        if self.plan.keys_dir is not None:
+            shutil.rmtree(self.plan.keys_dir, ignore_errors=True)
+
+    def _stop_children(self, timeout_s: float) -> None:
         for child in self.children:
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -342,13 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.demo is not None:
             return 0 if run_demo(plan.http_url, args.demo, args.max_tokens) else 1
+        if not plan.secure:
+            print("WARNING: insecure = true: plain TCP between the services", flush=True)
+        else:
+            print(f"ZMQ client keys: {plan.keys_dir} (public/, client/)", flush=True)
+        print(system.status(), flush=True)
         print("Ctrl-C to stop", flush=True)
-        while (dead := system.exited()) is None:
-            time.sleep(POLL_S)
-        raise LaunchError(
-            f"{dead.spec.name} exited with code {dead.process.returncode}; "
-            f"its last log lines ({dead.log_path}):\n{dead.tail()}"
-        )
+        while True:
+            system.supervise()
+            time.sleep(SUPERVISE_S)
     except LaunchError as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1

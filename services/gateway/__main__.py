@@ -17,6 +17,7 @@ import structlog
 import uvicorn
 
 from common.logs import configure
+from common.security import KeyError_
 from common.settings import GatewaySettings
 from common.tokenization import eos_token_ids, fingerprint, load_tokenizer
 from services.gateway.app import create_app
@@ -74,9 +75,13 @@ def main() -> int:
     except (OSError, ValueError) as exc:
         print(f"gateway: cannot load tokenizer {settings.tokenizer!r}: {exc}", file=sys.stderr)
         return 2
-    gateway = Gateway(
-        settings, fingerprint(tokenizer), eos_token_ids(tokenizer, settings.tokenizer)
-    )
+    try:
+        gateway = Gateway(
+            settings, fingerprint(tokenizer), eos_token_ids(tokenizer, settings.tokenizer)
+        )
+    except KeyError_ as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     try:
         app = create_app(gateway, tokenizer, ClientApi(gateway, tokenizer))
     except (OSError, ValueError) as exc:

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.admission import Overloaded
@@ -39,6 +40,41 @@ from services.gateway.serving import OpenAIServing
 log = structlog.get_logger("gateway.http")
 
 RETRY_AFTER_S = 1
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, for every 4xx/5xx."""
+
+    error: ErrorDetail
+
+
+def _error(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+# What the generation routes may answer besides 200, in /openapi.json. 400 also covers what JSON
+# Schema cannot say: n other than 1, sampling, penalties, an empty prompt or stop string, token
+# ids outside the vocabulary, max_tokens over the limit or past the model's context.
+GENERATION_ERRORS = {
+    200: {
+        "description": "the completion (JSON), or with `stream: true` server-sent events",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    400: _error("invalid request (the message and `param` say what is wrong)"),
+    404: _error("unknown model"),
+    413: _error("request body over max_request_bytes"),
+    429: _error("over the admission limits; retry after Retry-After seconds"),
+    500: _error("the request failed in a stage"),
+    503: _error("no route: some level has no live replica"),
+    504: _error("the request timed out"),
+}
 
 
 class BodyTooLarge(InvalidRequest):
@@ -139,12 +175,20 @@ def create_app(gateway: Gateway, tokenizer, client_api: ClientApi | None = None)
     async def body_of(request: Request, model: type[Strict]) -> Strict:
         return parse_body(await read_body(request, settings.max_request_bytes), model)
 
-    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
+    @app.post(
+        "/v1/completions",
+        openapi_extra=json_body(CompletionRequest),
+        responses=GENERATION_ERRORS,
+    )
     async def completions(request: Request) -> Response:
         job = serving.completion_job(await body_of(request, CompletionRequest))
         return await serving.respond(request, job)
 
-    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses=GENERATION_ERRORS,
+    )
     async def chat_completions(request: Request) -> Response:
         job = serving.chat_job(await body_of(request, ChatCompletionRequest))
         return await serving.respond(request, job)
@@ -160,13 +204,17 @@ def create_app(gateway: Gateway, tokenizer, client_api: ClientApi | None = None)
         }
         return {"object": "list", "data": [card]}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "some level has no live replica"}})
     async def health() -> JSONResponse:
         reason = gateway.unavailable_reason()
         registry = gateway.registry
         body = {
             "status": "ok" if reason is None else "unavailable",
             "reason": reason,
+            # plain TCP between the services (settings: insecure = true): anyone who reaches
+            # the ZMQ ports may register as a stage or read prompts
+            "insecure": gateway.curve is None,
+            "restarts": settings.restarts,
             "levels": [
                 [r.describe() for r in registry.live(level)] for level in range(settings.num_levels)
             ],
@@ -176,14 +224,22 @@ def create_app(gateway: Gateway, tokenizer, client_api: ClientApi | None = None)
         }
         return JSONResponse(body, status_code=200 if reason is None else 503)
 
-    @app.get("/health/live")
+    @app.get("/health/live", responses={503: {"description": "the gateway's loops stopped"}})
     async def live() -> JSONResponse:
         alive = gateway.alive()
         return JSONResponse(
             {"status": "alive" if alive else "dead"}, status_code=200 if alive else 503
         )
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        responses={
+            200: {
+                "description": "Prometheus text exposition",
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,5 +1,9 @@
 """The gateway's ZeroMQ client API: a ROUTER bound on ``client_port``, one DEALER per client.
 
+Clients authenticate with CURVE like the stages: the ROUTER accepts only the ``client`` key
+(``common.security``; ``PipeSpecClient(endpoint, keys_dir=...)``), unless the gateway runs
+with ``insecure = true``. Hand the client keypair only to trusted front ends.
+
 A client sends one msgpack map per request (``common.protocol.ClientRequest``) and receives
 msgpack maps (``common.protocol.ClientEvent``): ``token`` events as output is committed, then
 ``done`` (finish reason and statistics) or ``error``. Every event echoes the request's
@@ -22,6 +26,7 @@ import zmq
 from pydantic import ValidationError
 
 from common.protocol import ClientEvent, ClientRequest
+from common.security import CLIENT
 from common.sockets import bound_endpoint, open_socket
 from services.gateway.admission import Overloaded
 from services.gateway.core import Gateway, Generation, advertised_host
@@ -70,6 +75,10 @@ class ClientApi:
             f"tcp://{s.bind_host}:{s.client_port}",
             linger_ms=s.linger_ms,
             hwm=s.hwm,
+            curve=self.gateway.curve,
+            allow={CLIENT},
+            # over MAX_REQUEST_BYTES: a clear error; over max_message_bytes: never held at all
+            max_msg_bytes=max(s.max_message_bytes, MAX_REQUEST_BYTES + 1024),
         )
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = bound_endpoint(self._router, advertised_host(s))

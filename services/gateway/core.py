@@ -32,6 +32,7 @@ import zmq.asyncio
 from common.codec import DecodeError, decode, encode
 from common.protocol import Cancel, Heartbeat, Message, Output, RequestError, RouteHop
 from common.request_tracker import RequestTracker, Send, TrackedRequest
+from common.security import GATEWAY, denied_total, identity, level_role, release, sender_role
 from common.settings import GatewaySettings
 from common.sockets import bound_endpoint, open_socket
 from services.gateway.admission import Admission
@@ -69,6 +70,7 @@ class _InFlight:
     req: TrackedRequest  # kept after the tracker lets go of it, for the final statistics
     first_token_at: float | None = None
     last_token_at: float | None = None
+    target_lost_at: float | None = None  # since when its target hop has no live replica
 
 
 class Generation:
@@ -149,7 +151,16 @@ class Gateway:
         )
         self.metrics.requests_waiting.set_function(lambda: self.admission.waiting)
         self.registry = ReplicaRegistry(
-            settings.num_levels, tokenizer_fingerprint, settings.heartbeat_timeout_s
+            settings.num_levels,
+            tokenizer_fingerprint,
+            settings.heartbeat_timeout_s,
+            min_heartbeat_interval_s=settings.min_heartbeat_interval_s,
+        )
+        # CURVE identity (None only with insecure = true); KeyError_ if keys are missing
+        self.curve = identity(GATEWAY, settings.insecure, settings.public_keys, settings.secret_key)
+        self.metrics.watch_rejects(
+            lambda: self.registry.rejected,
+            lambda: denied_total(self._ctx) if self._ctx is not None else 0,
         )
         self.tracker = RequestTracker(settings.resend_after_s)
         self.reply_to = ""  # the registry endpoint as stages reach it; set by start()
@@ -172,13 +183,22 @@ class Gateway:
             f"tcp://{s.bind_host}:{s.registry_port}",
             linger_ms=s.linger_ms,
             hwm=s.hwm,
+            curve=self.curve,
+            allow={level_role(level) for level in range(s.num_levels)},
+            max_msg_bytes=s.max_message_bytes,
         )
         self.reply_to = bound_endpoint(self._pull, advertised_host(s))
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="gateway-receive"),
             asyncio.create_task(self._tick_loop(), name="gateway-tick"),
         ]
-        log.info("gateway_started", registry=self.reply_to, num_levels=s.num_levels)
+        log.info(
+            "gateway_started",
+            registry=self.reply_to,
+            num_levels=s.num_levels,
+            secure=self.curve is not None,
+            restarts=s.restarts,
+        )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -196,6 +216,7 @@ class Gateway:
         if self._pull is not None:
             self._pull.close(linger=linger)
         if self._ctx is not None:
+            release(self._ctx)
             self._ctx.destroy(linger=linger)
         self._ctx = self._send_ctx = self._pull = None
         log.info("gateway_stopped")
@@ -321,23 +342,28 @@ class Gateway:
 
     async def _receive_loop(self) -> None:
         while True:  # runs until stop() cancels it
-            frame = await self._pull.recv()
+            frame = await self._pull.recv(copy=False)
             try:
-                msg = decode(frame)
+                msg = decode(frame.bytes)
             except DecodeError as exc:
                 self.metrics.decode_rejects.labels("registry").inc()
-                log.warning("frame_rejected", reason=str(exc), bytes=len(frame))
+                log.warning("frame_rejected", reason=str(exc), bytes=len(frame.bytes))
                 continue
             try:
-                self._dispatch(msg)
+                self._dispatch(msg, sender_role(frame) if self.curve is not None else None)
             except Exception:
                 log.exception("dispatch_failed", type=msg.TYPE)
 
-    def _dispatch(self, msg: Message) -> None:
+    def _dispatch(self, msg: Message, sender: str | None = None) -> None:
+        """``sender``: the role whose key sent ``msg`` (None on plain TCP). Outputs and errors
+        count only from the target level's key; heartbeats only from their own level's."""
         if isinstance(msg, Heartbeat):
             refused_before = self.registry.refused_total
-            self.registry.apply(msg)
+            self.registry.apply(msg, sender)
             self.metrics.replicas_refused.inc(self.registry.refused_total - refused_before)
+        elif sender is not None and sender != level_role(self.registry.target_level):
+            self.metrics.decode_rejects.labels("registry_sender").inc()
+            log.warning("message_from_wrong_role", type=msg.TYPE, sender=sender)
         elif isinstance(msg, Output):
             self._on_output(msg)
         elif isinstance(msg, RequestError):
@@ -406,6 +432,7 @@ class Gateway:
             self.metrics.resyncs.inc(len({msg.request_id for _, msg in resends}))
             self._send_all(resends)
         self._expire_requests()
+        self._fail_targetless()
         for level in range(self.settings.num_levels):
             self.metrics.live_replicas.labels(str(level)).set(len(self.registry.live(level)))
 
@@ -438,6 +465,28 @@ class Gateway:
 
     def _replacement(self, hop: RouteHop) -> RouteHop:
         return self.registry.pick(hop.level) or hop
+
+    def _fail_targetless(self) -> None:
+        """Fail requests whose target has had no live replica for ``target_lost_timeout_s``
+        (every target replica died): a clear error instead of waiting for the request timeout.
+        A lost drafter never fails a request: the levels above decode without it."""
+        now, limit = time.monotonic(), self.settings.target_lost_timeout_s
+        for request_id, flight in list(self._flights.items()):
+            if self.registry.is_live(flight.req.route[-1].replica):
+                flight.target_lost_at = None
+                continue
+            if flight.target_lost_at is None:
+                flight.target_lost_at = now
+            elif now - flight.target_lost_at >= limit:
+                log.warning("request_target_lost", request_id=request_id, limit_s=limit)
+                self._fail(
+                    request_id,
+                    GenerationError(
+                        f"the target level has had no live replica for {limit:g} s; "
+                        f"{len(flight.req.tokens)} tokens were produced before it was lost"
+                    ),
+                    "error",
+                )
 
     def _expire_requests(self) -> None:
         now, limit = time.monotonic(), self.settings.request_timeout_s
@@ -518,7 +567,13 @@ class Gateway:
         if sock is None:
             s = self.settings
             sock = open_socket(
-                self._send_ctx, zmq.PUSH, hop.inbox, linger_ms=s.linger_ms, hwm=s.hwm
+                self._send_ctx,
+                zmq.PUSH,
+                hop.inbox,
+                linger_ms=s.linger_ms,
+                hwm=s.hwm,
+                curve=self.curve,
+                server=level_role(hop.level),
             )
             self._pushes[hop.inbox] = sock
         try:

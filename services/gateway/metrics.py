@@ -14,7 +14,10 @@ Each stage's own /metrics has the same counters, live.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from common.protocol import LevelStats
 
@@ -128,6 +131,11 @@ class GatewayMetrics:
             registry=r,
         )
 
+    def watch_rejects(self, heartbeats: Callable[[], dict[str, int]], denied: Callable[[], int]):
+        """Export, at each scrape, heartbeats the registry dropped (by reason: wrong_key,
+        takeover, too_fast) and CURVE handshakes the authenticator refused."""
+        self.registry.register(_Rejects(heartbeats, denied))
+
     def record_levels(self, levels: list[LevelStats]) -> None:
         """Add one finished request's per-level counters (verifier levels only)."""
         for s in levels:
@@ -145,3 +153,25 @@ class GatewayMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Rejects:
+    """Custom collector over counts the registry and the authenticator keep."""
+
+    def __init__(self, heartbeats: Callable[[], dict[str, int]], denied: Callable[[], int]):
+        self.heartbeats, self.denied = heartbeats, denied
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "pipespec:heartbeats_rejected",
+            "Heartbeats dropped: wrong_key, takeover of a live replica id, too_fast",
+            labels=["reason"],
+        )
+        for reason in ("wrong_key", "takeover", "too_fast"):
+            family.add_metric([reason], self.heartbeats().get(reason, 0))
+        yield family
+        yield CounterMetricFamily(
+            "pipespec:denied_handshakes",
+            "CURVE handshakes refused (key not on the socket's allow-list)",
+            value=self.denied(),
+        )

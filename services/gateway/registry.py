@@ -4,6 +4,12 @@ Pure bookkeeping with an injected clock (no sockets): the gateway feeds it every
 and asks it for routes. A replica is *live* while its last heartbeat is younger than
 ``heartbeat_timeout_s``; *routable* when it is also ready and not draining. Load is what the
 replica last reported (``active_requests``) plus the requests routed to it since that heartbeat.
+
+Who may register (with CURVE, ``sender`` is the role whose key sent the heartbeat): a heartbeat
+for level L only from level L's key; a live replica's id only by the incarnation that registered
+it (another one waits until the first expires); and no replica faster than one heartbeat per
+``min_heartbeat_interval_s``. Those heartbeats are dropped without touching the registered
+replica and counted by reason in ``rejected``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from common.protocol import Heartbeat, RouteHop
+from common.security import level_role
 
 log = structlog.get_logger("gateway.registry")
 
@@ -60,6 +67,7 @@ class Replica:
             "draining": hb.draining,
             "load": self.load,
             "max_context": hb.max_context,
+            "restarts": hb.restarts,
         }
 
 
@@ -76,12 +84,16 @@ class ReplicaRegistry:
         tokenizer_fingerprint: str | None,
         heartbeat_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
+        min_heartbeat_interval_s: float = 0.0,
     ):
         self.num_levels = num_levels
         self.target_level = num_levels - 1
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.min_heartbeat_interval_s = min_heartbeat_interval_s
         self.clock = clock
+        self.rejected: dict[str, int] = {}  # heartbeats dropped unheard, by reason
+        self._logged: set[tuple[str, str]] = set()
         self.replicas: dict[str, Replica] = {}
         self.refusals: dict[str, Refusal] = {}  # replica id -> why its heartbeats are refused
         self.refused_total = 0  # distinct refusals (one per replica and reason)
@@ -89,9 +101,15 @@ class ReplicaRegistry:
 
     # -- heartbeats ----------------------------------------------------------------------------
 
-    def apply(self, hb: Heartbeat) -> bool:
-        """Register or refresh a replica. False if it is refused (see ``refusal_reason``)."""
+    def apply(self, hb: Heartbeat, sender: str | None = None) -> bool:
+        """Register or refresh a replica. False if it is refused (see ``refusal_reason``) or
+        rejected (see ``rejection``). ``sender``: the role of the key that sent it (None: plain
+        TCP, nothing to check)."""
         now = self.clock()
+        rejection = self.rejection(hb, sender, now)
+        if rejection is not None:
+            self._reject(hb, sender, rejection)
+            return False
         reason = self.refusal_reason(hb)
         if reason is not None:
             self._refuse(hb, reason, now)
@@ -118,6 +136,44 @@ class ReplicaRegistry:
         else:
             known.heartbeat, known.last_seen, known.assigned = hb, now, 0
         return True
+
+    def rejection(self, hb: Heartbeat, sender: str | None, now: float) -> str | None:
+        """Why ``hb`` must be dropped without a word to the registered replica, or None.
+
+        >>> r = ReplicaRegistry(2, None, 3.0, clock=lambda: 10.0)
+        >>> hb = Heartbeat(replica="a", incarnation="1", level=1, inbox="", notices="", ready=True)
+        >>> r.rejection(hb, "level0", 10.0)
+        'wrong_key'
+        >>> r.replicas["a"] = Replica(hb, last_seen=10.0)
+        >>> r.rejection(hb.model_copy(update={"incarnation": "2"}), "level1", 11.0)
+        'takeover'
+        >>> r.rejection(hb.model_copy(update={"incarnation": "2"}), "level1", 13.0)  # expired
+        """
+        if sender is not None and sender != level_role(hb.level):
+            return "wrong_key"
+        known = self.replicas.get(hb.replica)
+        if known is None or now - known.last_seen >= self.heartbeat_timeout_s:
+            return None
+        if (known.heartbeat.incarnation, known.level) != (hb.incarnation, hb.level):
+            return "takeover"
+        if now - known.last_seen < self.min_heartbeat_interval_s:
+            return "too_fast"
+        return None
+
+    def _reject(self, hb: Heartbeat, sender: str | None, why: str) -> None:
+        self.rejected[why] = self.rejected.get(why, 0) + 1
+        if (hb.replica, why) not in self._logged:  # once per replica and reason: no log flood
+            if len(self._logged) > 1000:
+                self._logged.clear()
+            self._logged.add((hb.replica, why))
+            log.warning(
+                "heartbeat_rejected",
+                replica=hb.replica,
+                incarnation=hb.incarnation,
+                stage_level=hb.level,
+                sender=sender,
+                why=why,
+            )
 
     def refusal_reason(self, hb: Heartbeat) -> str | None:
         if hb.level >= self.num_levels:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgpack
 import zmq
 
 from common.protocol import ClientEvent, ClientRequest
+from common.security import CLIENT, GATEWAY, load_curve, secret_file
 from common.sockets import open_socket
 
 
@@ -29,13 +31,26 @@ class PipeSpecClient:
     """One DEALER connected to the gateway's ROUTER. Not thread-safe: one client per thread.
 
     Every receive waits at most ``timeout_s`` for the next message (``TimeoutError`` otherwise),
-    so a silent gateway never hangs the caller.
+    so a silent gateway never hangs the caller. ``keys_dir``: a key set made by
+    ``python -m common.security generate`` (its ``public/`` and ``client/``); without one the
+    connection is plain TCP, which only a gateway with ``insecure = true`` accepts.
     """
 
-    def __init__(self, endpoint: str, timeout_s: float = 60.0, linger_ms: int = 500):
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float = 60.0,
+        linger_ms: int = 500,
+        keys_dir: str | Path | None = None,
+    ):
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = zmq.Context()
-        self._sock = open_socket(self._ctx, zmq.DEALER, endpoint, linger_ms=linger_ms)
+        curve = None
+        if keys_dir is not None:
+            curve = load_curve(CLIENT, Path(keys_dir) / "public", secret_file(keys_dir, CLIENT))
+        self._sock = open_socket(
+            self._ctx, zmq.DEALER, endpoint, linger_ms=linger_ms, curve=curve, server=GATEWAY
+        )
 
     def stream(self, prompt: str, max_tokens: int | None = None) -> Iterator[str]:
         """Text as the gateway commits it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from common.logs import configure
+from common.security import KeyError_
 from common.settings import StageSettings
 
 
@@ -23,7 +24,12 @@ def main() -> int:
     except Exception as exc:
         print(f"stage level {settings.level}: cannot load backend: {exc}", file=sys.stderr)
         return 2
-    StageService(settings, backend).run()
+    try:
+        service = StageService(settings, backend)
+    except KeyError_ as exc:
+        print(f"stage level {settings.level}: {exc}", file=sys.stderr)
+        return 2
+    service.run()
     return 0
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily
 
 MAX_POSITION_LABEL = 32  # accepted-per-position is counted for the first 32 draft positions
 
@@ -55,6 +56,19 @@ class StageMetrics:
         ).labels(**lv)
         self._level = str(level)
 
+    def watch(
+        self,
+        engine_counters: Callable[[], dict[str, int]],
+        dropped_sends: Callable[[], int],
+        denied_handshakes: Callable[[], int],
+    ) -> None:
+        """Export counts the service keeps elsewhere, read at each scrape: the engine's reject
+        and repair counters (by reason), sends dropped at the high-water mark, and CURVE
+        handshakes the authenticator refused."""
+        self.registry.register(
+            _Counts(self._level, engine_counters, dropped_sends, denied_handshakes)
+        )
+
     def on_pass(
         self, drafts: int, accepted: int, emitted: int, rejected: bool, seconds: float
     ) -> None:
@@ -75,6 +89,41 @@ class StageMetrics:
 
     def on_stale_span(self) -> None:
         self.stale_spans.inc()
+
+
+class _Counts:
+    """A custom collector: counters owned by the engine, the outbox and the authenticator."""
+
+    def __init__(self, level: str, engine, dropped, denied):
+        self.level, self.engine, self.dropped, self.denied = level, engine, dropped, denied
+
+    def collect(self):
+        events = CounterMetricFamily(
+            "pipespec:stage_engine_events",
+            "Messages the engine refused or repaired, by reason",
+            labels=["level", "reason"],
+        )
+        for reason, count in sorted(dict(self.engine()).items()):
+            events.add_metric([self.level, reason], count)
+        yield events
+        yield _one(
+            "pipespec:stage_send_drops",
+            "Messages dropped at a peer's high-water mark",
+            self.level,
+            self.dropped(),
+        )
+        yield _one(
+            "pipespec:stage_denied_handshakes",
+            "CURVE handshakes refused (key not on the socket's allow-list)",
+            self.level,
+            self.denied(),
+        )
+
+
+def _one(name: str, doc: str, level: str, value: int) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=["level"])
+    family.add_metric([level], value)
+    return family
 
 
 class _QuietHandler(WSGIRequestHandler):

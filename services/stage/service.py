@@ -21,8 +21,17 @@ import zmq
 from common.backends.base import Backend
 from common.codec import DecodeError, decode, encode
 from common.protocol import Heartbeat, Message, Notice, Output, RequestError, RouteHop, Span
+from common.security import (
+    GATEWAY,
+    Curve,
+    KeyError_,
+    denied_total,
+    identity,
+    level_role,
+    release,
+)
 from common.settings import StageSettings
-from common.sockets import bound_endpoint, open_socket
+from common.sockets import bound_endpoint, open_socket, secure_client
 from common.stage_engine import StageEngine
 from services.stage.metrics import LoopWatch, StageMetrics, serve_http
 
@@ -61,24 +70,38 @@ class ZmqOutbox:
     counted drop, which the protocol repairs (state-based messages, re-sync)."""
 
     def __init__(
-        self, ctx: zmq.Context, settings: StageSettings, notices: zmq.Socket, sub: zmq.Socket
+        self,
+        ctx: zmq.Context,
+        settings: StageSettings,
+        notices: zmq.Socket,
+        sub: zmq.Socket,
+        curve: Curve | None = None,
     ):
         self.ctx, self.settings, self.notices, self.sub = ctx, settings, notices, sub
+        self.curve = curve
         self.pushes: dict[str, zmq.Socket] = {}
         self.sub_connected: set[str] = set()
         self.subscribed: set[str] = set()
         self.dropped = 0
+        self.bad_peers = 0  # endpoints it could not connect to (malformed, unknown role)
 
-    def _push(self, endpoint: str, msg: Message) -> None:
+    def _push(self, endpoint: str, msg: Message, server: str) -> None:
         sock = self.pushes.get(endpoint)
         if sock is None:
-            sock = open_socket(
-                self.ctx,
-                zmq.PUSH,
-                endpoint,
-                linger_ms=self.settings.linger_ms,
-                hwm=self.settings.hwm,
-            )
+            try:
+                sock = open_socket(
+                    self.ctx,
+                    zmq.PUSH,
+                    endpoint,
+                    linger_ms=self.settings.linger_ms,
+                    hwm=self.settings.hwm,
+                    curve=self.curve,
+                    server=server,
+                )
+            except (zmq.ZMQError, KeyError_) as exc:  # a malformed endpoint or unknown role
+                self.bad_peers += 1
+                log.warning("peer_refused", endpoint=endpoint, role=server, reason=str(exc))
+                return
             self.pushes[endpoint] = sock
         try:
             sock.send(encode(msg), zmq.NOBLOCK)
@@ -86,10 +109,10 @@ class ZmqOutbox:
             self.dropped += 1
 
     def send_span(self, hop: RouteHop, span: Span) -> None:
-        self._push(hop.inbox, span)
+        self._push(hop.inbox, span, level_role(hop.level))
 
     def send_reply(self, endpoint: str, msg: Output | RequestError | Heartbeat) -> None:
-        self._push(endpoint, msg)
+        self._push(endpoint, msg, GATEWAY)
 
     def publish(self, notice: Notice) -> None:
         self.notices.send_multipart([topic(notice.request_id), encode(notice)])
@@ -97,7 +120,14 @@ class ZmqOutbox:
     def subscribe(self, request_id: str, hops: list[RouteHop]) -> None:
         for hop in hops:
             if hop.notices not in self.sub_connected:
-                self.sub.connect(hop.notices)
+                try:
+                    if self.curve is not None:
+                        secure_client(self.sub, self.curve, level_role(hop.level))
+                    self.sub.connect(hop.notices)
+                except (zmq.ZMQError, KeyError_) as exc:
+                    self.bad_peers += 1
+                    log.warning("peer_refused", endpoint=hop.notices, reason=str(exc))
+                    continue
                 self.sub_connected.add(hop.notices)
         if request_id not in self.subscribed:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic(request_id))
@@ -117,33 +147,45 @@ class StageService:
     def __init__(self, settings: StageSettings, backend: Backend):
         self.settings = settings
         self.backend = backend
-        self.replica = f"{settings.replica_id}-L{settings.level}-{uuid.uuid4().hex[:8]}"
+        # Identity: ``replica`` names the replica (stable across restarts of one pod);
+        # ``incarnation`` changes on every process start. The gateway refuses a second
+        # incarnation under a live replica's id until the first has expired.
+        self.replica = f"{settings.replica_id}-L{settings.level}"
+        self.incarnation = uuid.uuid4().hex
         self.ctx = zmq.Context()
         s = settings
+        self.curve = identity(level_role(s.level), s.insecure, s.public_keys, s.secret_key)
+        below = {level_role(level) for level in range(s.level)}
+        common = dict(
+            linger_ms=s.linger_ms, hwm=s.hwm, curve=self.curve, max_msg_bytes=s.max_message_bytes
+        )
+        # Start/Cancel come from the gateway, spans from the level below; notices go down.
+        inbox_from = {GATEWAY} | ({level_role(s.level - 1)} if s.level else set())
         self.inbox = open_socket(
             self.ctx,
             zmq.PULL,
             f"tcp://{s.bind_host}:{s.inbox_port or '*'}",
-            linger_ms=s.linger_ms,
-            hwm=s.hwm,
+            allow=inbox_from,
+            **common,
         )
         self.notices = open_socket(
             self.ctx,
             zmq.PUB,
             f"tcp://{s.bind_host}:{s.notices_port or '*'}",
-            linger_ms=s.linger_ms,
-            hwm=s.hwm,
+            allow=below,
+            **common,
         )
-        self.sub = self.ctx.socket(zmq.SUB)  # connects lazily, per route
-        self.sub.setsockopt(zmq.LINGER, s.linger_ms)
-        self.sub.setsockopt(zmq.RCVHWM, s.hwm)
-        self.sub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self.sub = open_socket(self.ctx, zmq.SUB, None, **common)  # connects per route
         host = s.advertise_host or s.bind_host
         self.inbox_endpoint = bound_endpoint(self.inbox, host)
         self.notices_endpoint = bound_endpoint(self.notices, host)
-        self.outbox = ZmqOutbox(self.ctx, s, self.notices, self.sub)
+        self.outbox = ZmqOutbox(self.ctx, s, self.notices, self.sub, self.curve)
         self.metrics = StageMetrics(s.level)
+        self.metrics.watch(
+            engine_counters=lambda: self.engine.counters,
+            dropped_sends=lambda: self.outbox.dropped + self.outbox.bad_peers,
+            denied_handshakes=lambda: denied_total(self.ctx),
+        )
         self.engine = StageEngine(s, backend, self.outbox, self.replica, observer=self.metrics)
         self.watch = LoopWatch(s.liveness_timeout_s)
         self.http = None
@@ -173,7 +215,15 @@ class StageService:
                     for ep in set(socks) - wanted:
                         socks.pop(ep).close(linger=0)
                     for ep in wanted - set(socks):
-                        socks[ep] = open_socket(self.ctx, zmq.PUSH, ep, linger_ms=0, hwm=16)
+                        socks[ep] = open_socket(
+                            self.ctx,
+                            zmq.PUSH,
+                            ep,
+                            linger_ms=0,
+                            hwm=16,
+                            curve=self.curve,
+                            server=GATEWAY,
+                        )
                     next_resolve = time.monotonic() + RESOLVE_EVERY_S
                 frame = encode(self.heartbeat())
                 for sock in socks.values():
@@ -190,7 +240,7 @@ class StageService:
         b = self.backend
         return Heartbeat(
             replica=self.replica,
-            incarnation=self.replica,
+            incarnation=self.incarnation,
             level=self.settings.level,
             inbox=self.inbox_endpoint,
             notices=self.notices_endpoint,
@@ -202,6 +252,7 @@ class StageService:
             can_verify=b.can_verify,
             tokenizer_fingerprint=b.tokenizer_fingerprint,
             max_context=b.max_context,
+            restarts=self.settings.restarts,
         )
 
     def _drain(self, sock: zmq.Socket, multipart: bool) -> None:
@@ -242,6 +293,8 @@ class StageService:
             backend=self.backend.kind,
             device=self.settings.device,
             dtype=self.settings.dtype,
+            secure=self.curve is not None,
+            restarts=self.settings.restarts,
         )
         interval = self.settings.heartbeat_interval_s
         next_beat = 0.0
@@ -304,5 +357,6 @@ class StageService:
         self.outbox.close()
         for sock in (self.inbox, self.notices, self.sub):
             sock.close(linger=self.settings.linger_ms)
+        release(self.ctx)
         self.ctx.term()
         log.info("stage_stopped", replica=self.replica)

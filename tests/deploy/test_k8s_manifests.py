@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from common import security
 from common.settings import GatewaySettings, StageSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -481,3 +482,58 @@ def test_network_policies_allow_exactly_the_pipespec_paths(docs):
     assert allowed(docs, outsider, gateway, 8000), "clients -> gateway:8000"
     assert not allowed(docs, outsider, gateway, 5550), "anyone -> gateway registry"
     assert not allowed(docs, outsider, gateway, 5551), "anyone -> gateway ZMQ client API"
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def role_of(deployment: Doc) -> str:
+    return "gateway" if component(deployment) == "gateway" else f"level{level_of(deployment)}"
+
+
+def test_every_deployment_mounts_its_own_key_secret_and_the_public_keys(docs, monkeypatch):
+    """CURVE (common/security.py): each pod gets every public key and only its role's secret,
+    from one Secret per level and one for the gateway, where its settings look for them."""
+    deployments = [gateway_deployment(docs), *stage_deployments(docs)]
+    secrets = set()
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (c,) = pod["containers"]
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        cls = GatewaySettings if component(deployment) == "gateway" else StageSettings
+        settings = settings_of(cls, env_of(c, docs), monkeypatch)
+        assert not settings.insecure, name(deployment)
+        secret_dir, secret_file = settings.secret_key.rsplit("/", 1)
+        secret_mount, public_mount = mounts[secret_dir], mounts[settings.public_keys]
+        assert secret_mount["readOnly"] and public_mount["readOnly"], name(deployment)
+        secret = volumes[secret_mount["name"]]["secret"]
+        assert secret["secretName"] == security.k8s_secret_name(role_of(deployment))
+        assert secret.get("optional") is not True and secret["defaultMode"] & 0o077 == 0o040
+        assert volumes[public_mount["name"]]["configMap"]["name"] == "pipespec-public-keys"
+        assert secret_file == "key_secret"
+        secrets.add(secret["secretName"])
+    assert len(secrets) == len(deployments), "one Secret per level and one for the gateway"
+
+
+def test_the_key_command_makes_exactly_what_the_deployments_mount(target, docs, tmp_path):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    levels = len(stage_deployments(docs))
+    made = security.k8s_manifests(security.generate(tmp_path / "keys", levels), levels)
+    for doc in made:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    names = {(d["kind"], name(d)) for d in made}
+    for deployment in [gateway_deployment(docs), *stage_deployments(docs)]:
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            if "secret" in volume:
+                assert ("Secret", volume["secret"]["secretName"]) in names
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in names
+    secret = next(d for d in made if name(d) == "pipespec-keys-level-0")
+    path = tmp_path / "level0.key_secret"
+    path.write_text(secret["stringData"]["key_secret"])
+    public = tmp_path / "public"
+    public.mkdir()
+    for file, text in made[0]["data"].items():
+        (public / file).write_text(text)
+    assert security.load_curve("level0", public, path).role == "level0"  # loads as mounted

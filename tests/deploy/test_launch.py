@@ -102,3 +102,31 @@ def test_stats_are_printed_for_people():
     text = format_stats(stats)
     assert "8 tokens in 0.50 s (16.0 tokens/s), first token after 0.10 s" in text
     assert "level 1 accepted 3/4 draft tokens (75.0%) in 2 verifications, 1 rollbacks" in text
+
+
+def test_each_run_makes_fresh_keys_and_gives_each_child_only_its_own_secret(tmp_path):
+    from common.security import load_curve
+    from deploy.launch import System
+
+    runs = []
+    for _ in range(2):
+        system = System(plan_from_config(config()), tmp_path / "logs")
+        system._make_keys()  # what start() does before spawning
+        keys = system.plan.keys_dir
+        for child in system.plan.children:
+            prefix = "PIPESPEC_GATEWAY_" if child.name == "gateway" else "PIPESPEC_STAGE_"
+            secret = Path(child.env[f"{prefix}SECRET_KEY"])
+            assert secret.parent.name == child.role and secret.is_relative_to(keys)
+            assert secret.stat().st_mode & 0o077 == 0, "secret keys are private"
+            curve = load_curve(child.role, child.env[f"{prefix}PUBLIC_KEYS"], secret)
+            assert set(curve.peers) == {"gateway", "client", "level0", "level1"}
+        runs.append(curve.public)
+        system.stop()
+        assert not keys.exists(), "the run's keys are removed when it stops"
+    assert runs[0] != runs[1], "a fresh set per run"
+
+
+def test_insecure_gateway_makes_the_whole_system_plain_tcp():
+    plan = plan_from_config(config(insecure=True))
+    assert not plan.secure
+    assert all(c.env["PIPESPEC_STAGE_INSECURE"] == "true" for c in plan.children[1:])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,21 +35,44 @@ def system_config(tokenizer: str, stages: list[dict], **gateway) -> dict:
 
 
 @contextlib.contextmanager
-def running(config: dict, log_dir: Path, startup_timeout_s: float = 180) -> Iterator[System]:
+def running(
+    config: dict, log_dir: Path, startup_timeout_s: float = 180, supervise: bool = False
+) -> Iterator[System]:
     """Start the system, wait for /health, yield it; stop it and require every process to have
-    exited with status 0 (none left running)."""
+    exited with status 0 (none left running). ``supervise``: restart children that die, as the
+    launcher's command does."""
     plan = plan_from_config(config)
     system = System(plan, log_dir)
     system.start()
     try:
         system.wait_healthy(timeout_s=startup_timeout_s)
+        wait_all_registered(system, timeout_s=startup_timeout_s)
+        if supervise:
+            system.start_supervisor()
         yield system
     finally:
-        system.stop()
+        system.stop(timeout_s=30)  # torch processes exiting together on a loaded 2-core machine
         codes = {c.spec.name: c.process.returncode for c in system.children}
         assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n" + "\n".join(
             c.tail() for c in system.children
         )
+
+
+def wait_all_registered(system: System, timeout_s: float) -> None:
+    """Until /health lists every stage replica the plan started (healthy needs only one per
+    level; a test of several replicas wants them all)."""
+    want: dict[int, int] = {}
+    for spec in system.plan.children:
+        if spec.role.startswith("level"):
+            level = int(spec.role[len("level") :])
+            want[level] = want.get(level, 0) + 1
+    deadline = time.monotonic() + timeout_s
+    while True:
+        levels = httpx.get(f"{system.plan.http_url}/health", timeout=5).json()["levels"]
+        if all(len(levels[level]) >= n for level, n in want.items()):
+            return
+        assert time.monotonic() < deadline, f"not every replica registered: {levels}"
+        time.sleep(0.2)
 
 
 def complete(plan: Plan, prompt: str, max_tokens: int, timeout_s: float = 300) -> dict:

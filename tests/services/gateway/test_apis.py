@@ -55,6 +55,7 @@ class System:
             linger_ms=0,
             default_max_tokens=64,
             chat_template=CHAT_TEMPLATE,
+            insecure=True,  # fake stages on plain TCP; CURVE is tested in tests/e2e/test_security.py
         )
         settings = GatewaySettings(**(fields | (settings or {})))
         self.gateway = Gateway(settings, fingerprint(tokenizer), [tokenizer.eos_token_id])

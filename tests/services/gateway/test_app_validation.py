@@ -28,6 +28,7 @@ def gateway(tokenizer) -> Gateway:
         linger_ms=0,
         max_tokens_limit=LIMIT,
         max_request_bytes=BODY_LIMIT,
+        insecure=True,
     )
     return Gateway(settings, fingerprint(tokenizer), [tokenizer.eos_token_id])
 
@@ -217,6 +218,13 @@ def test_health_is_503_and_says_which_level_is_missing(client):
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable"
     assert "level 0" in response.json()["reason"]
+
+
+def test_health_says_the_transport_is_insecure(client):
+    """This gateway runs with insecure = true (plain TCP): /health must say so. (The launched
+    systems of tests/e2e use CURVE and check "insecure": false.)"""
+    body = client.get("/health").json()
+    assert body["insecure"] is True and body["restarts"] == 0
 
 
 def test_health_names_refused_replicas(client, gateway):

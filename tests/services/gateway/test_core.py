@@ -45,6 +45,7 @@ async def running_gateway(tokenizer, **overrides):
             linger_ms=0,
             heartbeat_timeout_s=0.3,
             resend_after_s=0.2,
+            insecure=True,  # fake stages on plain TCP; CURVE is tested in tests/e2e/test_security.py
         )
         | overrides
     )

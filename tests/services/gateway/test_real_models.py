@@ -212,7 +212,9 @@ def test_bad_input_gets_4xx_and_leaves_a_running_stream_intact(tiny):
 
 def test_zmq_client_agrees(tiny):
     text, count = tiny.expected(tiny.tokenizer.encode(PROMPT))
-    with PipeSpecClient(tiny.plan.client_endpoint, timeout_s=60) as client:
+    with PipeSpecClient(
+        tiny.plan.client_endpoint, timeout_s=60, keys_dir=tiny.plan.keys_dir
+    ) as client:
         assert "".join(client.stream(PROMPT, max_tokens=MAX_TOKENS)) == text
         completion, stats = client.complete(PROMPT, max_tokens=MAX_TOKENS)
         assert completion == text and stats["completion_tokens"] == count

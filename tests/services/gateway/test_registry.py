@@ -126,11 +126,43 @@ def test_silent_replica_dies_once_and_is_reported(registry, clock):
     assert registry.pick(1) is None
 
 
-def test_restart_under_the_same_id_reports_the_old_incarnation(registry):
+def test_a_second_incarnation_cannot_take_over_a_live_replica_id(registry, clock):
     register_full(registry)
-    registry.apply(beat("target", 2, incarnation="target-2"))
-    assert [(r.id, r.heartbeat.incarnation) for r in registry.reap()] == [("target", "target-1")]
-    assert registry.is_live("target")
+    clock.now += 1.0
+    assert not registry.apply(beat("target", 2, incarnation="target-2", inbox="tcp://evil:1"))
+    assert registry.rejected == {"takeover": 1}
+    assert registry.replicas["target"].heartbeat.incarnation == "target-1"
+    assert registry.pick(2).inbox == "tcp://target:6000"
+    assert registry.reap() == []
+
+
+def test_restart_under_the_same_id_registers_once_the_old_incarnation_expired(registry, clock):
+    register_full(registry)
+    clock.now += TIMEOUT  # the first incarnation went silent
+    assert registry.apply(beat("target", 2, incarnation="target-2"))
+    lost = [(r.id, r.heartbeat.incarnation) for r in registry.reap()]
+    assert ("target", "target-1") in lost
+    assert registry.replicas["target"].heartbeat.incarnation == "target-2"
+
+
+def test_a_heartbeat_counts_only_from_its_own_levels_key(registry):
+    register_full(registry)
+    assert not registry.apply(beat("evil", 2), sender="level1")
+    assert not registry.apply(beat("target", 2, ready=False), sender="gateway")
+    assert registry.rejected == {"wrong_key": 2}
+    assert "evil" not in registry.replicas and registry.replicas["target"].heartbeat.ready
+    assert registry.apply(beat("target", 2), sender="level2")
+
+
+def test_a_replica_heartbeating_too_fast_is_refused_and_counted(clock):
+    registry = ReplicaRegistry(3, FP, TIMEOUT, clock=clock, min_heartbeat_interval_s=0.05)
+    assert registry.apply(beat("draft", 1, active_requests=1))
+    clock.now += 0.01
+    assert not registry.apply(beat("draft", 1, active_requests=9))
+    assert registry.rejected == {"too_fast": 1}
+    assert registry.replicas["draft"].heartbeat.active_requests == 1
+    clock.now += 0.05
+    assert registry.apply(beat("draft", 1, active_requests=2))
 
 
 def test_target_max_context_is_smallest_known(registry):
