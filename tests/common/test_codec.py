@@ -6,26 +6,17 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from common import protocol as wire
 from common.codec import MAX_MESSAGE_BYTES, DecodeError, decode, encode
-from common.protocol import (
-    MESSAGE_TYPES,
-    PROTOCOL_VERSION,
-    Cancel,
-    Heartbeat,
-    LevelStats,
-    Notice,
-    Output,
-    RequestError,
-    RouteHop,
-    Span,
-    Start,
-)
+from common.protocol import MESSAGE_TYPES, PROTOCOL_VERSION
 
-HOP = RouteHop(level=1, replica="r1", inbox="tcp://10.0.0.5:5601", notices="tcp://10.0.0.5:5602")
-STATS = [LevelStats(level=0, forward_passes=4, accepted_per_pos=[3, 1], busy_s=0.25)]
+HOP = wire.RouteHop(
+    level=1, replica="r1", inbox="tcp://10.0.0.5:5601", notices="tcp://10.0.0.5:5602"
+)
+STATS = [wire.LevelStats(level=0, forward_passes=4, accepted_per_pos=[3, 1], busy_s=0.25)]
 
 MESSAGES = [
-    Start(
+    wire.Start(
         request_id="a",
         prompt=[1, 2, 3],
         committed=[4],
@@ -35,8 +26,8 @@ MESSAGES = [
         route=[HOP],
         reply_to="tcp://gw:5550",
     ),
-    Start(request_id="minimal", prompt=[], max_tokens=1, route=[], reply_to=""),
-    Span(
+    wire.Start(request_id="minimal", prompt=[], max_tokens=1, route=[], reply_to=""),
+    wire.Span(
         request_id="a",
         level=0,
         replica="r0",
@@ -46,12 +37,12 @@ MESSAGES = [
         epoch=2,
         stats=STATS,
     ),
-    Notice(request_id="a", level=2, replica="r2", start=0, tokens=[9], epoch=3, rollback=True),
-    Notice(request_id="a", level=2, replica="r2", start=5, tokens=[], epoch=0, final=True),
-    Cancel(request_id="a"),
-    Cancel(request_id="a", reason="client went away"),
-    Output(request_id="a", replica="r2", start=0, tokens=[5, 6]),
-    Output(
+    wire.Notice(request_id="a", level=2, replica="r2", start=0, tokens=[9], epoch=3, rollback=True),
+    wire.Notice(request_id="a", level=2, replica="r2", start=5, tokens=[], epoch=0, final=True),
+    wire.Cancel(request_id="a"),
+    wire.Cancel(request_id="a", reason="client went away"),
+    wire.Output(request_id="a", replica="r2", start=0, tokens=[5, 6]),
+    wire.Output(
         request_id="a",
         replica="r2",
         start=2,
@@ -60,8 +51,8 @@ MESSAGES = [
         finish_reason="length",
         stats=STATS,
     ),
-    RequestError(request_id="a", replica="r1", level=1, message="prompt too long: é ✓"),
-    Heartbeat(
+    wire.RequestError(request_id="a", replica="r1", level=1, message="prompt too long: é ✓"),
+    wire.Heartbeat(
         replica="r1",
         incarnation="i1",
         level=1,
@@ -123,4 +114,4 @@ def test_bad_frames(name):
 
 
 def test_the_good_frame_of_the_bad_table_decodes():
-    assert decode(frame_of(**GOOD)) == Cancel(request_id="a")
+    assert decode(frame_of(**GOOD)) == wire.Cancel(request_id="a")
