@@ -8,13 +8,7 @@ import torch
 
 from common import model_store
 from common.backends.hf import load_causal_lm
-from tests.e2e.harness import (
-    GreedyOracle,
-    assert_same_as_oracle,
-    complete_all,
-    running,
-    system_config,
-)
+from tests.harness import GreedyOracle, assert_same_as_oracle, complete_all, config, launched
 
 MODEL = "smollm2-135m"
 pytestmark = [
@@ -68,7 +62,7 @@ HIERARCHIES = {
 @pytest.mark.parametrize("name", HIERARCHIES)
 def test_twenty_prompts_equal_target_greedy(oracle, tmp_path, name):
     stages = [{"level": i, **s} for i, s in enumerate(HIERARCHIES[name])]
-    with running(system_config(MODEL, stages), tmp_path / "logs") as system:
+    with launched(config(MODEL, stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, PROMPTS, MAX_TOKENS, concurrency=2)
     assert_same_as_oracle(oracle, PROMPTS, results, MAX_TOKENS)
 
@@ -97,7 +91,7 @@ def test_pipeline_acceptance_matches_offline(oracle, tmp_path):
         {"level": 0, "backend": "early-exit", "model": MODEL, "early_exit_layers": layers},
         {"level": 1, "backend": "hf", "model": MODEL},
     ]
-    with running(system_config(MODEL, stages), tmp_path / "logs") as system:
+    with launched(config(MODEL, stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, PROMPTS, max_tokens, concurrency=2)
     assert_same_as_oracle(oracle, PROMPTS, results, max_tokens)
     # Each verification checks drafts in order until the first mismatch, so every checked
