@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import msgpack
 import zmq
 
-from common.protocol import ClientEvent, ClientRequest
 from common.sockets import open_socket
+from services.gateway.client_schema import ClientEvent, ClientRequest
 
 
 class PipeSpecError(RuntimeError):
