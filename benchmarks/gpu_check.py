@@ -1,8 +1,8 @@
 """GPU check: PipeSpec systems on one CUDA device against the target's own ``generate``.
 
-    python -m deploy.gpu_check                 # ~1B-parameter random Llama, every stage on cuda:0
-    python -m deploy.gpu_check --small         # tiny models on the CPU: checks the script itself
-    python -m deploy.gpu_check --out DIR       # also writes DIR/gpu_check.json and the stage logs
+    python -m benchmarks.gpu_check                 # ~1B-parameter random Llama, every stage on cuda:0
+    python -m benchmarks.gpu_check --small         # tiny models on the CPU: checks the script itself
+    python -m benchmarks.gpu_check --out DIR       # also writes DIR/gpu_check.json and the stage logs
 
 Nothing is downloaded. Random Llama models are built on the spot and saved (safetensors) under
 ``--work`` (default /tmp/pipespec-gpu-check), so every stage loads them through the real path:
@@ -356,7 +356,7 @@ def summarize(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.gpu_check", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--small", action="store_true", help="tiny models, 3 prompts x 16 tokens (CPU check)"
