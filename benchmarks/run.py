@@ -110,7 +110,7 @@ def real_stages(
     models: dict[str, Any], method: str, overrides: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Launcher ``[[stages]]`` for a real-model method (``sync-k2`` ... ``pipespec-k3``)."""
-    from common.model_store import model_dir
+    from common.model_catalog import model_dir
 
     schedule, k = method.split("-k")
     target = {"backend": "hf", "model": str(model_dir(models["target"])), "threads": 1}
@@ -151,7 +151,7 @@ def level_names(models: dict[str, Any], method: str) -> list[str]:
 def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[MethodResult]:
     from benchmarks.hf_methods import InProcess, run_in_process
     from benchmarks.systems import bench_config, run_system
-    from common.model_store import model_dir
+    from common.model_catalog import model_dir
     from common.tokenization import load_tokenizer
 
     models = MODEL_SETS[args.models]

@@ -6,7 +6,7 @@ acceptance measured through the pipeline matches its acceptance measured offline
 import pytest
 import torch
 
-from common import model_store
+from common import model_catalog
 from common.backends.hf import load_causal_lm
 from tests.harness import GreedyOracle, assert_same_as_oracle, complete_all, config, launched
 
@@ -14,8 +14,8 @@ MODEL = "smollm2-135m"
 pytestmark = [
     pytest.mark.models,
     pytest.mark.skipif(
-        not model_store.is_prepared(MODEL),
-        reason=f"run `{model_store.PREPARE_COMMAND} smollm2` first",
+        not model_catalog.is_prepared(MODEL),
+        reason=f"run `{model_catalog.PREPARE_COMMAND} smollm2` first",
     ),
 ]
 MAX_TOKENS = 32
@@ -46,7 +46,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def oracle():
-    return GreedyOracle(str(model_store.model_dir(MODEL)))
+    return GreedyOracle(str(model_catalog.model_dir(MODEL)))
 
 
 HIERARCHIES = {
@@ -72,7 +72,7 @@ def offline_acceptance(
 ) -> tuple[int, int]:
     """Teacher-forced on the target's greedy text: positions where the drafter's argmax equals
     the target's token, and positions checked."""
-    drafter = load_causal_lm(str(model_store.model_dir(MODEL)), layers=drafter_layers)
+    drafter = load_causal_lm(str(model_catalog.model_dir(MODEL)), layers=drafter_layers)
     hits = total = 0
     for prompt in PROMPTS:
         prompt_ids = oracle.tokenizer.encode(prompt)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from common import model_store
+from common import model_catalog
 from tests.harness import SERVED_MODEL, GreedyOracle, config, launched
 
 MODEL = "smollm2-135m"
@@ -18,13 +18,13 @@ PROMPT = "def fibonacci(n):"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.models,
-    pytest.mark.skipif(not model_store.is_prepared(MODEL), reason=f"{MODEL} is not prepared"),
+    pytest.mark.skipif(not model_catalog.is_prepared(MODEL), reason=f"{MODEL} is not prepared"),
 ]
 
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    model_dir = model_store.model_dir(MODEL)
+    model_dir = model_catalog.model_dir(MODEL)
     stages = [{"level": 0, "backend": "ngram"}, {"level": 1, "model": str(model_dir)}]
     with launched(
         config(str(model_dir), stages), tmp_path_factory.mktemp("smol"), startup_timeout_s=300
