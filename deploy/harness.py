@@ -21,6 +21,7 @@ import httpx
 from deploy.launch import (
     PORT_FIELDS,
     STARTUP_TIMEOUT_S,
+    STOP_TIMEOUT_S,
     LaunchError,
     Plan,
     System,
@@ -69,16 +70,17 @@ def running(
     system: System,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
     require_clean_exit: bool = False,
+    stop_timeout_s: float = STOP_TIMEOUT_S,
 ) -> Iterator[System]:
     """Start ``system``, wait until its /health is 200, yield it; stop it however the block ends
-    (SIGTERM, then SIGKILL). ``require_clean_exit``: then raise LaunchError unless every process
-    exited with status 0."""
+    (SIGTERM, then SIGKILL after ``stop_timeout_s``). ``require_clean_exit``: then raise
+    LaunchError unless every process exited with status 0."""
     system.start()
     try:
         system.wait_healthy(timeout_s=startup_timeout_s)
         yield system
     finally:
-        system.stop()
+        system.stop(timeout_s=stop_timeout_s)
         if require_clean_exit:
             codes = exit_codes(system)
             if any(code != 0 for code in codes.values()):

@@ -21,6 +21,9 @@ from deploy.launch import Plan, System
 
 SERVED_MODEL = "test"  # the gateway's served_model_name in every test system
 STARTUP_TIMEOUT_S = 180
+# A clean exit after SIGTERM took 13-16 s on the 2-core test machine at load 12 (the tree before
+# the harness merge too), past the launcher's 10 s: wait longer before calling it a hang.
+STOP_TIMEOUT_S = 60
 
 
 def config(tokenizer: str, stages: list[dict], **gateway) -> dict:
@@ -35,9 +38,13 @@ def launched(
     cfg: dict, log_dir: Path, startup_timeout_s: float = STARTUP_TIMEOUT_S
 ) -> AbstractContextManager[System]:
     """Start the system of ``cfg``, wait for /health, yield it; on exit stop it and require every
-    process to have exited with status 0."""
+    process to have exited with status 0 (within STOP_TIMEOUT_S of SIGTERM)."""
     return harness.launched(
-        cfg, log_dir, startup_timeout_s=startup_timeout_s, require_clean_exit=True
+        cfg,
+        log_dir,
+        startup_timeout_s=startup_timeout_s,
+        require_clean_exit=True,
+        stop_timeout_s=STOP_TIMEOUT_S,
     )
 
 
