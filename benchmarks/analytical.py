@@ -53,14 +53,6 @@ class FixedWindowResult:
     tokens_per_step: float  # measured: tokens committed / target passes
     target_passes: int
 
-    @property
-    def rho_error(self) -> float:
-        return self.rho / steady_state_rho(self.alpha, self.gamma) - 1
-
-    @property
-    def tokens_per_step_error(self) -> float:
-        return self.tokens_per_step / tokens_per_step(self.alpha, self.gamma) - 1
-
 
 def measure_fixed_window(
     alpha: float, gamma: int, tokens: int = 6000, seed: int = 0

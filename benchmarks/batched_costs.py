@@ -183,7 +183,7 @@ def _generate(lm, prompt: list[int], n: int) -> list[int]:
 def agree(model: str, new_tokens: int = 16) -> None:
     from transformers import AutoTokenizer
 
-    from common.model_store import locate
+    from common.model_catalog import locate
 
     runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=1024)
     source, gguf = locate(model)

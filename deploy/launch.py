@@ -21,7 +21,7 @@ Config file::
 
     [[stages]]
     level = 1
-    model = "@smollm2-135m"    # "@name": common.model_store.model_dir(name)
+    model = "@smollm2-135m"    # "@name": common.model_catalog.model_dir(name)
     replicas = 2               # start this many identical replicas (default 1)
 
 Each child gets its settings as PIPESPEC_* environment variables on top of this process's
@@ -113,20 +113,20 @@ def free_port() -> int:
 
 
 def resolve_model(value: Any) -> Any:
-    """``"@name"`` -> the prepared directory of ``name`` in common.model_store."""
+    """``"@name"`` -> the prepared directory of ``name`` (common.model_catalog)."""
     if not (isinstance(value, str) and value.startswith("@")):
         return value
-    from common import model_store  # lazily: only configs that name stored models need it
+    from common import model_catalog  # lazily: only configs that name stored models need it
 
     name = value[1:]
     try:
-        path = model_store.model_dir(name)
+        path = model_catalog.model_dir(name)
     except KeyError as exc:
         raise LaunchError(str(exc.args[0])) from None
-    if not model_store.is_prepared(name):
+    if not model_catalog.is_prepared(name):
         raise LaunchError(
             f"model {name!r} is not prepared (expected in {path}). Prepare it with:\n"
-            f"    {model_store.PREPARE_COMMAND} {model_store.group_for(name)}"
+            f"    {model_catalog.PREPARE_COMMAND} {model_catalog.group_for(name)}"
         )
     return str(path)
 

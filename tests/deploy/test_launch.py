@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common import model_store
+from common import model_catalog
 from deploy.launch import LaunchError, format_stats, load_plan, plan_from_config
 
 CONFIGS = Path(__file__).parents[2] / "deploy" / "configs"
@@ -65,14 +65,14 @@ def test_config_errors_say_what_is_wrong(change, words):
 
 
 def test_a_missing_model_names_the_prepare_command(monkeypatch):
-    monkeypatch.setattr(model_store, "is_prepared", lambda name, root=None: False)
+    monkeypatch.setattr(model_catalog, "is_prepared", lambda name, root=None: False)
     with pytest.raises(LaunchError, match="python -m common.model_store prepare smollm2"):
         load_plan(CONFIGS / "smollm2-k3.toml")
 
 
 @pytest.mark.parametrize("name, levels", [("smollm2-k2", 2), ("smollm2-k3", 3)])
 def test_shipped_configs_describe_one_stage_per_level(monkeypatch, name, levels):
-    monkeypatch.setattr(model_store, "is_prepared", lambda name, root=None: True)
+    monkeypatch.setattr(model_catalog, "is_prepared", lambda name, root=None: True)
     plan = load_plan(CONFIGS / f"{name}.toml")
     assert plan.gateway.num_levels == levels and plan.gateway.http_port == 8000
     assert [c.name for c in plan.children] == ["gateway"] + [f"stage{i}" for i in range(levels)]

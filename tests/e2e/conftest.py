@@ -1,6 +1,6 @@
 import pytest
 
-from tests.e2e.harness import leftover_service_processes
+from tests.harness import leftover_service_processes
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from deploy.launch import Child, System
-from tests.e2e.harness import GreedyOracle, running, system_config
+from tests.harness import GreedyOracle, launched
+from tests.harness import config as test_config
 from tests.tiny_models import VOCAB_SIZE, tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -95,7 +96,7 @@ def test_chaos_kill_9_replicas_while_16_clients_stream(tmp_path):
         {"level": 1, "backend": "hf", "model": verifier, "replicas": 2},
         {"level": 2, "backend": "hf", "model": target, "replicas": 2},
     ]
-    config = system_config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=1.0)
+    config = test_config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=1.0)
     pool = prompts(12, seed=11)
     oracle = GreedyOracle(target)
     want = {p: oracle.text(oracle.ids(p, MAX_TOKENS)) for p in pool}
@@ -127,7 +128,7 @@ def test_chaos_kill_9_replicas_while_16_clients_stream(tmp_path):
                 outcomes["exact"] += 1
 
     kills: Counter[str] = Counter()
-    with running(config, root / "logs", supervise=True) as system:
+    with launched(config, root / "logs", supervise=True) as system:
         url = system.plan.http_url
         threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
         for t in threads:
@@ -203,7 +204,7 @@ def test_every_target_replica_killed_fails_in_flight_requests_clearly_then_recov
         {"level": 1, "backend": "hf", "model": target, "replicas": 2},
     ]
     bound_s = 1.0 + 3.0 + 6.0  # heartbeat timeout + target_lost_timeout_s + slack
-    config = system_config(
+    config = test_config(
         target, stages, heartbeat_timeout_s=1.0, resend_after_s=1.0, target_lost_timeout_s=3.0
     )
     pool = prompts(4, seed=5)
@@ -217,7 +218,7 @@ def test_every_target_replica_killed_fails_in_flight_requests_clearly_then_recov
             results[i] = exc
         ended_at[i] = time.monotonic()
 
-    with running(config, tmp_path / "logs") as system:
+    with launched(config, tmp_path / "logs") as system:
         url = system.plan.http_url
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(pool))]
         for t in threads:

@@ -32,8 +32,10 @@ from common.codec import encode
 from common.protocol import MESSAGE_TYPES, Cancel, Heartbeat, Notice, RouteHop, Span, Start
 from common.security import Curve, load_curve, release, secret_file
 from common.sockets import open_socket
+from deploy.harness import complete
 from deploy.launch import free_port
-from tests.e2e.harness import GreedyOracle, complete, running, system_config
+from tests.harness import GreedyOracle, launched
+from tests.harness import config as test_config
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -177,7 +179,7 @@ def test_fuzz_every_socket_while_good_requests_run(tmp_path):
             text = complete(plan, prompt, MAX_TOKENS, timeout_s=120)["choices"][0]["text"]
             good.append(text == want[prompt])
 
-    with running(system_config(target, stages), tmp_path / "logs") as system:
+    with launched(test_config(target, stages), tmp_path / "logs") as system:
         plan = system.plan
         keys = plan.keys_dir
         health = httpx.get(f"{plan.http_url}/health", timeout=5).json()

@@ -6,22 +6,16 @@ acceptance measured through the pipeline matches its acceptance measured offline
 import pytest
 import torch
 
-from common import model_store
+from common import model_catalog
 from common.backends.hf import load_causal_lm
-from tests.e2e.harness import (
-    GreedyOracle,
-    assert_same_as_oracle,
-    complete_all,
-    running,
-    system_config,
-)
+from tests.harness import GreedyOracle, assert_same_as_oracle, complete_all, config, launched
 
 MODEL = "smollm2-135m"
 pytestmark = [
     pytest.mark.models,
     pytest.mark.skipif(
-        not model_store.is_prepared(MODEL),
-        reason=f"run `{model_store.PREPARE_COMMAND} smollm2` first",
+        not model_catalog.is_prepared(MODEL),
+        reason=f"run `{model_catalog.PREPARE_COMMAND} smollm2` first",
     ),
 ]
 MAX_TOKENS = 32
@@ -52,7 +46,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def oracle():
-    return GreedyOracle(str(model_store.model_dir(MODEL)))
+    return GreedyOracle(str(model_catalog.model_dir(MODEL)))
 
 
 HIERARCHIES = {
@@ -68,7 +62,7 @@ HIERARCHIES = {
 @pytest.mark.parametrize("name", HIERARCHIES)
 def test_twenty_prompts_equal_target_greedy(oracle, tmp_path, name):
     stages = [{"level": i, **s} for i, s in enumerate(HIERARCHIES[name])]
-    with running(system_config(MODEL, stages), tmp_path / "logs") as system:
+    with launched(config(MODEL, stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, PROMPTS, MAX_TOKENS, concurrency=2)
     assert_same_as_oracle(oracle, PROMPTS, results, MAX_TOKENS)
 
@@ -78,7 +72,7 @@ def offline_acceptance(
 ) -> tuple[int, int]:
     """Teacher-forced on the target's greedy text: positions where the drafter's argmax equals
     the target's token, and positions checked."""
-    drafter = load_causal_lm(str(model_store.model_dir(MODEL)), layers=drafter_layers)
+    drafter = load_causal_lm(str(model_catalog.model_dir(MODEL)), layers=drafter_layers)
     hits = total = 0
     for prompt in PROMPTS:
         prompt_ids = oracle.tokenizer.encode(prompt)
@@ -97,7 +91,7 @@ def test_pipeline_acceptance_matches_offline(oracle, tmp_path):
         {"level": 0, "backend": "early-exit", "model": MODEL, "early_exit_layers": layers},
         {"level": 1, "backend": "hf", "model": MODEL},
     ]
-    with running(system_config(MODEL, stages), tmp_path / "logs") as system:
+    with launched(config(MODEL, stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, PROMPTS, max_tokens, concurrency=2)
     assert_same_as_oracle(oracle, PROMPTS, results, max_tokens)
     # Each verification checks drafts in order until the first mismatch, so every checked

@@ -6,13 +6,7 @@ import random
 
 import pytest
 
-from tests.e2e.harness import (
-    GreedyOracle,
-    assert_same_as_oracle,
-    complete_all,
-    running,
-    system_config,
-)
+from tests.harness import GreedyOracle, assert_same_as_oracle, complete_all, config, launched
 from tests.tiny_models import VOCAB_SIZE, noisy_copy, tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -55,7 +49,7 @@ def test_twenty_prompts_equal_target_greedy(tiny, tmp_path, name):
         for i, (b, m) in enumerate(HIERARCHIES[name])
     ]
     ps = prompts(20, seed=len(name))
-    with running(system_config(tiny["target"], stages), tmp_path / "logs") as system:
+    with launched(config(tiny["target"], stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, ps, MAX_TOKENS, concurrency=4)
     assert_same_as_oracle(GreedyOracle(tiny["target"]), ps, results, MAX_TOKENS)
     # The scenario must be rollback-heavy. How many drafts reach a verifier depends on timing,
@@ -73,7 +67,7 @@ def test_eight_concurrent_requests_two_replicas_of_a_level(tiny, tmp_path):
         {"level": 2, "backend": "hf", "model": tiny["target"]},
     ]
     ps = prompts(8, seed=99)
-    with running(system_config(tiny["target"], stages), tmp_path / "logs") as system:
+    with launched(config(tiny["target"], stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, ps, MAX_TOKENS, concurrency=8)
     assert_same_as_oracle(GreedyOracle(tiny["target"]), ps, results, MAX_TOKENS)
     middle = {r["spec_decode_stats"]["replicas"][1] for r in results}

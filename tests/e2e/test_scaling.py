@@ -10,11 +10,11 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
 
+from deploy.harness import complete
 from deploy.launch import free_port
-from tests.e2e.harness import GreedyOracle, complete, running, system_config
+from tests.harness import GreedyOracle, config, launched, stage_gauge
 from tests.tiny_models import VOCAB_SIZE, tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
             "metrics_port": metrics_port,
         },
     ]
-    config = system_config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=2.0)
+    cfg = config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=2.0)
     rng = random.Random(5)
     prompts = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(6)) for _ in range(6)]
     results: list[tuple[str, dict]] = []
@@ -52,7 +52,7 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-    with running(config, tmp_path / "logs") as system:
+    with launched(cfg, tmp_path / "logs") as system:
         plan = system.plan
         first = next(c for c in system.children if c.spec.name == "stage1")
         threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
@@ -73,7 +73,7 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
             while len(served_by(results)) < 2 and time.monotonic() < deadline:
                 time.sleep(0.2)
             first_replica = results[0][1]["spec_decode_stats"]["replicas"][1]
-            while active_requests(metrics_port) < 1 and time.monotonic() < deadline:
+            while stage_gauge(metrics_port) < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)  # SIGTERM while it holds a request, so one must move
             done_at_sigterm = len(results)
             first.process.send_signal(signal.SIGTERM)
@@ -96,12 +96,6 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
     wrong = [p for p, r in results if r["choices"][0]["text"] != want[p]]
     assert not wrong, f"{len(wrong)} of {len(results)} differ from the target's greedy output"
     assert first.process.returncode == 0 and second.returncode == 0
-
-
-def active_requests(port: int) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    line = next(ln for ln in text.splitlines() if ln.startswith("pipespec:stage_active_requests{"))
-    return float(line.rsplit(" ", 1)[1])
 
 
 def served_by(results) -> set[str]:

@@ -23,13 +23,9 @@ from common.protocol import Heartbeat, Output, Start
 from common.security import Curve, load_curve, release, secret_file
 from common.sockets import bound_endpoint, open_socket
 from common.tokenization import fingerprint, load_tokenizer
-from tests.e2e.harness import (
-    GreedyOracle,
-    complete,
-    leftover_service_processes,
-    running,
-    system_config,
-)
+from deploy.harness import complete
+from tests.harness import GreedyOracle, launched, leftover_service_processes
+from tests.harness import config as test_config
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -117,8 +113,8 @@ def system(tmp_path_factory):
     root = tmp_path_factory.mktemp("security")
     target = str(tiny_llama(root / "target"))
     stages = [{"level": 0, "backend": "ngram"}, {"level": 1, "backend": "hf", "model": target}]
-    config = system_config(target, stages)
-    with running(config, root / "logs") as sys_:
+    config = test_config(target, stages)
+    with launched(config, root / "logs") as sys_:
         oracle = GreedyOracle(target)
         want = {p: oracle.text(oracle.ids(p, MAX_TOKENS)) for p in PROMPTS}
         yield sys_, target, want

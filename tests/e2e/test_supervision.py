@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.harness import GreedyOracle
+from tests.harness import GreedyOracle
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow

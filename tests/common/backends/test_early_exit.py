@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import model_store
+from common import model_catalog
 from common.backends import load_backend
 from common.backends.hf import HFBackend
 from common.settings import StageSettings
@@ -79,5 +79,5 @@ def test_smollm2_early_exit():
     prompt = [1, 504, 3575, 282, 4649, 314, 7042, 30]
     reference = generate(backend.model, prompt, 8)
     assert step_by_step(backend, prompt, 8) == reference
-    full = AutoModelForCausalLM.from_pretrained(model_store.model_dir("smollm2-135m"))
+    full = AutoModelForCausalLM.from_pretrained(model_catalog.model_dir("smollm2-135m"))
     assert backend.new_session([]).forward(prompt) == exit_after(full, 20, prompt)

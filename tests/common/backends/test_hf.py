@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import model_store
+from common import model_catalog
 from common.backends import CONSTRUCTORS, load_backend
 from common.backends.hf import HFBackend
 from common.settings import StageSettings
@@ -195,9 +195,9 @@ def test_unavailable_backend_kind(monkeypatch):
 
 
 def require(name: str) -> None:
-    if not model_store.is_prepared(name):
+    if not model_catalog.is_prepared(name):
         pytest.skip(
-            f"{name} not prepared: run `{model_store.PREPARE_COMMAND} {model_store.group_for(name)}`"
+            f"{name} not prepared: run `{model_catalog.PREPARE_COMMAND} {model_catalog.group_for(name)}`"
         )
 
 
@@ -209,7 +209,7 @@ def smollm2():
 
 @pytest.mark.models
 def test_smollm2_greedy_equals_generate(smollm2):
-    prompt = AutoTokenizer.from_pretrained(model_store.model_dir("smollm2-135m"))(
+    prompt = AutoTokenizer.from_pretrained(model_catalog.model_dir("smollm2-135m"))(
         "The capital of France is Paris. The capital of Germany is"
     )["input_ids"]
     reference = generate(smollm2.model, prompt, 12)
@@ -221,7 +221,7 @@ def test_smollm2_greedy_equals_generate(smollm2):
 @pytest.mark.models
 @pytest.mark.slow
 def test_smollm2_from_gguf_matches_the_converted_directory(smollm2):
-    gguf = HFBackend(str(model_store.gguf_path("smollm2-135m")))
+    gguf = HFBackend(str(model_catalog.gguf_path("smollm2-135m")))
     assert gguf.tokenizer_fingerprint == smollm2.tokenizer_fingerprint
     sequence = [1, 504, 3575, 282, 4649, 314]
     assert gguf.new_session([]).forward(sequence) == smollm2.new_session([]).forward(sequence)
@@ -232,7 +232,7 @@ def test_qwen_models_share_a_tokenizer():
     require("qwen2.5-coder-0.5b")
     require("qwen2.5-coder-1.5b")
     small, large = (
-        fingerprint(load_tokenizer(str(model_store.model_dir(n))))
-        for n in model_store.GROUPS["qwen"]
+        fingerprint(load_tokenizer(str(model_catalog.model_dir(n))))
+        for n in model_catalog.GROUPS["qwen"]
     )
     assert small == large

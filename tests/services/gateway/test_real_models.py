@@ -11,10 +11,9 @@ import time
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 from services.gateway.zmq_client import PipeSpecClient
-from tests.services.gateway.launched import config, greedy_ids, launched, sse_chunks
+from tests.harness import SERVED_MODEL, GreedyOracle, config, launched, sse_chunks
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -34,16 +33,16 @@ MESSAGES = [{"role": "system", "content": "w20 w21"}, {"role": "user", "content"
 
 class Tiny:
     def __init__(self, plan, target):
-        self.plan, self.target = plan, target
+        self.plan, self.oracle = plan, GreedyOracle(target)
         self.url = plan.http_url
-        self.tokenizer = AutoTokenizer.from_pretrained(target)
+        self.tokenizer = self.oracle.tokenizer
         self.client = openai.OpenAI(
             base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60
         )
 
     def expected(self, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
-        ids = greedy_ids(self.target, prompt_ids, max_tokens)
-        return self.tokenizer.decode(ids, skip_special_tokens=True), len(ids)
+        ids = self.oracle.generate(prompt_ids, max_tokens)
+        return self.oracle.text(ids), len(ids)
 
     def chat_ids(self) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -58,15 +57,15 @@ def tiny(tmp_path_factory):
     target = tiny_llama(root / "target")
     stages = [{"level": 0, "backend": "ngram"}, {"level": 1, "model": str(target)}]
     cfg = config(str(target), stages, chat_template=TEMPLATE, max_request_bytes=BODY_LIMIT)
-    with launched(cfg, root / "logs") as plan:
-        yield Tiny(plan, target)
+    with launched(cfg, root / "logs") as system:
+        yield Tiny(system.plan, target)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_completions(tiny, stream):
     text, count = tiny.expected(tiny.tokenizer.encode(PROMPT))
     kwargs = dict(
-        model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=3, user="u1"
+        model=SERVED_MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=3, user="u1"
     )
     if not stream:
         response = tiny.client.completions.create(**kwargs)
@@ -88,7 +87,9 @@ def test_openai_completions(tiny, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_chat(tiny, stream):
     text, count = tiny.expected(tiny.chat_ids())
-    kwargs = dict(model="tiny", messages=MESSAGES, max_completion_tokens=MAX_TOKENS, temperature=0)
+    kwargs = dict(
+        model=SERVED_MODEL, messages=MESSAGES, max_completion_tokens=MAX_TOKENS, temperature=0
+    )
     if not stream:
         response = tiny.client.chat.completions.create(**kwargs)
         assert response.choices[0].message.role == "assistant"
@@ -105,11 +106,11 @@ def test_openai_chat(tiny, stream):
 
 
 def test_openai_errors_and_models(tiny):
-    assert [m.id for m in tiny.client.models.list()] == ["tiny"]
+    assert [m.id for m in tiny.client.models.list()] == [SERVED_MODEL]
     with pytest.raises(openai.BadRequestError, match="temperature 0.7 asks for sampling"):
-        tiny.client.completions.create(model="tiny", prompt=PROMPT, temperature=0.7)
+        tiny.client.completions.create(model=SERVED_MODEL, prompt=PROMPT, temperature=0.7)
     with pytest.raises(openai.BadRequestError, match="only n=1 is supported"):
-        tiny.client.chat.completions.create(model="tiny", messages=MESSAGES, n=3)
+        tiny.client.chat.completions.create(model=SERVED_MODEL, messages=MESSAGES, n=3)
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
         tiny.client.completions.create(model="gpt-4", prompt=PROMPT)
 
@@ -121,7 +122,7 @@ def test_stop_string_across_tokens_over_raw_http(tiny):
         f"{words[2][1:]} {words[3][:2]}"  # the end of one token, the space, the start of the next
     )
     expected = text[: text.find(stop)]
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stop": [stop]}
+    body = {"model": SERVED_MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stop": [stop]}
     with httpx.Client(base_url=tiny.url, timeout=60) as http:
         whole = http.post("/v1/completions", json=body).json()
         chunks = sse_chunks(http.post("/v1/completions", json=body | {"stream": True}).text)
@@ -221,7 +222,7 @@ def test_zmq_client_agrees(tiny):
 
 
 def test_metrics_after_traffic(tiny):
-    tiny.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+    tiny.client.completions.create(model=SERVED_MODEL, prompt=PROMPT, max_tokens=8)
     text = httpx.get(f"{tiny.url}/metrics").text
     for line in (
         'pipespec:rejected_requests_total{api="http",code="400"}',

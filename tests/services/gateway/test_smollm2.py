@@ -7,8 +7,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from common import model_store
-from tests.services.gateway.launched import config, greedy_ids, launched
+from common import model_catalog
+from tests.harness import SERVED_MODEL, GreedyOracle, config, launched
 
 MODEL = "smollm2-135m"
 MAX_TOKENS = 16
@@ -18,38 +18,37 @@ PROMPT = "def fibonacci(n):"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.models,
-    pytest.mark.skipif(not model_store.is_prepared(MODEL), reason=f"{MODEL} is not prepared"),
+    pytest.mark.skipif(not model_catalog.is_prepared(MODEL), reason=f"{MODEL} is not prepared"),
 ]
 
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    model_dir = model_store.model_dir(MODEL)
+    model_dir = model_catalog.model_dir(MODEL)
     stages = [{"level": 0, "backend": "ngram"}, {"level": 1, "model": str(model_dir)}]
     with launched(
         config(str(model_dir), stages), tmp_path_factory.mktemp("smol"), startup_timeout_s=300
-    ) as plan:
+    ) as system:
         client = openai.OpenAI(
-            base_url=f"{plan.http_url}/v1", api_key="unused", max_retries=0, timeout=120
+            base_url=f"{system.plan.http_url}/v1", api_key="unused", max_retries=0, timeout=120
         )
-        yield client, model_dir, AutoTokenizer.from_pretrained(model_dir)
+        yield client, GreedyOracle(model_dir)
 
 
-def expected(model_dir, tokenizer, prompt_ids: list[int]) -> str:
-    return tokenizer.decode(greedy_ids(model_dir, prompt_ids, MAX_TOKENS), skip_special_tokens=True)
+def expected(oracle: GreedyOracle, prompt_ids: list[int]) -> str:
+    return oracle.text(oracle.generate(prompt_ids, MAX_TOKENS))
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_uses_the_tokenizers_template(smol, stream):
-    client, model_dir, tokenizer = smol
+    client, oracle = smol
+    tokenizer = oracle.tokenizer
     prompt_ids = tokenizer.encode(
         tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
         add_special_tokens=False,
     )
-    want = expected(model_dir, tokenizer, prompt_ids)
-    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+    want = expected(oracle, prompt_ids)
+    kwargs = dict(model=SERVED_MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
     if stream:
         chunks = client.chat.completions.create(**kwargs, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
@@ -59,9 +58,9 @@ def test_chat_uses_the_tokenizers_template(smol, stream):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_completions(smol, stream):
-    client, model_dir, tokenizer = smol
-    want = expected(model_dir, tokenizer, tokenizer.encode(PROMPT))
-    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS)
+    client, oracle = smol
+    want = expected(oracle, oracle.tokenizer.encode(PROMPT))
+    kwargs = dict(model=SERVED_MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS)
     if stream:
         chunks = client.completions.create(**kwargs, stream=True)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == want

@@ -1,8 +1,8 @@
 """GPU check: PipeSpec systems on one CUDA device against the target's own ``generate``.
 
-    python -m deploy.gpu_check                 # ~1B-parameter random Llama, every stage on cuda:0
-    python -m deploy.gpu_check --small         # tiny models on the CPU: checks the script itself
-    python -m deploy.gpu_check --out DIR       # also writes DIR/gpu_check.json and the stage logs
+    python -m benchmarks.gpu_check                 # ~1B-parameter random Llama, every stage on cuda:0
+    python -m benchmarks.gpu_check --small         # tiny models on the CPU: checks the script itself
+    python -m benchmarks.gpu_check --out DIR       # also writes DIR/gpu_check.json and the stage logs
 
 Nothing is downloaded. Random Llama models are built on the spot and saved (safetensors) under
 ``--work`` (default /tmp/pipespec-gpu-check), so every stage loads them through the real path:
@@ -55,6 +55,7 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from deploy.harness import complete, exit_codes, loopback_config, running  # noqa: E402
 from deploy.launch import System, plan_from_config  # noqa: E402
 
 BOS, EOS = 1, 2
@@ -199,19 +200,9 @@ def run_system(
     threads: int,
     request_timeout_s: float,
 ) -> dict:
-    config = {
-        "gateway": {
-            "tokenizer": str(t_dir),
-            "num_levels": len(stages),
-            "http_port": 0,
-            "registry_port": 0,
-            "client_port": 0,
-            "served_model_name": "check",
-        },
-        "stages": [{"level": i, "threads": threads, **s} for i, s in enumerate(stages)],
-    }
-    plan = plan_from_config(config)
-    system = System(plan, log_root / name)
+    stage_tables = [{"level": i, **s} for i, s in enumerate(stages)]
+    config = loopback_config(str(t_dir), stage_tables, threads=threads, served_model_name="check")
+    system = System(plan_from_config(config), log_root / name)
     result: dict[str, Any] = {
         "stages": [
             {
@@ -224,21 +215,14 @@ def run_system(
     }
     result["gpu_used_gib_before"] = gpu_used_gib(stages[-1]["device"])
     start = time.perf_counter()
-    system.start()
     try:
-        system.wait_healthy(timeout_s=180)
-        result["startup_s"] = round(time.perf_counter() - start, 1)
-        log(f"{name}: healthy after {result['startup_s']} s")
-        with httpx.Client(timeout=request_timeout_s) as http:
-
-            def complete(prompt: list[int], n: int) -> dict:
-                body = {"model": "check", "prompt": text_of(prompt), "max_tokens": n}
-                resp = http.post(f"{plan.http_url}/v1/completions", json=body)
-                if resp.status_code != 200:
-                    raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
-                return resp.json()
-
-            complete(prompts[0], 8)  # warm-up
+        with (
+            running(system, startup_timeout_s=180),
+            httpx.Client(timeout=request_timeout_s) as http,
+        ):
+            result["startup_s"] = round(time.perf_counter() - start, 1)
+            log(f"{name}: healthy after {result['startup_s']} s")
+            complete(system.plan, text_of(prompts[0]), 8, http=http)  # warm-up
             placement = gpu_processes()
             result["gpu_used_gib_running"] = gpu_used_gib(stages[-1]["device"])
             result["nvidia_smi_pids"] = placement
@@ -256,7 +240,7 @@ def run_system(
             responses = []
             for p in prompts:
                 t0 = time.perf_counter()
-                body = complete(p, max_tokens)
+                body = complete(system.plan, text_of(p), max_tokens, http=http)
                 body["client_wall_s"] = time.perf_counter() - t0
                 responses.append(body)
         result["texts"] = [r["choices"][0]["text"] for r in responses]
@@ -271,8 +255,7 @@ def run_system(
         for child, tail in result["log_tails"].items():
             print(f"--- {child}\n{tail}", flush=True)
     finally:
-        system.stop()
-        result["exit_codes"] = {c.spec.name: c.process.returncode for c in system.children}
+        result["exit_codes"] = exit_codes(system)
     return result
 
 
@@ -373,7 +356,7 @@ def summarize(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.gpu_check", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--small", action="store_true", help="tiny models, 3 prompts x 16 tokens (CPU check)"

@@ -1,0 +1,52 @@
+"""deploy.harness's config helpers (the system runner itself is exercised by every
+multi-process test: tests/e2e, tests/services/gateway/test_real_models.py, ...)."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+from deploy import harness
+from deploy.launch import plan_from_config
+
+
+def test_doctest():
+    assert doctest.testmod(harness).failed == 0
+
+
+@pytest.mark.parametrize(
+    "stage, threads, expected",
+    [
+        ({"level": 0}, 1, {"threads": 1, "level": 0}),  # backend hf by default
+        ({"level": 0, "backend": "hf"}, 2, {"threads": 2, "level": 0, "backend": "hf"}),
+        (
+            {"level": 0, "backend": "early-exit"},
+            1,
+            {"threads": 1, "level": 0, "backend": "early-exit"},
+        ),
+        ({"level": 0, "backend": "ngram"}, 1, {"level": 0, "backend": "ngram"}),  # no torch
+        ({"level": 0, "backend": "simulated"}, 1, {"level": 0, "backend": "simulated"}),
+        ({"level": 0, "threads": 4}, 1, {"level": 0, "threads": 4}),  # the stage's own wins
+        ({"level": 0}, None, {"level": 0}),  # no threads asked for
+    ],
+)
+def test_threads_go_to_model_stages(stage, threads, expected):
+    assert harness.loopback_config("t", [stage], threads=threads)["stages"] == [expected]
+
+
+def test_loopback_config_plans_on_free_ports():
+    stages = [{"level": 0, "backend": "ngram"}, {"level": 1, "model": "/models/t"}]
+    config = harness.loopback_config("/models/t", stages, served_model_name="m", http_port=0)
+    plan = plan_from_config(config)
+    assert plan.gateway.num_levels == 2 and plan.gateway.served_model_name == "m"
+    ports = {plan.gateway.http_port, plan.gateway.registry_port, plan.gateway.client_port}
+    assert 0 not in ports and len(ports) == 3
+
+
+def test_with_metrics_ports_copies_and_sorts_by_level():
+    config = harness.loopback_config("t", [{"level": 1}, {"level": 0, "backend": "ngram"}])
+    copy, ports = harness.with_metrics_ports(config)
+    assert [s["level"] for s in copy["stages"]] == [0, 1]
+    assert [s["metrics_port"] for s in copy["stages"]] == ports and len(set(ports)) == 2
+    assert all("metrics_port" not in s for s in config["stages"])  # the original is untouched

@@ -1,0 +1,121 @@
+"""What the multi-process tests share on top of ``deploy.harness`` (which starts and stops the
+systems, the launcher's own path): their config, the oracle every output is checked against
+(the target's own ``generate``), SSE parsing, stage metrics and leftover-process checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import httpx
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deploy import harness
+from deploy.launch import Plan, System
+
+SERVED_MODEL = "test"  # the gateway's served_model_name in every test system
+STARTUP_TIMEOUT_S = 180
+# A clean exit after SIGTERM took 13-16 s on the 2-core test machine at load 12 (the tree before
+# the harness merge too), past the launcher's 10 s: wait longer before calling it a hang.
+STOP_TIMEOUT_S = 60
+
+
+def config(tokenizer: str, stages: list[dict], **gateway) -> dict:
+    """A launcher config on free loopback ports; every stage that runs a transformers model gets
+    one torch thread (the test machine has 2 cores)."""
+    return harness.loopback_config(
+        tokenizer, stages, threads=1, **{"served_model_name": SERVED_MODEL} | gateway
+    )
+
+
+def launched(
+    cfg: dict,
+    log_dir: Path,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    supervise: bool = False,
+) -> AbstractContextManager[System]:
+    """Start the system of ``cfg``, wait for /health, yield it; on exit stop it and require every
+    process to have exited with status 0 (within STOP_TIMEOUT_S of SIGTERM)."""
+    return harness.launched(
+        cfg,
+        log_dir,
+        startup_timeout_s=startup_timeout_s,
+        require_clean_exit=True,
+        stop_timeout_s=STOP_TIMEOUT_S,
+        supervise=supervise,
+    )
+
+
+def complete_all(plan: Plan, prompts: list[str], max_tokens: int, concurrency: int) -> list[dict]:
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda p: harness.complete(plan, p, max_tokens), prompts))
+
+
+class GreedyOracle:
+    """The target model's own ``generate(do_sample=False)``: the output every run must equal."""
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        with torch.inference_mode():
+            out = self.model.generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+            )
+        return out[0, len(prompt_ids) :].tolist()
+
+    def ids(self, prompt: str, max_tokens: int) -> list[int]:
+        return self.generate(self.tokenizer.encode(prompt), max_tokens)
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def assert_same_as_oracle(
+    oracle: GreedyOracle, prompts: list[str], results: list[dict], max_tokens: int
+) -> None:
+    wrong = []
+    for prompt, res in zip(prompts, results):
+        ids = oracle.ids(prompt, max_tokens)
+        got = res["choices"][0]["text"], res["usage"]["completion_tokens"]
+        if got != (oracle.text(ids), len(ids)):
+            wrong.append((prompt, got, (oracle.text(ids), len(ids))))
+    assert not wrong, (
+        f"{len(wrong)}/{len(prompts)} differ from the target's greedy output: {wrong[:2]}"
+    )
+
+
+def sse_chunks(raw: str) -> list[dict]:
+    """The JSON chunks of an SSE body that ends with ``data: [DONE]``."""
+    assert raw.endswith("data: [DONE]\n\n"), raw[-200:]
+    return [json.loads(frame[len("data: ") :]) for frame in raw.split("\n\n")[:-2]]
+
+
+def stage_gauge(port: int, name: str = "pipespec:stage_active_requests") -> float:
+    """A gauge's value on a stage's /metrics (one series: a stage labels it with its level)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in the stage's metrics"
+    return float(match.group(1))
+
+
+def leftover_service_processes() -> list[str]:
+    """Service processes started by this test process (its children) that are still running."""
+    out = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-af", r"services\.(stage|gateway)"],
+        capture_output=True,
+        text=True,
+    )
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
