@@ -230,7 +230,9 @@ K8S_NAMESPACE = "pipespec"
 
 
 def k8s_secret_name(role: str) -> str:
-    """>>> k8s_secret_name("level1"), k8s_secret_name("gateway")
+    """The Kubernetes Secret holding ``role``'s keypair.
+
+    >>> k8s_secret_name("level1"), k8s_secret_name("gateway")
     ('pipespec-keys-level-1', 'pipespec-keys-gateway')
     """
     return (
