@@ -48,7 +48,8 @@ class NgramSession(Session):
                 return self._history[positions[-1]]
         return None
 
-    def forward(self, tokens: list[int]) -> list[int | None]:
+    def forward(self, tokens: list[int], chooser=None) -> list[int | None]:
+        """``chooser`` is ignored: these predictions are deterministic drafts."""
         predictions = []
         for token in tokens:
             self._append(token)

@@ -105,7 +105,8 @@ class SimulatedSession(Session):
     def length(self) -> int:
         return len(self.history)
 
-    def forward(self, tokens: list[int]) -> list[int | None]:
+    def forward(self, tokens: list[int], chooser=None) -> list[int | None]:
+        """``chooser`` is ignored: these predictions are deterministic drafts."""
         preds = []
         for t in tokens:
             self.history.append(t)
