@@ -73,12 +73,12 @@ class ZmqClient:
         self.ctx = zmq.Context()
         self.sock = open_socket(self.ctx, zmq.DEALER, endpoint, linger_ms=0)
 
-    def complete(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+    def complete(self, prompt: str, max_tokens: int, **sampling: Any) -> dict[str, Any]:
+        """``sampling``: ``temperature``, ``top_p``, ``seed`` ... (greedy without them)."""
         rid = uuid.uuid4().hex
         t0 = time.perf_counter()
-        self.sock.send(
-            msgpack.packb({"prompt": prompt, "max_tokens": max_tokens, "request_id": rid})
-        )
+        request = {"prompt": prompt, "max_tokens": max_tokens, "request_id": rid} | sampling
+        self.sock.send(msgpack.packb(request))
         ids: list[int] = []
         first: float | None = None
         while True:
@@ -148,10 +148,12 @@ def run_system(
     startup_timeout_s: float = 300.0,
     request_timeout_s: float = 900.0,
     profile: bool = False,
+    sampling: dict[str, dict[str, Any]] | None = None,
 ) -> MethodResult:
     """Start the system of ``config``, run ``prompts`` (id, text) one after another, stop it.
     ``profile``: run every stage under cProfile (``benchmarks.stage_profile``) and add each
-    stage's main-loop breakdown to the result's config."""
+    stage's main-loop breakdown to the result's config. ``sampling``: per prompt id, the
+    sampling fields of its request (greedy without)."""
     from benchmarks import stage_profile
     from deploy.launch import System, plan_from_config
 
@@ -186,7 +188,7 @@ def run_system(
             client.complete(warmup, warmup_tokens)
         for pid, text in prompts:
             busy0, passes0 = probe.read()
-            reply = client.complete(text, max_tokens)
+            reply = client.complete(text, max_tokens, **(sampling or {}).get(pid, {}))
             busy1, passes1 = probe.read()
             stats = reply["stats"]
             result.runs.append(
