@@ -300,14 +300,21 @@ def test_zmq_client_agrees(tiny):
         assert "".join(client.stream(PROMPT, max_tokens=MAX_TOKENS)) == text
         completion, stats = client.complete(PROMPT, max_tokens=MAX_TOKENS)
         assert completion == text and stats["completion_tokens"] == count
+        sampled, stats = client.complete(PROMPT, MAX_TOKENS, temperature=1.0, seed=77)
+        reference = sampled_reference(
+            tiny, tiny.tokenizer.encode(PROMPT), SamplingParams(1.0, seed=77)
+        )[0]
+        assert sampled == reference and stats["sampling"]["seed"] == 77
 
 
 def test_metrics_after_traffic(tiny):
     tiny.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+    tiny.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0)
     text = httpx.get(f"{tiny.url}/metrics").text
     for line in (
         'pipespec:rejected_requests_total{api="http",code="400"}',
         'pipespec:spec_decode_num_draft_tokens_total{level="1"}',
+        'pipespec:spec_decode_sampled_num_draft_tokens_total{level="1"}',
         'pipespec:spec_decode_num_accepted_tokens_total{level="1"}',
         'pipespec:rollbacks_total{level="1"}',
         "pipespec:time_to_first_token_seconds_count",
