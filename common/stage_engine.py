@@ -249,6 +249,8 @@ class StageEngine:
             )
         if len(msg.committed) > msg.max_tokens:
             return "committed output longer than max_tokens"
+        if msg.logprobs >= 0 and self.level == len(msg.route) - 1 and not self.backend.has_logits:
+            return f"backend {self.backend.kind!r} has no logits: it cannot return logprobs"
         try:
             _sampling(msg)
         except ValueError as exc:

@@ -50,6 +50,7 @@ class Backend(ABC):
     name: str = ""  # what is loaded, for logs and /health
     kind: str = ""  # "hf", "early-exit", "ngram", "simulated"
     can_verify: bool = True  # False: may only draft (level 0)
+    has_logits: bool = True  # False: predictions without logits (no sampling, no logprobs)
     max_context: int = 0  # positions; 0 = unbounded
     eos_token_ids: tuple[int, ...] = ()
 

@@ -75,6 +75,7 @@ class NgramSession(Session):
 class NgramBackend(Backend):
     kind = "ngram"
     can_verify = False
+    has_logits = False
 
     def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
         if not 1 <= ngram_min <= ngram_max:

@@ -38,6 +38,7 @@ def _hash(*parts: int) -> int:
 
 class SimulatedBackend(Backend):
     kind = "simulated"
+    has_logits = False  # deterministic predictions: sampling fields do not change them
 
     def __init__(
         self,
