@@ -24,6 +24,12 @@ simulated: the paper's LLaMA 1B / 8B / 70B on A100 (``benchmarks.sim_profile`` d
     zero overhead, same costs, same agreement, same prompts); reports measured / ideal throughput
     and the speedups beside the paper's.
 
+Sampling (``--temperatures 0.7,1.0``, default; ``--top-p``): the pipespec methods run again with
+each temperature, one seed per prompt, and are compared token for token with the reference
+decoder (``common.simnet.reference_decode``: the target alone, one token per step, same
+processors and noise), whose row ``reference T=..`` is the target's own sampled decoding; their
+speedup is against greedy autoregressive.
+
 Autoregressive always runs (every speedup is against it). Every output is compared token for
 token with the target's greedy output (autoregressive ``generate`` for the real suite, the simulated target's own greedy decoding for the simulated one). Results go to
 ``--out`` (default ``results/<date-time>``): ``results.json``, ``benchmark.png``, ``table.txt``
@@ -48,6 +54,7 @@ from benchmarks import prompts as prompt_sets
 from benchmarks.load_test import save_simulation_tokenizer
 from benchmarks.report import (
     MethodResult,
+    PromptRun,
     compare,
     document,
     measured_vs_ideal,
@@ -225,8 +232,78 @@ def run_real(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[Me
     )
     for r in results:
         compare(r, reference)
+    for temperature in args.temperatures:
+        results += run_sampled(args, models, methods, prompts, ids, temperature, out, log)
     order = {m: i for i, m in enumerate(REAL_METHODS)}
-    return sorted(results, key=lambda r: order[r.name])
+    return sorted(results, key=lambda r: _sort_key(r.name, order))
+
+
+def _sort_key(name: str, order: dict[str, int]) -> tuple:
+    base, _, temperature = name.partition(" T=")
+    return (float(temperature or 0), order.get(base, -1))
+
+
+def sampling_for(temperature: float, top_p: float, index: int) -> dict[str, Any]:
+    """The sampling fields of prompt ``index`` at ``temperature`` (a fixed seed per prompt)."""
+    return {"temperature": temperature, "top_p": top_p, "seed": 1000 + index}
+
+
+def run_sampled(args, models, methods, prompts, ids, temperature: float, out: Path, log):
+    """The reference decoder and every pipespec method at one temperature; outputs compared
+    with the reference decoder's."""
+    from benchmarks.systems import gateway_table, run_system
+    from common.backends.hf import HFBackend
+    from common.model_store import model_dir
+    from common.sampling import SamplingParams
+    from common.simnet import reference_decode
+    from common.tokenization import eos_token_ids, load_tokenizer
+
+    suite, target_dir = args.models, str(model_dir(models["target"]))
+    eos = eos_token_ids(load_tokenizer(target_dir), target_dir)
+    fields = {p.id: sampling_for(temperature, args.top_p, i) for i, p in enumerate(prompts)}
+    import torch
+
+    torch.set_num_threads(args.hf_threads)
+    backend = HFBackend(target_dir, dtype=args.dtype)
+    ref = MethodResult(
+        suite=suite,
+        name=f"reference T={temperature:g}",
+        levels=[models["names"][2]],
+        config={"where": "in process (reference decoder)", "top_p": args.top_p},
+    )
+    log(f"[{suite}] reference decoder T={temperature:g} ...")
+    for pid, prompt_ids in ids:
+        t0 = time.perf_counter()
+        tokens = reference_decode(
+            backend, prompt_ids, args.real_max_tokens, eos, SamplingParams(**fields[pid])
+        )
+        wall = time.perf_counter() - t0
+        ref.runs.append(PromptRun(pid, tokens, wall, None, target_passes=len(tokens)))
+    del backend
+    results = [ref]
+    for method in methods:
+        if not method.startswith("pipespec"):
+            continue
+        stages = real_stages(models, method, {"dtype": args.dtype, **args.stage_overrides})
+        config = {"gateway": gateway_table(target_dir, len(stages)), "stages": stages}
+        log(f"[{suite}] {method} T={temperature:g} (services) ...")
+        results.append(
+            run_system(
+                suite,
+                f"{method} T={temperature:g}",
+                level_names(models, method),
+                config,
+                [(p.id, p.text) for p in prompts],
+                args.real_max_tokens,
+                out / "logs",
+                warmup=WARMUP_TEXT,
+                sampling=fields,
+            )
+        )
+    reference = {r.prompt_id: r.tokens for r in ref.runs}
+    for r in results:
+        compare(r, reference)
+    return results
 
 
 def run_simulated(args, prompts: list[prompt_sets.Prompt], out: Path, log) -> list[MethodResult]:
@@ -414,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--methods", default=",".join(REAL_METHODS), help="comma-separated subset")
     parser.add_argument(
+        "--temperatures",
+        default="0.7,1.0",
+        help="real suite: sampled pipespec rows at these temperatures ('' for none)",
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="sampled rows' top_p")
+    parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
@@ -445,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {REAL_METHODS}")
     args.stage_overrides = parse_overrides(args.stage_set)
+    args.temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     args.real_max_tokens = args.max_tokens or 32
     args.sim_max_tokens = args.sim_max_tokens or args.max_tokens or 64
     out = args.out or Path("results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")

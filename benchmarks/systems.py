@@ -61,12 +61,15 @@ class StageProbe:
         self.http.close()
 
 
-def complete(client: PipeSpecClient, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """One request over the ZMQ client API: the token ids received and when they arrived."""
+def complete(
+    client: PipeSpecClient, prompt: str, max_tokens: int, **sampling: Any
+) -> dict[str, Any]:
+    """One request over the ZMQ client API: the token ids received and when they arrived.
+    ``sampling``: ``temperature``, ``top_p``, ``seed`` ... (greedy without them)."""
     t0 = time.perf_counter()
     ids: list[int] = []
     first: float | None = None
-    for event in client.events(prompt, max_tokens):
+    for event in client.events(prompt, max_tokens, **sampling):
         if event.type == "token":
             if event.token_ids and first is None:
                 first = time.perf_counter()
@@ -106,10 +109,12 @@ def run_system(
     startup_timeout_s: float = 300.0,
     request_timeout_s: float = 900.0,
     profile: bool = False,
+    sampling: dict[str, dict[str, Any]] | None = None,
 ) -> MethodResult:
     """Start the system of ``config``, run ``prompts`` (id, text) one after another, stop it.
     ``profile``: run every stage under cProfile (``benchmarks.stage_profile``) and add each
-    stage's main-loop breakdown to the result's config."""
+    stage's main-loop breakdown to the result's config. ``sampling``: per prompt id, the
+    sampling fields of its request (greedy without)."""
     from benchmarks import stage_profile
 
     config, ports = with_metrics_ports(config)
@@ -140,7 +145,14 @@ def run_system(
         ):
             result.config["startup_s"] = round(time.perf_counter() - t_start, 2)
             run_prompts(
-                client, StageProbe(ports), result, prompts, max_tokens, warmup, warmup_tokens
+                client,
+                StageProbe(ports),
+                result,
+                prompts,
+                max_tokens,
+                warmup,
+                warmup_tokens,
+                sampling,
             )
     except Exception as exc:  # one method failing must not lose the others
         result.error = f"{type(exc).__name__}: {exc}"
@@ -161,14 +173,16 @@ def run_prompts(
     max_tokens: int,
     warmup: str | None,
     warmup_tokens: int,
+    sampling: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """``prompts`` one after another; each one's reply and stage counters go to ``result``."""
+    """``prompts`` one after another; each one's reply and stage counters go to ``result``.
+    ``sampling``: per prompt id, the sampling fields of its request (greedy without)."""
     try:
         if warmup:
             complete(client, warmup, warmup_tokens)
         for pid, text in prompts:
             busy0, passes0 = probe.read()
-            reply = complete(client, text, max_tokens)
+            reply = complete(client, text, max_tokens, **(sampling or {}).get(pid, {}))
             busy1, passes1 = probe.read()
             stats = reply["stats"]
             result.runs.append(

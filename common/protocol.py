@@ -41,7 +41,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: sampling fields in Start, logprobs in Output
 
 
 class Message(BaseModel):
@@ -85,6 +85,18 @@ class LevelStats(BaseModel):
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
+class TokenLogprob(BaseModel):
+    """The target model's raw log-probability of one committed token, and of its ``top`` most
+    likely alternatives (before temperature and masks), for OpenAI's ``logprobs``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    token: int
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
 class Start(Message):
     """Begin (or resume, or re-sync) a request at one stage. Idempotent.
 
@@ -102,6 +114,13 @@ class Start(Message):
     eos_ids: list[int] = []
     route: list[RouteHop]  # route[i] is the replica serving level i
     reply_to: str  # gateway endpoint for Output messages
+    # Sampling (common.sampling): every level applies the same; temperature 0 is greedy.
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    seed: int = Field(default=0, ge=-(2**63), lt=2**63)
+    logprobs: int = Field(default=-1, ge=-1, le=20)  # target: -1 none, else top alternatives
 
 
 class Span(Message):
@@ -149,6 +168,7 @@ class Output(Message):
     done: bool = False
     finish_reason: Literal["stop", "length", "cancelled"] | None = None  # set when done
     stats: list[LevelStats] = []  # per level, index = level; set when done
+    logprobs: list[TokenLogprob] = []  # one per token when the Start asked for logprobs
 
 
 class RequestError(Message):

@@ -5,7 +5,8 @@ The tracker is what makes a request finish whatever the network does: output arr
 silence for ``resend_after_s``, makes the tracker re-send ``Start`` (with what it already has) to
 every stage of the route. ``Start`` is idempotent: a stage that holds the request only re-sends
 its output from ``have``; one that lost it (restart, lost message) resumes from
-``prompt + committed``, which for greedy decoding continues the same output.
+``prompt + committed``, which continues the same output: greedy, or a sampled request's, whose
+every token is a function of (seed, position) (``common.sampling``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.protocol import LevelStats, Output, RequestError, RouteHop, Start
+from common.protocol import LevelStats, Output, RequestError, RouteHop, Start, TokenLogprob
+from common.sampling import GREEDY, SamplingParams
 
 
 @dataclass
@@ -35,6 +37,9 @@ class TrackedRequest:
     last_sync: float = 0.0
     resyncs: int = 0
     gap: bool = False  # a piece arrived beyond what we have: ask for a re-send now
+    sampling: SamplingParams = GREEDY
+    top_logprobs: int = -1  # -1: no logprobs; else alternatives per token
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token received
 
     def start_message(self) -> Start:
         return Start(
@@ -46,6 +51,12 @@ class TrackedRequest:
             eos_ids=self.eos_ids,
             route=self.route,
             reply_to=self.reply_to,
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            top_k=self.sampling.top_k,
+            min_p=self.sampling.min_p,
+            seed=self.sampling.seed,
+            logprobs=self.top_logprobs,
         )
 
 
@@ -77,6 +88,11 @@ class RequestTracker:
             req.gap = True
             return []
         new = list(msg.tokens[have - msg.start :]) if end > have else []
+        if new and req.top_logprobs >= 0:
+            if len(msg.logprobs) != len(msg.tokens):  # cannot happen from a healthy target
+                req.gap = True  # ask again rather than commit tokens without their logprobs
+                return []
+            req.logprobs.extend(msg.logprobs[have - msg.start :])
         req.tokens.extend(new)
         if new:
             req.last_progress = self.clock()

@@ -23,6 +23,7 @@ from common.codec import decode, encode
 from common.decoding import apply_stop
 from common.protocol import Message, Notice, Output, RequestError, RouteHop, Span
 from common.request_tracker import RequestTracker, TrackedRequest
+from common.sampling import GREEDY, Chooser, SamplingParams
 from common.settings import StageSettings
 from common.stage_engine import StageEngine
 
@@ -218,19 +219,32 @@ class Hierarchy:
         ]
 
 
-def greedy_reference(
-    backend: Backend, prompt: list[int], max_tokens: int, eos: Sequence[int]
+def reference_decode(
+    backend: Backend,
+    prompt: list[int],
+    max_tokens: int,
+    eos: Sequence[int],
+    sampling: SamplingParams = GREEDY,
 ) -> list[int]:
-    """The target alone, one token per step: what every run must reproduce exactly."""
+    """The reference decoder: the target alone, one token per step, with the same processors and
+    noise as every level (``common.sampling``). What every run must reproduce exactly."""
     session = backend.new_session(prompt[:-1])
     tokens: list[int] = []
     last = prompt[-1]
     while True:
-        last = session.forward([last])[0]
+        chooser = None if sampling.greedy else Chooser(sampling, first_position=len(tokens))
+        last = session.forward([last], chooser)[0]
         tokens.append(last)
         tokens, finish = apply_stop(tokens, eos, max_tokens)
         if finish:
             return tokens
+
+
+def greedy_reference(
+    backend: Backend, prompt: list[int], max_tokens: int, eos: Sequence[int]
+) -> list[int]:
+    """The target's greedy output, one token per step."""
+    return reference_decode(backend, prompt, max_tokens, eos)
 
 
 def build(
@@ -289,6 +303,7 @@ def run_request(
     eos: Sequence[int] = (),
     request_id: str = "r0",
     max_time: float = 1e6,
+    sampling: SamplingParams = GREEDY,
 ) -> TrackedRequest | None:
     """Submit one request and run the network until it is done; None if it hangs."""
     req = TrackedRequest(
@@ -299,6 +314,7 @@ def run_request(
         route=h.route,
         reply_to=GATEWAY,
         created=h.net.now,
+        sampling=sampling,
     )
     h.gateway.submit(req)
     ok = h.net.run_until(lambda: req.done, max_time=max_time)

@@ -10,9 +10,11 @@ drafts from below, in one forward pass; accept the longest matching prefix of th
 append one correction/bonus token. Level 0 has no drafts, so its step is a plain greedy step;
 a verifier with no drafts makes its own greedy step instead of idling (the paper's rho model).
 
-Lossless by construction: a level appends only its own greedy predictions (accepted drafts equal
-them), so the target's sequence is its greedy output whatever the drafts, their timing or their
-loss. Drafts, epochs and notices only decide how *fast* that happens.
+Lossless by construction: a level appends only its own predictions (accepted drafts equal
+them), so the target's sequence is its own output whatever the drafts, their timing or their
+loss. Drafts, epochs and notices only decide how *fast* that happens. A prediction is greedy, or,
+for a sampled request, the Gumbel-max coupled sample at its position (``common.sampling``): a
+pure function of the level's logits and (seed, position), so the same machinery applies.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from common.protocol import (
     RouteHop,
     Span,
     Start,
+    TokenLogprob,
 )
+from common.sampling import Chooser, SamplingParams
 from common.settings import StageSettings
 
 log = structlog.get_logger("stage")
@@ -93,6 +97,9 @@ class LevelRequest:
     waiting_since: float | None = None  # sync schedule: since when the verifier waits for drafts
     finish_reason: str | None = None  # target only, once finished
     last_publish: float = 0.0
+    sampling: SamplingParams = SamplingParams()
+    top_logprobs: int = -1  # target only: -1 no logprobs, else alternatives per token
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # target: per token
 
 
 @dataclass
@@ -101,6 +108,7 @@ class FinishedRequest:
     finish_reason: str
     stats: list[LevelStats]
     expires: float
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
 class StageEngine:
@@ -180,6 +188,7 @@ class StageEngine:
                     done=True,
                     finish_reason=done.finish_reason,
                     stats=done.stats,
+                    logprobs=_complete(done.logprobs[msg.have :]),
                 ),
             )
             return
@@ -208,6 +217,9 @@ class StageEngine:
             reply_to=msg.reply_to,
             last_heard=self.clock(),
             stats=LevelStats(level=self.level, replica=self.replica),
+            sampling=_sampling(msg),
+            top_logprobs=msg.logprobs,
+            logprobs=[None] * len(msg.committed),
         )
         r.sent = msg.have
         r.target_len = len(msg.committed)
@@ -239,6 +251,12 @@ class StageEngine:
             )
         if len(msg.committed) > msg.max_tokens:
             return "committed output longer than max_tokens"
+        if msg.logprobs >= 0 and self.level == len(msg.route) - 1 and not self.backend.has_logits:
+            return f"backend {self.backend.kind!r} has no logits: it cannot return logprobs"
+        try:
+            _sampling(msg)
+        except ValueError as exc:
+            return str(exc)
         return None
 
     def _on_cancel(self, msg: Cancel) -> None:
@@ -409,7 +427,8 @@ class StageEngine:
             r.session = self.backend.new_session(seq[:-1])
         pending = seq[r.session.length :]  # tokens the cache lacks; the last one at least
         drafts = self._drafts(r)
-        preds = r.session.forward(pending + drafts)[len(pending) - 1 :]
+        chooser = self._chooser(r, skip=len(pending) - 1)
+        preds = r.session.forward(pending + drafts, chooser)[len(pending) - 1 :]
         base = len(seq)
         if preds[0] is None:  # a drafter with nothing to propose: wait for news from above
             r.session.crop(base - 1)
@@ -421,6 +440,8 @@ class StageEngine:
         r.session.crop(base + m)  # keep everything but the new last token
         old_len = len(r.tokens)
         r.tokens, finish = apply_stop(r.tokens + new, r.eos_ids, r.max_tokens, checked=old_len)
+        if chooser is not None and chooser.logprobs is not None:
+            r.logprobs = (r.logprobs[:old_len] + chooser.logprobs[: m + 1])[: len(r.tokens)]
         if len(r.prompt) + len(r.tokens) - 1 < r.session.length:
             r.session.crop(len(r.prompt) + len(r.tokens) - 1)
         rejected = m < len(drafts)
@@ -456,6 +477,15 @@ class StageEngine:
                 self._finish_target(r)
         else:
             self._send_span(r)
+
+    def _chooser(self, r: LevelRequest, skip: int) -> Chooser | None:
+        """None for a plain greedy pass; else what picks this pass's tokens (and, at the target,
+        records their log-probabilities). Row ``skip`` predicts generated position
+        ``len(r.tokens)``."""
+        logprobs = r.top_logprobs if self.is_target(r) and r.top_logprobs >= 0 else None
+        if r.sampling.greedy and logprobs is None:
+            return None
+        return Chooser(r.sampling, len(r.tokens), skip=skip, top_logprobs=logprobs)
 
     # ------------------------------------------------------------------ messages out
     def _all_stats(self, r: LevelRequest) -> list[LevelStats]:
@@ -523,6 +553,7 @@ class StageEngine:
                 done=done,
                 finish_reason=r.finish_reason,
                 stats=self._all_stats(r),
+                logprobs=_complete(r.logprobs[start:]) if r.top_logprobs >= 0 else [],
             ),
         )
         r.sent = len(r.tokens)
@@ -534,6 +565,7 @@ class StageEngine:
             finish_reason=r.finish_reason or "stop",
             stats=self._all_stats(r),
             expires=self.clock() + self.settings.done_retention_s,
+            logprobs=list(r.logprobs) if r.top_logprobs >= 0 else [],
         )
         log.info(
             "request_finished",
@@ -584,3 +616,20 @@ def _count_positions(per_pos: list[int], accepted: int) -> None:
         per_pos.extend([0] * (n - len(per_pos)))
     for j in range(n):
         per_pos[j] += 1
+
+
+def _sampling(msg: Start) -> SamplingParams:
+    """A Start's sampling fields; raises ValueError when they are out of range."""
+    return SamplingParams(
+        temperature=msg.temperature,
+        seed=msg.seed,
+        top_p=msg.top_p,
+        top_k=msg.top_k,
+        min_p=msg.min_p,
+    )
+
+
+def _complete(logprobs: list[TokenLogprob | None]) -> list[TokenLogprob]:
+    """``logprobs`` if every entry is known, else [] (a resumed target does not know those of
+    the output it was handed; the gateway has them already)."""
+    return [] if any(lp is None for lp in logprobs) else list(logprobs)  # type: ignore[misc]

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel  # 
 
 from common import model_catalog  # noqa: E402
 from common.backends.base import Backend, Session  # noqa: E402
+from common.sampling import Chooser  # noqa: E402
 from common.tokenization import fingerprint, load_tokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -95,10 +96,11 @@ class HFSession(Session):
         )
         return out.logits
 
-    def forward(self, tokens: list[int]) -> list[int | None]:
+    def forward(self, tokens: list[int], chooser: Chooser | None = None) -> list[int | None]:
         if not tokens:
             return []
-        return self._run(tokens, logits_to_keep=0)[0].argmax(dim=-1).tolist()
+        logits = self._run(tokens, logits_to_keep=0)[0]
+        return logits.argmax(dim=-1).tolist() if chooser is None else chooser(logits)
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` positions.

@@ -48,7 +48,8 @@ class NgramSession(Session):
                 return self._history[positions[-1]]
         return None
 
-    def forward(self, tokens: list[int]) -> list[int | None]:
+    def forward(self, tokens: list[int], chooser=None) -> list[int | None]:
+        """``chooser`` is ignored: these predictions are deterministic drafts."""
         predictions = []
         for token in tokens:
             self._append(token)
@@ -74,6 +75,7 @@ class NgramSession(Session):
 class NgramBackend(Backend):
     kind = "ngram"
     can_verify = False
+    has_logits = False
 
     def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
         if not 1 <= ngram_min <= ngram_max:

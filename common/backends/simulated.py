@@ -38,6 +38,7 @@ def _hash(*parts: int) -> int:
 
 class SimulatedBackend(Backend):
     kind = "simulated"
+    has_logits = False  # deterministic predictions: sampling fields do not change them
 
     def __init__(
         self,
@@ -105,7 +106,8 @@ class SimulatedSession(Session):
     def length(self) -> int:
         return len(self.history)
 
-    def forward(self, tokens: list[int]) -> list[int | None]:
+    def forward(self, tokens: list[int], chooser=None) -> list[int | None]:
+        """``chooser`` is ignored: these predictions are deterministic drafts."""
         preds = []
         for t in tokens:
             self.history.append(t)

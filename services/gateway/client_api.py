@@ -19,12 +19,14 @@ request.
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import msgpack
 import structlog
 import zmq
 from pydantic import ValidationError
 
+from common.sampling import SamplingParams
 from common.security import CLIENT
 from common.sockets import bound_endpoint, open_socket
 from services.gateway.admission import Overloaded
@@ -149,8 +151,15 @@ class ClientApi:
         try:
             if not request.prompt:
                 raise InvalidRequest("prompt must not be empty", "prompt")
+            sampling = SamplingParams(
+                temperature=request.temperature or 0.0,
+                seed=secrets.randbits(63) if request.seed is None else request.seed,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                top_k=request.top_k or 0,
+                min_p=request.min_p or 0.0,
+            )
             return await self.gateway.generate(
-                self.tokenizer.encode(request.prompt), request.max_tokens
+                self.tokenizer.encode(request.prompt), request.max_tokens, sampling=sampling
             )
         except InvalidRequest as exc:
             await self._reject(identity, label, str(exc))

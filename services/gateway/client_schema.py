@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ClientRequest(BaseModel):
     """A completion request from a ZMQ client (client-facing schema, not a stage message).
 
-    Wire form: ``{"prompt": str, "max_tokens": int, "request_id": str}``; ``max_tokens``
-    defaults to the gateway's ``default_max_tokens``; ``request_id`` is the client's own label,
-    echoed in every event of the reply.
+    Wire form: ``{"prompt": str, "max_tokens": int, "request_id": str}`` plus optional sampling
+    fields (as the HTTP API's: ``temperature`` 0 or absent is greedy; ``seed`` drawn when absent
+    and reported in the ``done`` event's stats); ``max_tokens`` defaults to the gateway's
+    ``default_max_tokens``; ``request_id`` is the client's own label, echoed in every event.
     """
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
@@ -23,6 +24,11 @@ class ClientRequest(BaseModel):
     prompt: str
     max_tokens: int | None = None
     request_id: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
 
 
 class ClientEvent(BaseModel):

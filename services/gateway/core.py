@@ -32,6 +32,7 @@ import zmq.asyncio
 from common.codec import DecodeError, decode, encode
 from common.protocol import Cancel, Heartbeat, Message, Output, RequestError, RouteHop
 from common.request_tracker import RequestTracker, Send, TrackedRequest
+from common.sampling import GREEDY, SamplingParams
 from common.security import GATEWAY, denied_total, identity, level_role, release, sender_role
 from common.settings import GatewaySettings
 from common.sockets import bound_endpoint, open_socket
@@ -274,11 +275,15 @@ class Gateway:
         prompt_ids: Sequence[int],
         max_tokens: int | None = None,
         request_id: str | None = None,
+        sampling: SamplingParams = GREEDY,
+        top_logprobs: int = -1,
     ) -> Generation:
         """Start a request once admitted; iterate the result for its events.
 
         Raises InvalidRequest (bad input) at once, Overloaded when no slot is free or frees in
         time, NoRoute (some level has no replica); nothing is sent to a stage before that.
+        ``sampling``: greedy by default; ``top_logprobs`` >= 0 asks the target for the raw
+        log-probability of each token and of that many alternatives.
         """
         if self._ctx is None:
             raise RuntimeError("Gateway.start() has not been awaited")
@@ -290,12 +295,19 @@ class Gateway:
         await self.admission.acquire()
         self.metrics.queue_time.observe(time.monotonic() - queued_at)
         try:
-            return self._launch(list(prompt_ids), max_tokens, request_id)
+            return self._launch(list(prompt_ids), max_tokens, request_id, sampling, top_logprobs)
         except BaseException:
             self.admission.release()
             raise
 
-    def _launch(self, prompt_ids: list[int], max_tokens: int, request_id: str) -> Generation:
+    def _launch(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        request_id: str,
+        sampling: SamplingParams,
+        top_logprobs: int,
+    ) -> Generation:
         route = self.registry.pick_route()
         req = TrackedRequest(
             request_id=request_id,
@@ -305,6 +317,8 @@ class Gateway:
             route=route,
             reply_to=self.reply_to,
             created=time.monotonic(),
+            sampling=sampling,
+            top_logprobs=top_logprobs,
         )
         flight = _InFlight(asyncio.Queue(), req)
         self._flights[request_id] = flight
@@ -316,6 +330,8 @@ class Gateway:
             prompt_tokens=len(prompt_ids),
             max_tokens=max_tokens,
             route=[hop.replica for hop in route],
+            temperature=sampling.temperature,
+            seed=sampling.seed,
         )
         deadline = req.created + self.settings.request_timeout_s + DEADLINE_GRACE_S
         return Generation(self, flight, deadline)
@@ -379,7 +395,8 @@ class Gateway:
         new = self.tracker.on_output(msg)
         if new:
             self._observe_tokens(flight, len(new))
-            flight.queue.put_nowait(TokensEvent(new))
+            logprobs = flight.req.logprobs[-len(new) :] if flight.req.top_logprobs >= 0 else []
+            flight.queue.put_nowait(TokensEvent(new, logprobs))
         req = flight.req
         if req.done:
             flight.queue.put_nowait(FinishEvent(req.finish_reason or "stop", self.summary(flight)))
@@ -524,7 +541,7 @@ class Gateway:
         m.requests_running.dec()
         m.prompt_tokens.inc(len(req.prompt))
         m.generation_tokens.inc(len(req.tokens))
-        m.record_levels(req.stats)
+        m.record_levels(req.stats, sampled=not req.sampling.greedy)
         m.e2e_latency.observe(time.monotonic() - req.created)
         log.info(
             "request_ended",
@@ -547,6 +564,7 @@ class Gateway:
             req.resyncs,
             ttft,
             time.monotonic() - req.created,
+            req.sampling,
         )
 
     # -- sending -------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ accepted_tokens = tokens accepted, acceptance_rate = accepted_tokens / draft_tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from common.protocol import LevelStats
+from common.protocol import LevelStats, TokenLogprob
+from common.sampling import GREEDY, SamplingParams
 
 
 class LevelAcceptance(BaseModel):
@@ -21,6 +22,17 @@ class LevelAcceptance(BaseModel):
     accepted_tokens: int
     acceptance_rate: float
     rollbacks: int  # passes of this level that rejected a draft
+
+
+class SamplingStats(BaseModel):
+    """The sampling the request used; ``seed`` is the one used, given or drawn (greedy when
+    ``temperature`` is 0, where the seed changes nothing)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int
 
 
 class RequestStats(BaseModel):
@@ -38,6 +50,7 @@ class RequestStats(BaseModel):
     time_to_first_token_s: float | None
     wall_time_s: float
     tokens_per_s: float
+    sampling: SamplingStats | None = None
 
 
 def request_stats(
@@ -48,6 +61,7 @@ def request_stats(
     resyncs: int,
     time_to_first_token_s: float | None,
     wall_time_s: float,
+    sampling: SamplingParams = GREEDY,
 ) -> RequestStats:
     """Summarise the target's per-level counters (``levels[i]`` is level i; may be empty)."""
     target_passes = levels[-1].forward_passes if levels else 0
@@ -80,14 +94,22 @@ def request_stats(
         else round(time_to_first_token_s, 4),
         wall_time_s=round(wall_time_s, 4),
         tokens_per_s=round(completion_tokens / wall_time_s, 2) if wall_time_s > 0 else 0.0,
+        sampling=SamplingStats(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            seed=sampling.seed,
+        ),
     )
 
 
 @dataclass(frozen=True)
 class TokensEvent:
-    """Newly committed output tokens, in order."""
+    """Newly committed output tokens, in order; with their log-probabilities when asked for."""
 
     token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

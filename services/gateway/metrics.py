@@ -9,7 +9,9 @@ The spec-decode counters here are summed from the per-request statistics the tar
 its output (cumulative, so a request ended early by a stop string or a disconnect still counts
 what it did), accepted tokens per draft position
 (``pipespec:spec_decode_num_accepted_tokens_per_pos_total{level,position}``) included.
-Each stage's own /metrics has the same counters, live.
+Each stage's own /metrics has the same counters, live. Sampled requests (temperature > 0) are
+also counted apart, as ``pipespec:spec_decode_sampled_num_{drafts,draft_tokens,accepted_tokens}``
+(acceptance under sampling per level, with the same formulas).
 """
 
 from __future__ import annotations
@@ -81,6 +83,24 @@ class GatewayMetrics:
             ["level", "position"],
             registry=r,
         )
+        self.sampled_num_drafts = Counter(
+            "pipespec:spec_decode_sampled_num_drafts",
+            "Verification passes that checked >= 1 draft token, sampled requests only",
+            ["level"],
+            registry=r,
+        )
+        self.sampled_num_draft_tokens = Counter(
+            "pipespec:spec_decode_sampled_num_draft_tokens",
+            "Draft tokens checked by this verifier level, sampled requests only",
+            ["level"],
+            registry=r,
+        )
+        self.sampled_num_accepted_tokens = Counter(
+            "pipespec:spec_decode_sampled_num_accepted_tokens",
+            "Draft tokens accepted by this verifier level, sampled requests only",
+            ["level"],
+            registry=r,
+        )
         self.rollbacks = Counter(
             "pipespec:rollbacks",
             "Passes of this verifier level that rejected a draft",
@@ -136,8 +156,9 @@ class GatewayMetrics:
         takeover, too_fast) and CURVE handshakes the authenticator refused."""
         self.registry.register(_Rejects(heartbeats, denied))
 
-    def record_levels(self, levels: list[LevelStats]) -> None:
-        """Add one finished request's per-level counters (verifier levels only)."""
+    def record_levels(self, levels: list[LevelStats], sampled: bool = False) -> None:
+        """Add one finished request's per-level counters (verifier levels only); ``sampled``:
+        it was a sampled request (also counted in the ``sampled`` counters)."""
         for s in levels:
             if s.level < 1:
                 continue
@@ -148,6 +169,10 @@ class GatewayMetrics:
             for position, count in enumerate(s.accepted_per_pos):
                 self.num_accepted_tokens_per_pos.labels(level, str(position)).inc(count)
             self.rollbacks.labels(level).inc(s.rollbacks_issued)
+            if sampled:
+                self.sampled_num_drafts.labels(level).inc(s.drafts)
+                self.sampled_num_draft_tokens.labels(level).inc(s.draft_tokens)
+                self.sampled_num_accepted_tokens.labels(level).inc(s.accepted_tokens)
         if levels:
             self.target_forward_passes.inc(levels[-1].forward_passes)
 

@@ -2,10 +2,13 @@
 in /openapi.json), and ``parse_body``, which turns a raw body into one or an InvalidRequest that
 names the offending field.
 
-Decoding is greedy: ``temperature`` 0 (or absent) is accepted, anything above is refused until
-sampling exists; ``top_p`` and ``seed`` are accepted and have no effect on greedy output;
-``frequency_penalty`` and ``presence_penalty`` are accepted at 0 only. Fields not listed here
-are refused by name rather than silently ignored.
+Sampling (``common.sampling``): ``temperature`` 0 or absent is greedy; above 0 the output is a
+seeded sample with ``top_p``, ``top_k`` and ``min_p`` (vLLM's extensions) applied after the
+temperature, in transformers' order; ``seed`` fixes it (a random one is drawn and reported in
+``spec_decode_stats`` when absent). ``n`` choices run as n requests with derived seeds.
+``logprobs`` (completions: the number of alternatives; chat: a flag, with ``top_logprobs``)
+returns the target model's raw log-probabilities. ``frequency_penalty`` and ``presence_penalty``
+are accepted at 0 only. Fields not listed here are refused by name rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from services.gateway.events import InvalidRequest
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n
 INT64 = 2**63
 
 
@@ -36,31 +41,16 @@ class RequestFields(Strict):
     max_tokens: int | None = None  # absent: GatewaySettings.default_max_tokens, within the context
     temperature: float | None = Field(None, ge=0, le=2)  # 0 or absent: greedy
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: off
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extension
     stop: str | list[str] | None = None  # up to MAX_STOP_STRINGS, never part of the output
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     user: str | None = None  # logged with the request
     frequency_penalty: float | None = None  # 0 only
     presence_penalty: float | None = None  # 0 only
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_only(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError(
-                f"temperature {value:g} asks for sampling, which is not supported yet; "
-                "use temperature 0 (greedy decoding)"
-            )
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(f"only n=1 is supported, got {value}")
-        return value
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
@@ -96,12 +86,30 @@ class RequestFields(Strict):
         """The requested output length and the field that gave it (for error messages)."""
         return self.max_tokens, "max_tokens"
 
+    def top_logprobs_wanted(self) -> int:
+        """-1: no logprobs; else how many alternatives per token."""
+        return -1
+
+    def sampling(self, seed: int) -> SamplingParams:
+        """The sampling parameters, with ``seed`` (the request's, or one drawn for it)."""
+        return SamplingParams(
+            temperature=self.temperature or 0.0,
+            seed=seed,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k or 0),
+            min_p=self.min_p or 0.0,
+        )
+
 
 class CompletionRequest(RequestFields):
     """POST /v1/completions."""
 
     prompt: str | list[int]  # text, or token ids (a list holding one string is that string)
     echo: bool = False  # put the prompt's text before the completion
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
+
+    def top_logprobs_wanted(self) -> int:
+        return -1 if self.logprobs is None else self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -157,6 +165,17 @@ class ChatCompletionRequest(RequestFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # wins over max_tokens (deprecated by OpenAI)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs: true
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs is only allowed with logprobs: true")
+        return self
+
+    def top_logprobs_wanted(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else -1
 
     def output_limit(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:

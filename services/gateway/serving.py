@@ -6,11 +6,17 @@ never reach the client. A client that disconnects, while queued for admission or
 request runs, cancels the request at every stage: the non-streamed path watches the connection
 itself; for streams, Starlette cancels the body iterator on disconnect, and ``GenerationStream``
 cancels whatever is left when the response ends for any reason.
+
+A request with ``n`` choices runs as n generations whose seeds derive from the request's
+(``common.sampling.derive_seed``; choice 0 keeps it); their stream chunks interleave, each with
+its ``index``. Log-probabilities come with the tokens from the target (``TokensEvent``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -24,6 +30,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from common.protocol import TokenLogprob
+from common.sampling import SamplingParams, derive_seed
 from services.gateway.core import Gateway, Generation
 from services.gateway.events import (
     GenerationError,
@@ -32,7 +40,16 @@ from services.gateway.events import (
     RequestStats,
     TokensEvent,
 )
-from services.gateway.replies import DONE, Reply, error_body, sse, usage
+from services.gateway.replies import (
+    DONE,
+    Choice,
+    Reply,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    sse,
+    usage,
+)
 from services.gateway.schemas import ChatCompletionRequest, CompletionRequest, RequestFields
 from services.gateway.text_output import TextOutput
 
@@ -66,12 +83,23 @@ class Job:
     echo: str  # text sent before the completion (completions with ``echo``), else ""
     stream: bool
     include_usage: bool
+    sampling: SamplingParams  # seed: the request's, or drawn for it
+    n: int = 1
+    top_logprobs: int = -1  # -1: no logprobs
 
 
 @dataclass(frozen=True)
 class Outcome:
     finish_reason: str
     stats: RequestStats
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text of one choice as it settles, with the log-probabilities of the tokens behind it."""
+
+    text: str
+    logprobs: list[TokenLogprob]
 
 
 class OpenAIServing:
@@ -89,6 +117,8 @@ class OpenAIServing:
             ids = self.tokenizer.encode(body.prompt)
         else:
             ids = self._checked_ids(body.prompt)
+        if body.echo and body.logprobs is not None:
+            raise InvalidRequest("echo with logprobs is not supported (no prompt logprobs)", "echo")
         echo = "" if not body.echo else self.tokenizer.decode(ids, skip_special_tokens=True)
         return self._job(body, ids, echo)
 
@@ -141,98 +171,171 @@ class OpenAIServing:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if body.user is not None:
             log.info("request_user", request_id=reply.id, user=body.user)
-        return Job(reply, ids, max_tokens, body.stop_strings(), echo, body.stream, include_usage)
+        seed = secrets.randbits(63) if body.seed is None else body.seed
+        return Job(
+            reply,
+            ids,
+            max_tokens,
+            body.stop_strings(),
+            echo,
+            body.stream,
+            include_usage,
+            body.sampling(seed),
+            body.n,
+            body.top_logprobs_wanted(),
+        )
 
     # -- running -------------------------------------------------------------------------------
 
     async def respond(self, request: Request, job: Job) -> Response:
         """Admit and run ``job``. Raises InvalidRequest, Overloaded or NoRoute before it starts."""
-        started = await until_disconnected(
-            request.receive, self.gateway.generate(job.prompt_ids, job.max_tokens, job.reply.id)
-        )
-        if started is None:
-            return Response(status_code=CLIENT_GONE)
-        generation: Generation = started[0]
-        if job.stream:
-            return GenerationStream(self._sse(generation, job), generation)
+        generations: list[Generation] = []
         try:
-            finished = await until_disconnected(request.receive, self._collect(generation, job))
+            for index in range(job.n):
+                sampling = dataclasses.replace(
+                    job.sampling, seed=derive_seed(job.sampling.seed, index)
+                )
+                request_id = job.reply.id if job.n == 1 else f"{job.reply.id}-{index}"
+                started = await until_disconnected(
+                    request.receive,
+                    self.gateway.generate(
+                        job.prompt_ids, job.max_tokens, request_id, sampling, job.top_logprobs
+                    ),
+                )
+                if started is None:
+                    _cancel_all(generations, "client disconnected")
+                    return Response(status_code=CLIENT_GONE)
+                generations.append(started[0])
+        except BaseException:
+            _cancel_all(generations, "request not admitted")
+            raise
+        if job.stream:
+            return GenerationStream(self._sse(generations, job), generations)
+        work = asyncio.gather(*(self._collect(g, job) for g in generations))
+        try:
+            finished = await until_disconnected(request.receive, work)
         except GenerationTimeout as exc:
+            _cancel_all(generations, "timeout")
             return JSONResponse(error_body(504, str(exc), "timeout"), status_code=504)
         except GenerationError as exc:
+            _cancel_all(generations, "failed")
             return JSONResponse(error_body(500, str(exc), "server_error"), status_code=500)
         if finished is None:
-            generation.cancel("client disconnected")
+            _cancel_all(generations, "client disconnected")
             return Response(status_code=CLIENT_GONE)
-        text, outcome = finished[0]
-        return JSONResponse(job.reply.whole(text, outcome.finish_reason, outcome.stats))
+        choices, stats = zip(*finished[0])
+        return JSONResponse(job.reply.whole(choices, stats))
 
-    async def _pieces(self, generation: Generation, job: Job) -> AsyncIterator[str | Outcome]:
+    def _logprobs_json(self, job: Job, entries: list[TokenLogprob], offset: int) -> dict | None:
+        if job.top_logprobs < 0:
+            return None
+        if job.reply.chat:
+            return chat_logprobs(entries, self._token_text)
+        return completion_logprobs(entries, self._token_text, offset)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    async def _pieces(self, generation: Generation, job: Job) -> AsyncIterator[Piece | Outcome]:
         """The text as it is committed, then one Outcome."""
         output = TextOutput(self.tokenizer, job.stops)
         async for event in generation:
             if isinstance(event, TokensEvent):
+                before = output.tokens
                 text = output.add(event.token_ids)
-                if text:
-                    yield text
+                logprobs = event.logprobs[: output.tokens - before]
+                if text or logprobs:
+                    yield Piece(text, logprobs)
                 if output.stopped:
                     yield Outcome("stop", generation.stop(output.tokens))
                     return
             else:
                 text = output.finish()
                 if text:
-                    yield text
+                    yield Piece(text, [])
                 yield Outcome("stop" if output.stopped else event.finish_reason, event.stats)
                 return
 
-    async def _collect(self, generation: Generation, job: Job) -> tuple[str, Outcome]:
-        parts = [job.echo]
+    async def _collect(self, generation: Generation, job: Job) -> tuple[Choice, RequestStats]:
+        parts, logprobs = [job.echo], []
         async for piece in self._pieces(generation, job):
             if isinstance(piece, Outcome):
-                return "".join(parts), piece
-            parts.append(piece)
+                text = "".join(parts)
+                lp = self._logprobs_json(job, logprobs, len(job.echo))
+                return Choice(text, piece.finish_reason, lp), piece.stats
+            parts.append(piece.text)
+            logprobs.extend(piece.logprobs)
         raise GenerationError("the request ended without a finish event")
 
-    async def _sse(self, generation: Generation, job: Job) -> AsyncIterator[str]:
+    async def _sse(self, generations: list[Generation], job: Job) -> AsyncIterator[str]:
         reply = job.reply
         null_usage = {"usage": None} if job.include_usage else {}  # as OpenAI: null until the end
-        if reply.chat:
-            yield sse(reply.chunk("", role=True) | null_usage)
-        if job.echo:
-            yield sse(reply.chunk(job.echo) | null_usage)
+        for index in range(len(generations)):
+            if reply.chat:
+                yield sse(reply.chunk("", role=True, index=index) | null_usage)
+            if job.echo:
+                yield sse(reply.chunk(job.echo, index=index) | null_usage)
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, generation: Generation) -> None:
+            try:
+                async for piece in self._pieces(generation, job):
+                    await merged.put((index, piece))
+            except GenerationError as exc:
+                await merged.put((index, exc))
+
+        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+        offsets = [len(job.echo)] * len(generations)
+        stats: list[RequestStats | None] = [None] * len(generations)
         try:
-            async for piece in self._pieces(generation, job):
-                if isinstance(piece, str):
-                    yield sse(reply.chunk(piece) | null_usage)
+            while any(s is None for s in stats):
+                index, piece = await merged.get()
+                if isinstance(piece, GenerationError):
+                    status, kind = (
+                        (504, "timeout")
+                        if isinstance(piece, GenerationTimeout)
+                        else (500, "server_error")
+                    )
+                    yield sse(error_body(status, str(piece), kind))
+                    break
+                if isinstance(piece, Piece):
+                    lp = self._logprobs_json(job, piece.logprobs, offsets[index])
+                    offsets[index] += len(piece.text)
+                    yield sse(reply.chunk(piece.text, index=index, logprobs=lp) | null_usage)
                     continue
-                final = reply.chunk("", piece.finish_reason) | null_usage
+                stats[index] = piece.stats
+                final = reply.chunk("", piece.finish_reason, index=index) | null_usage
                 yield sse(final | {"spec_decode_stats": piece.stats.model_dump()})
+            else:
                 if job.include_usage:
-                    yield sse(reply.usage_chunk(piece.stats))
-                log.info("stream_finished", request_id=reply.id, **usage(piece.stats))
-        except GenerationError as exc:
-            status, kind = (
-                (504, "timeout") if isinstance(exc, GenerationTimeout) else (500, "server_error")
-            )
-            yield sse(error_body(status, str(exc), kind))
+                    yield sse(reply.usage_chunk(stats))
+                log.info("stream_finished", request_id=reply.id, **usage(stats))
+        finally:
+            for task in tasks:
+                task.cancel()
         yield DONE
+
+
+def _cancel_all(generations: list[Generation], reason: str) -> None:
+    for generation in generations:
+        generation.cancel(reason)
 
 
 class GenerationStream(StreamingResponse):
     """An SSE response that cancels its generation however the response ends: finished (a no-op
     then), client gone, server stopping, or a send that failed before the body started."""
 
-    def __init__(self, content: AsyncIterator[str], generation: Generation):
+    def __init__(self, content: AsyncIterator[str], generations: list[Generation]):
         super().__init__(
             content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-        self.generation = generation
+        self.generations = generations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.generation.cancel("response ended early")
+            _cancel_all(self.generations, "response ended early")
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

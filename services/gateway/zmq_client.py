@@ -52,27 +52,34 @@ class PipeSpecClient:
             self._ctx, zmq.DEALER, endpoint, linger_ms=linger_ms, curve=curve, server=GATEWAY
         )
 
-    def stream(self, prompt: str, max_tokens: int | None = None) -> Iterator[str]:
-        """Text as the gateway commits it."""
-        for event in self.events(prompt, max_tokens):
+    def stream(self, prompt: str, max_tokens: int | None = None, **sampling) -> Iterator[str]:
+        """Text as the gateway commits it. ``sampling``: ``temperature``, ``top_p``, ``top_k``,
+        ``min_p``, ``seed`` (greedy without a temperature)."""
+        for event in self.events(prompt, max_tokens, **sampling):
             if event.type == "token" and event.text:
                 yield event.text
 
-    def complete(self, prompt: str, max_tokens: int | None = None) -> tuple[str, dict]:
-        """The whole completion and its statistics (``done`` event's ``stats``)."""
+    def complete(self, prompt: str, max_tokens: int | None = None, **sampling) -> tuple[str, dict]:
+        """The whole completion and its statistics (``done`` event's ``stats``; the seed used
+        is ``stats["sampling"]["seed"]``)."""
         parts = []
-        for event in self.events(prompt, max_tokens):
+        for event in self.events(prompt, max_tokens, **sampling):
             if event.type == "token":
                 parts.append(event.text or "")
             else:
                 return "".join(parts), event.stats or {}
         raise PipeSpecError("the reply ended without a done event")
 
-    def events(self, prompt: str, max_tokens: int | None = None) -> Iterator[ClientEvent]:
+    def events(
+        self, prompt: str, max_tokens: int | None = None, **sampling
+    ) -> Iterator[ClientEvent]:
         """Events of one request as they arrive: ``token`` events (``text``, ``token_ids``),
-        ending with ``done`` (``finish_reason``, ``stats``); raises PipeSpecError on ``error``."""
+        ending with ``done`` (``finish_reason``, ``stats``); raises PipeSpecError on ``error``.
+        ``sampling``: ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``."""
         request_id = uuid.uuid4().hex
-        request = ClientRequest(prompt=prompt, max_tokens=max_tokens, request_id=request_id)
+        request = ClientRequest(
+            prompt=prompt, max_tokens=max_tokens, request_id=request_id, **(sampling or {})
+        )
         self._sock.send(msgpack.packb(request.model_dump(exclude_none=True), use_bin_type=True))
         while True:
             if not self._sock.poll(self.timeout_ms, zmq.POLLIN):

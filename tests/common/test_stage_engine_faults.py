@@ -1,6 +1,7 @@
 """Real tiny transformer models on the fake network, with random delays, reordering,
-duplication and loss of every message: the output must be the target's greedy output, always,
-and no run may hang. Drafts are often wrong (rollback-heavy)."""
+duplication and loss of every message: the output must be the target's own output (the reference
+decoder: greedy, or for the half of the runs that sample, its seeded Gumbel-max sample with
+top-p), always, and no run may hang. Drafts are often wrong (rollback-heavy)."""
 
 import random
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from common.backends.hf import HFBackend
-from common.simnet import Faults, build, greedy_reference, run_request
+from common.sampling import GREEDY, SamplingParams
+from common.simnet import Faults, build, reference_decode, run_request
 from tests.tiny_models import EOS, VOCAB_SIZE, noisy_copy, tiny_llama
 
 RUNS = 500
@@ -27,8 +29,8 @@ def models(tmp_path_factory):
     }
 
 
-def test_every_seed_reproduces_target_greedy(models):
-    failures, rollbacks, drafted = [], 0, 0
+def test_every_seed_reproduces_the_reference_decoder(models):
+    failures, rollbacks, drafted, sampled = [], 0, 0, 0
     references: dict[tuple, list[int]] = {}
     for seed in range(RUNS):
         rng = random.Random(seed)
@@ -40,9 +42,15 @@ def test_every_seed_reproduces_target_greedy(models):
         )
         prompt = [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.randint(1, 8))]
         max_tokens = rng.randint(1, 24)
-        key = (tuple(prompt), max_tokens)
+        sampling = GREEDY
+        if seed % 2:
+            temperature = rng.choice((0.3, 0.7, 1.0))
+            sampling = SamplingParams(temperature, seed=rng.randrange(2**63), top_p=0.9)
+        key = (tuple(prompt), max_tokens, sampling)
         if key not in references:
-            references[key] = greedy_reference(models["target"], prompt, max_tokens, eos=[EOS])
+            references[key] = reference_decode(
+                models["target"], prompt, max_tokens, eos=[EOS], sampling=sampling
+            )
         faults = Faults(
             drop=rng.uniform(0, 0.3), duplicate=rng.uniform(0, 0.3), max_delay=rng.uniform(0, 10)
         )
@@ -55,11 +63,13 @@ def test_every_seed_reproduces_target_greedy(models):
             max_lead=rng.randint(1, 10),
             max_verify_tokens=rng.randint(1, 12),
         )
-        req = run_request(h, prompt, max_tokens, eos=[EOS])
+        req = run_request(h, prompt, max_tokens, eos=[EOS], sampling=sampling)
         if req is None or req.tokens != references[key]:
             failures.append((seed, None if req is None else req.tokens, references[key]))
             continue
         rollbacks += sum(s.rollbacks_issued for s in req.stats)
         drafted += sum(s.draft_tokens for s in req.stats)
+        sampled += not sampling.greedy
     assert not failures, f"{len(failures)} of {RUNS} runs wrong or hung; first: {failures[:3]}"
     assert drafted > 0 and rollbacks > RUNS, "the runs must exercise drafts and rollbacks"
+    assert sampled >= RUNS // 2 - 1

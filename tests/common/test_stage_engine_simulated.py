@@ -41,3 +41,23 @@ def test_faulty_network_matches_target(seed):
     req = run_request(h, prompt, 40)
     assert req is not None, "hung"
     assert req.tokens == want
+
+
+def test_logprobs_from_a_target_without_logits_is_a_clear_error():
+    from common.request_tracker import TrackedRequest
+    from common.simnet import GATEWAY
+
+    h = build([SimulatedBackend(0.9, vocab=50), SimulatedBackend(1.0, vocab=50)], [1.0, 2.0])
+    req = TrackedRequest(
+        request_id="r",
+        prompt=[1, 2],
+        max_tokens=4,
+        eos_ids=[],
+        route=h.route,
+        reply_to=GATEWAY,
+        created=0.0,
+        top_logprobs=2,
+    )
+    h.gateway.submit(req)
+    assert h.net.run_until(lambda: req.done, 1e5)
+    assert "has no logits: it cannot return logprobs" in req.error

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from common import model_store
+from common import model_catalog
 from common.backends.batched import Run, greedy_decode
 from common.backends.batched_hf import HFBatchedBackend
 from tests.common.backends.test_batched_hf import generate, oracle
@@ -24,7 +24,7 @@ NEW_TOKENS = 16
 
 pytestmark = [
     pytest.mark.models,
-    pytest.mark.skipif(not model_store.is_prepared(MODEL), reason=f"{MODEL} is not prepared"),
+    pytest.mark.skipif(not model_catalog.is_prepared(MODEL), reason=f"{MODEL} is not prepared"),
 ]
 
 
@@ -37,7 +37,7 @@ def runner():
 
 @pytest.fixture(scope="module")
 def prompts():
-    tokenizer = AutoTokenizer.from_pretrained(model_store.model_dir(MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(model_catalog.model_dir(MODEL))
     return [tokenizer(p)["input_ids"] for p in PROMPTS]
 
 

@@ -11,10 +11,14 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
+from common.backends.hf import HFBackend, load_causal_lm
+from common.sampling import SamplingParams
+from common.simnet import reference_decode
 from services.gateway.zmq_client import PipeSpecClient
 from tests.harness import SERVED_MODEL, GreedyOracle, config, launched, sse_chunks
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import EOS, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +37,7 @@ MESSAGES = [{"role": "system", "content": "w20 w21"}, {"role": "user", "content"
 
 class Tiny:
     def __init__(self, plan, target):
-        self.plan, self.oracle = plan, GreedyOracle(target)
+        self.plan, self.target, self.oracle = plan, target, GreedyOracle(target)
         self.url = plan.http_url
         self.tokenizer = self.oracle.tokenizer
         self.client = openai.OpenAI(
@@ -107,12 +111,92 @@ def test_openai_chat(tiny, stream):
 
 def test_openai_errors_and_models(tiny):
     assert [m.id for m in tiny.client.models.list()] == [SERVED_MODEL]
-    with pytest.raises(openai.BadRequestError, match="temperature 0.7 asks for sampling"):
-        tiny.client.completions.create(model=SERVED_MODEL, prompt=PROMPT, temperature=0.7)
-    with pytest.raises(openai.BadRequestError, match="only n=1 is supported"):
-        tiny.client.chat.completions.create(model=SERVED_MODEL, messages=MESSAGES, n=3)
+    with pytest.raises(openai.BadRequestError, match="less than or equal to 2"):
+        tiny.client.completions.create(model=SERVED_MODEL, prompt=PROMPT, temperature=2.5)
+    with pytest.raises(openai.BadRequestError, match="less than or equal to 16"):
+        tiny.client.chat.completions.create(model=SERVED_MODEL, messages=MESSAGES, n=17)
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
         tiny.client.completions.create(model="gpt-4", prompt=PROMPT)
+
+
+def sampled_reference(tiny, prompt_ids: list[int], p: SamplingParams) -> tuple[str, list[int]]:
+    ids = reference_decode(HFBackend(tiny.target), prompt_ids, MAX_TOKENS, [EOS], p)
+    return tiny.tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sampled_chat_with_logprobs(tiny, stream):
+    """temperature 0.7 with logprobs: the text is the reference decoder's seeded sample, and each
+    token's logprob is the target's raw log-softmax at that position."""
+    p = SamplingParams(0.7, seed=1234, top_p=0.9)
+    text, ids = sampled_reference(tiny, tiny.chat_ids(), p)
+    kwargs = dict(
+        model=SERVED_MODEL,
+        messages=MESSAGES,
+        max_completion_tokens=MAX_TOKENS,
+        temperature=0.7,
+        top_p=0.9,
+        seed=1234,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    if stream:
+        chunks = list(tiny.client.chat.completions.create(**kwargs, stream=True))
+        got = "".join(c.choices[0].delta.content or "" for c in chunks)
+        content = [
+            e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content
+        ]
+        stats = chunks[-1].model_extra["spec_decode_stats"]
+    else:
+        response = tiny.client.chat.completions.create(**kwargs)
+        got, content = response.choices[0].message.content, response.choices[0].logprobs.content
+        stats = response.model_extra["spec_decode_stats"]
+    assert got == text
+    assert stats["sampling"] == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 0,
+        "min_p": 0.0,
+        "seed": 1234,
+    }
+    assert [e.token for e in content] == [tiny.tokenizer.decode([i]) for i in ids]
+    expected = raw_logprobs(tiny, tiny.chat_ids(), ids)
+    assert all(abs(e.logprob - x) < 1e-4 for e, x in zip(content, expected))
+    assert all(len(e.top_logprobs) == 3 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
+
+
+def raw_logprobs(tiny, prompt_ids: list[int], ids: list[int]) -> list[float]:
+    model = load_causal_lm(tiny.target)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0]
+    rows = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], -1)
+    return rows.gather(-1, torch.tensor(ids)[:, None])[:, 0].tolist()
+
+
+def test_openai_n_choices_and_seed_reproduces(tiny):
+    kwargs = dict(model=SERVED_MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.0)
+    two = tiny.client.completions.create(**kwargs, n=2, seed=77)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].text != two.choices[1].text
+    again = tiny.client.completions.create(**kwargs, n=2, seed=77)
+    assert [c.text for c in again.choices] == [c.text for c in two.choices]
+    one = tiny.client.completions.create(**kwargs, seed=77)  # choice 0 keeps the seed
+    assert one.choices[0].text == two.choices[0].text
+    assert (
+        two.choices[0].text
+        == sampled_reference(tiny, tiny.tokenizer.encode(PROMPT), SamplingParams(1.0, seed=77))[0]
+    )
+    drawn = tiny.client.completions.create(**kwargs)  # no seed: one is drawn and reported
+    seed = drawn.model_extra["spec_decode_stats"]["sampling"]["seed"]
+    replay = tiny.client.completions.create(**kwargs, seed=seed)
+    assert replay.choices[0].text == drawn.choices[0].text
+    streamed = list(tiny.client.completions.create(**kwargs, n=2, seed=77, stream=True))
+    texts = [
+        "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i)
+        for i in (0, 1)
+    ]
+    assert texts == [c.text for c in two.choices]
 
 
 def test_stop_string_across_tokens_over_raw_http(tiny):
@@ -219,14 +303,21 @@ def test_zmq_client_agrees(tiny):
         assert "".join(client.stream(PROMPT, max_tokens=MAX_TOKENS)) == text
         completion, stats = client.complete(PROMPT, max_tokens=MAX_TOKENS)
         assert completion == text and stats["completion_tokens"] == count
+        sampled, stats = client.complete(PROMPT, MAX_TOKENS, temperature=1.0, seed=77)
+        reference = sampled_reference(
+            tiny, tiny.tokenizer.encode(PROMPT), SamplingParams(1.0, seed=77)
+        )[0]
+        assert sampled == reference and stats["sampling"]["seed"] == 77
 
 
 def test_metrics_after_traffic(tiny):
     tiny.client.completions.create(model=SERVED_MODEL, prompt=PROMPT, max_tokens=8)
+    tiny.client.completions.create(model=SERVED_MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0)
     text = httpx.get(f"{tiny.url}/metrics").text
     for line in (
         'pipespec:rejected_requests_total{api="http",code="400"}',
         'pipespec:spec_decode_num_draft_tokens_total{level="1"}',
+        'pipespec:spec_decode_sampled_num_draft_tokens_total{level="1"}',
         'pipespec:spec_decode_num_accepted_tokens_total{level="1"}',
         'pipespec:rollbacks_total{level="1"}',
         "pipespec:time_to_first_token_seconds_count",
