@@ -85,6 +85,7 @@ def _mix(x):
     Python ints and on int64 tensors holding values < 2**32: both multipliers are below 2**31,
     so no product overflows int64 and every device gives the same bits.
 
+    >>> import torch
     >>> _mix(0), _mix(1), _mix(torch.tensor([0, 1])).tolist()
     (0, 2261973619, [0, 2261973619])
     """
@@ -122,6 +123,8 @@ def _token_hash(vocab: int, device: torch.device) -> torch.Tensor:
 def noise_bits(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
     """The 32 random bits (int64 in [0, 2**32)) of each token id at (seed, position).
 
+    >>> import torch
+
     >>> noise_bits(7, 3, torch.tensor([0, 5, 9])).tolist() == [
     ...     noise_bits(7, 3, torch.tensor([t])).item() for t in (0, 5, 9)]
     True
@@ -135,6 +138,8 @@ def noise_bits(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tenso
 def gumbel(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise (float64) for ``token_ids`` at (seed, position): -log(-log(u)) with
     u = (bits + 0.5) / 2**32, strictly inside (0, 1).
+
+    >>> import torch
 
     >>> g = gumbel(1, 0, torch.arange(4))
     >>> g.dtype, bool((gumbel(1, 0, torch.tensor([2])) == g[2]).all())
@@ -152,6 +157,8 @@ def gumbel(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
 def process(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """``logits / T`` in float32 with masked tokens at -inf, exactly as transformers'
     Temperature, TopK, TopP and MinP warpers (``min_tokens_to_keep`` 1), in that order.
+
+    >>> import torch
 
     >>> process(torch.tensor([[2.0, 1.0, 0.0, -5.0]]), SamplingParams(0.5, top_k=2)).tolist()
     [[4.0, 2.0, -inf, -inf]]
@@ -183,6 +190,7 @@ def choose(logits: torch.Tensor, p: SamplingParams, positions: Sequence[int]) ->
     ``positions[i]``. Greedy: argmax. Otherwise Gumbel-max over the processed scores; noise is
     drawn only for tokens the masks keep, so top-p / top-k make it cheaper.
 
+    >>> import torch
     >>> rows = torch.tensor([[0.0, 5.0, 1.0], [9.0, 0.0, 0.0]])
     >>> choose(rows, GREEDY, [0, 1])
     [1, 0]
@@ -230,6 +238,8 @@ def _pick_numpy(row, seed: int, position: int) -> int:
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
     """The model's raw log-probability of each row's token, and of the ``top`` most likely
     tokens (before temperature and masks: what vLLM returns by default).
+
+    >>> import torch
 
     >>> lp = token_logprobs(torch.log(torch.tensor([[0.5, 0.25, 0.25]])), [1], top=1)
     >>> round(lp[0].logprob, 4), lp[0].top_ids, [round(x, 4) for x in lp[0].top_logprobs]

@@ -65,7 +65,16 @@ def _error(description: str) -> dict:
 GENERATION_ERRORS = {
     200: {
         "description": "the completion (JSON), or with `stream: true` server-sent events",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # each server-sent event: `data:` holds one JSON chunk, the last one is `[DONE]`
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            }
+        },
     },
     400: _error("invalid request (the message and `param` say what is wrong)"),
     404: _error("unknown model"),

@@ -20,7 +20,7 @@ import pytest
 
 from deploy.launch import Child, System
 from tests.harness import GreedyOracle, launched
-from tests.harness import config as test_config
+from tests.harness import config as e2e_config
 from tests.tiny_models import VOCAB_SIZE, tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_chaos_kill_9_replicas_while_16_clients_stream(tmp_path):
         {"level": 1, "backend": "hf", "model": verifier, "replicas": 2},
         {"level": 2, "backend": "hf", "model": target, "replicas": 2},
     ]
-    config = test_config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=1.0)
+    config = e2e_config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=1.0)
     pool = prompts(12, seed=11)
     oracle = GreedyOracle(target)
     want = {p: oracle.text(oracle.ids(p, MAX_TOKENS)) for p in pool}
@@ -204,7 +204,7 @@ def test_every_target_replica_killed_fails_in_flight_requests_clearly_then_recov
         {"level": 1, "backend": "hf", "model": target, "replicas": 2},
     ]
     bound_s = 1.0 + 3.0 + 6.0  # heartbeat timeout + target_lost_timeout_s + slack
-    config = test_config(
+    config = e2e_config(
         target, stages, heartbeat_timeout_s=1.0, resend_after_s=1.0, target_lost_timeout_s=3.0
     )
     pool = prompts(4, seed=5)

@@ -29,13 +29,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.codec import encode
-from common.protocol import MESSAGE_TYPES, Cancel, Heartbeat, Notice, RouteHop, Span, Start
+from common.protocol import (
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Cancel,
+    Heartbeat,
+    Notice,
+    RouteHop,
+    Span,
+    Start,
+)
 from common.security import Curve, load_curve, release, secret_file
 from common.sockets import open_socket
 from deploy.harness import complete
 from deploy.launch import free_port
 from tests.harness import GreedyOracle, launched
-from tests.harness import config as test_config
+from tests.harness import config as e2e_config
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -64,7 +73,8 @@ values = st.recursive(
 # valid msgpack, wrong message: right or wrong version and tag, real field names, any values
 wrong_maps = st.builds(
     lambda v, t, fields: msgpack.packb({"v": v, "t": t, **fields}, use_bin_type=True),
-    st.sampled_from([1, 1, 1, 0, 2, "1"]),
+    # the current version mostly (so the message checks are reached), and wrong ones
+    st.sampled_from([PROTOCOL_VERSION] * 3 + [0, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION)]),
     st.sampled_from([*MESSAGE_TYPES, "bogus", ""]),
     st.dictionaries(st.sampled_from(FIELDS), values, max_size=8),
 )
@@ -179,7 +189,7 @@ def test_fuzz_every_socket_while_good_requests_run(tmp_path):
             text = complete(plan, prompt, MAX_TOKENS, timeout_s=120)["choices"][0]["text"]
             good.append(text == want[prompt])
 
-    with launched(test_config(target, stages), tmp_path / "logs") as system:
+    with launched(e2e_config(target, stages), tmp_path / "logs") as system:
         plan = system.plan
         keys = plan.keys_dir
         health = httpx.get(f"{plan.http_url}/health", timeout=5).json()

@@ -13,7 +13,7 @@ from common.simnet import reference_decode
 from common.tokenization import eos_token_ids, load_tokenizer
 from tests.e2e.test_lossless_smollm2 import HIERARCHIES, MODEL, PROMPTS
 from tests.e2e.test_sampling_tiny import TEMPERATURES, run_all
-from tests.harness import config as test_config
+from tests.harness import config as e2e_config
 from tests.harness import launched
 
 pytestmark = [
@@ -47,7 +47,7 @@ def expected():
 @pytest.mark.parametrize("name", HIERARCHIES)
 def test_sampled_output_equals_the_reference_decoder(expected, tmp_path, name):
     stages = [{"level": i, **s} for i, s in enumerate(HIERARCHIES[name])]
-    with launched(test_config(MODEL, stages), tmp_path / "logs") as system:
+    with launched(e2e_config(MODEL, stages), tmp_path / "logs") as system:
         results = run_all(system.plan, CASES, MAX_TOKENS)
     got = [(r["choices"][0]["text"], r["usage"]["completion_tokens"]) for r in results]
     wrong = [(c, g, e) for c, g, e in zip(CASES, got, expected) if g != e]

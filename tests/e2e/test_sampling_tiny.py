@@ -14,7 +14,7 @@ from common.backends.hf import HFBackend
 from common.sampling import SamplingParams
 from common.simnet import reference_decode
 from tests.e2e.test_lossless_tiny import prompts
-from tests.harness import config as test_config
+from tests.harness import config as e2e_config
 from tests.harness import launched
 from tests.tiny_models import EOS, noisy_copy, tiny_llama
 
@@ -94,7 +94,7 @@ def test_sampled_output_equals_the_reference_decoder_at_every_k(tiny, tmp_path):
     texts = {}
     for name, models in HIERARCHIES.items():
         stages = [{"level": i, "backend": "hf", "model": tiny[m]} for i, m in enumerate(models)]
-        with launched(test_config(tiny["target"], stages), tmp_path / name) as system:
+        with launched(e2e_config(tiny["target"], stages), tmp_path / name) as system:
             results = run_all(system.plan, todo, MAX_TOKENS)
         got = [(r["choices"][0]["text"], r["usage"]["completion_tokens"]) for r in results]
         wrong = [(c, g, e) for c, g, e in zip(todo, got, expected) if g != e]
@@ -120,7 +120,7 @@ def test_acceptance_under_sampling_matches_offline_coupling(tiny, tmp_path):
         {"level": 0, "backend": "hf", "model": tiny["close"]},
         {"level": 1, "backend": "hf", "model": tiny["target"]},
     ]
-    with launched(test_config(tiny["target"], stages), tmp_path / "logs") as system:
+    with launched(e2e_config(tiny["target"], stages), tmp_path / "logs") as system:
         results = run_all(system.plan, todo, max_tokens)
     level1 = [r["spec_decode_stats"]["acceptance"][0] for r in results]
     accepted = sum(a["accepted_tokens"] for a in level1)

@@ -25,7 +25,7 @@ from common.sockets import bound_endpoint, open_socket
 from common.tokenization import fingerprint, load_tokenizer
 from deploy.harness import complete
 from tests.harness import GreedyOracle, launched, leftover_service_processes
-from tests.harness import config as test_config
+from tests.harness import config as e2e_config
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,7 @@ def system(tmp_path_factory):
     root = tmp_path_factory.mktemp("security")
     target = str(tiny_llama(root / "target"))
     stages = [{"level": 0, "backend": "ngram"}, {"level": 1, "backend": "hf", "model": target}]
-    config = test_config(target, stages)
+    config = e2e_config(target, stages)
     with launched(config, root / "logs") as sys_:
         oracle = GreedyOracle(target)
         want = {p: oracle.text(oracle.ids(p, MAX_TOKENS)) for p in PROMPTS}

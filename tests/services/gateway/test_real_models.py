@@ -233,9 +233,9 @@ BAD_REQUESTS = [  # (path, httpx keyword arguments, status, words in the message
         413,
         "over the limit",
     ),
-    ("/v1/completions", {"json": {"prompt": PROMPT, "temperature": 0.9}}, 400, "sampling"),
+    ("/v1/completions", {"json": {"prompt": PROMPT, "temperature": 2.5}}, 400, "or equal to 2"),
     ("/v1/chat/completions", {"json": {"messages": [{"role": "user"}]}}, 400, "is required"),
-    ("/v1/chat/completions", {"json": {"messages": MESSAGES, "n": 2}}, 400, "only n=1"),
+    ("/v1/chat/completions", {"json": {"messages": MESSAGES, "n": 17}}, 400, "or equal to 16"),
 ]
 
 
