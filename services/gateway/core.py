@@ -53,6 +53,7 @@ from services.gateway.registry import Replica, ReplicaRegistry
 log = structlog.get_logger("gateway")
 
 TICK_S = 0.05
+RECEIVE_POLL_MS = 100  # the registry loop re-checks its socket at least this often
 DEADLINE_GRACE_S = 1.0  # a consumer waits this long past the ticker's timeout before giving up
 WILDCARD_HOSTS = {"0.0.0.0", "*", "::", ""}
 
@@ -357,18 +358,33 @@ class Gateway:
     # -- incoming messages ---------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
+        """Drain the registry socket. It waits with a timeout and then reads without blocking
+        until the socket is empty: ZeroMQ's readiness signal is edge-triggered, and a wait that
+        missed an edge would otherwise sleep forever while frames pile up (seen at start-up,
+        when stages that started first deliver a burst of queued heartbeats)."""
         while True:  # runs until stop() cancels it
-            frame = await self._pull.recv(copy=False)
-            try:
-                msg = decode(frame.bytes)
-            except DecodeError as exc:
-                self.metrics.decode_rejects.labels("registry").inc()
-                log.warning("frame_rejected", reason=str(exc), bytes=len(frame.bytes))
-                continue
-            try:
-                self._dispatch(msg, sender_role(frame) if self.curve is not None else None)
-            except Exception:
-                log.exception("dispatch_failed", type=msg.TYPE)
+            await self._pull.poll(RECEIVE_POLL_MS, zmq.POLLIN)
+            while True:
+                try:
+                    frame = await self._pull.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    self._receive(frame)
+                except Exception:  # one bad frame must never end the loop (and the registry)
+                    log.exception("receive_failed", bytes=len(frame.bytes))
+
+    def _receive(self, frame: zmq.Frame) -> None:
+        try:
+            msg = decode(frame.bytes)
+        except DecodeError as exc:
+            self.metrics.decode_rejects.labels("registry").inc()
+            log.warning("frame_rejected", reason=str(exc), bytes=len(frame.bytes))
+            return
+        try:
+            self._dispatch(msg, sender_role(frame) if self.curve is not None else None)
+        except Exception:
+            log.exception("dispatch_failed", type=msg.TYPE)
 
     def _dispatch(self, msg: Message, sender: str | None = None) -> None:
         """``sender``: the role whose key sent ``msg`` (None on plain TCP). Outputs and errors
