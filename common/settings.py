@@ -16,7 +16,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 BackendKind = Literal["hf", "early-exit", "ngram", "simulated"]
 
 
-class StageSettings(BaseSettings):
+class TransportSettings(BaseSettings):
+    """The sockets, security and logging fields every service has (each service's class adds its
+    own env prefix: ``PIPESPEC_STAGE_HWM``, ``PIPESPEC_GATEWAY_INSECURE``, ...)."""
+
+    hwm: int = Field(10_000, ge=0)
+    linger_ms: int = Field(500, ge=0)
+    log_level: str = "info"
+
+    insecure: bool = Field(
+        False, description="plain TCP, no CURVE: anyone who reaches a port may talk (warned)"
+    )
+    public_keys: str | None = Field(None, description="directory of every role's <role>.key")
+    secret_key: str | None = Field(None, description="this role's .key_secret file")
+    max_message_bytes: int = Field(
+        16 << 20, ge=1024, description="ZMQ_MAXMSGSIZE of every receiving socket"
+    )
+    restarts: int = Field(0, ge=0, description="set by a supervisor: times this was restarted")
+
+
+class StageSettings(TransportSettings):
     model_config = SettingsConfigDict(env_prefix="PIPESPEC_STAGE_", extra="forbid")
 
     level: int = Field(ge=0, description="0 = smallest drafter; the target is the highest level")
@@ -62,19 +81,6 @@ class StageSettings(BaseSettings):
     )
     drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: finish in-flight work for")
     liveness_timeout_s: float = Field(60.0, gt=0, description="main loop silent this long = dead")
-    hwm: int = Field(10_000, ge=0)
-    linger_ms: int = Field(500, ge=0)
-    log_level: str = "info"
-
-    insecure: bool = Field(
-        False, description="plain TCP, no CURVE: anyone who reaches a port may talk (warned)"
-    )
-    public_keys: str | None = Field(None, description="directory of every role's <role>.key")
-    secret_key: str | None = Field(None, description="this role's .key_secret file")
-    max_message_bytes: int = Field(
-        16 << 20, ge=1024, description="ZMQ_MAXMSGSIZE of every receiving socket"
-    )
-    restarts: int = Field(0, ge=0, description="set by a supervisor: times this was restarted")
 
     @model_validator(mode="after")
     def _check(self) -> StageSettings:
@@ -87,7 +93,7 @@ class StageSettings(BaseSettings):
         return self
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(TransportSettings):
     model_config = SettingsConfigDict(env_prefix="PIPESPEC_GATEWAY_", extra="forbid")
 
     http_host: str = "127.0.0.1"
@@ -123,16 +129,3 @@ class GatewaySettings(BaseSettings):
     min_heartbeat_interval_s: float = Field(
         0.02, ge=0, description="a replica's heartbeats closer than this are refused and counted"
     )
-    hwm: int = Field(10_000, ge=0)
-    linger_ms: int = Field(500, ge=0)
-    log_level: str = "info"
-
-    insecure: bool = Field(
-        False, description="plain TCP, no CURVE: anyone who reaches a port may talk (warned)"
-    )
-    public_keys: str | None = Field(None, description="directory of every role's <role>.key")
-    secret_key: str | None = Field(None, description="this role's .key_secret file")
-    max_message_bytes: int = Field(
-        16 << 20, ge=1024, description="ZMQ_MAXMSGSIZE of every receiving socket"
-    )
-    restarts: int = Field(0, ge=0, description="set by a supervisor: times this was restarted")
