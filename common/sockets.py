@@ -102,3 +102,26 @@ def bound_endpoint(sock: zmq.Socket, advertise_host: str | None = None) -> str:
         port = rest.rsplit(":", 1)[1]
         ep = f"{scheme}://{advertise_host}:{port}"
     return ep
+
+
+RECEIVE_POLL_MS = 100  # an async receive loop re-checks its socket at least this often
+
+
+async def arrivals(sock: zmq.Socket, multipart: bool = False, poll_ms: int = RECEIVE_POLL_MS):
+    """Every message ``sock`` (a ``zmq.asyncio`` socket) receives, for as long as the caller
+    iterates: one ``zmq.Frame``, or a list of bytes frames when ``multipart``.
+
+    It waits with a timeout and then reads without blocking until the socket is empty.
+    ZeroMQ's readiness signal is edge-triggered; a single awaited ``recv()`` that misses an
+    edge sleeps forever while messages pile up (seen at start-up, when stages that started
+    first deliver a burst of queued heartbeats)."""
+    while True:
+        await sock.poll(poll_ms, zmq.POLLIN)
+        while True:
+            try:
+                if multipart:
+                    yield await sock.recv_multipart(zmq.NOBLOCK)
+                else:
+                    yield await sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break

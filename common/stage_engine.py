@@ -453,6 +453,14 @@ class StageEngine:
             st.draft_tokens += len(drafts)
             st.accepted_tokens += m
             _count_positions(st.accepted_per_pos, m)
+            log.debug(  # the trace the acceptance tests replay against the drafter offline
+                "drafts_verified",
+                request_id=r.request_id,
+                stage_level=self.level,
+                position=old_len,  # output index of the first draft
+                drafts=len(drafts),
+                accepted=m,
+            )
         if rejected:
             r.epoch += 1
             st.rollbacks_issued += 1

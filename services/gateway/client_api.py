@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from common.sampling import SamplingParams
 from common.security import CLIENT
-from common.sockets import bound_endpoint, open_socket
+from common.sockets import arrivals, bound_endpoint, open_socket
 from services.gateway.admission import Overloaded
 from services.gateway.client_schema import ClientEvent, ClientRequest
 from services.gateway.core import Gateway, Generation, advertised_host
@@ -97,8 +97,7 @@ class ClientApi:
         self._router = self._receiver = None
 
     async def _receive_loop(self) -> None:
-        while True:  # runs until stop() cancels it
-            frames = await self._router.recv_multipart()
+        async for frames in arrivals(self._router, multipart=True):  # until stop() cancels it
             identity, payload = frames[0], frames[-1]  # a REQ-style empty delimiter may sit between
             try:
                 request = parse_client_request(payload)

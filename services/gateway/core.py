@@ -35,7 +35,7 @@ from common.request_tracker import RequestTracker, Send, TrackedRequest
 from common.sampling import GREEDY, SamplingParams
 from common.security import GATEWAY, denied_total, identity, level_role, release, sender_role
 from common.settings import GatewaySettings
-from common.sockets import bound_endpoint, open_socket
+from common.sockets import arrivals, bound_endpoint, open_socket
 from services.gateway.admission import Admission
 from services.gateway.events import (
     FinishEvent,
@@ -53,7 +53,6 @@ from services.gateway.registry import Replica, ReplicaRegistry
 log = structlog.get_logger("gateway")
 
 TICK_S = 0.05
-RECEIVE_POLL_MS = 100  # the registry loop re-checks its socket at least this often
 DEADLINE_GRACE_S = 1.0  # a consumer waits this long past the ticker's timeout before giving up
 WILDCARD_HOSTS = {"0.0.0.0", "*", "::", ""}
 
@@ -358,21 +357,12 @@ class Gateway:
     # -- incoming messages ---------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
-        """Drain the registry socket. It waits with a timeout and then reads without blocking
-        until the socket is empty: ZeroMQ's readiness signal is edge-triggered, and a wait that
-        missed an edge would otherwise sleep forever while frames pile up (seen at start-up,
-        when stages that started first deliver a burst of queued heartbeats)."""
-        while True:  # runs until stop() cancels it
-            await self._pull.poll(RECEIVE_POLL_MS, zmq.POLLIN)
-            while True:
-                try:
-                    frame = await self._pull.recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    self._receive(frame)
-                except Exception:  # one bad frame must never end the loop (and the registry)
-                    log.exception("receive_failed", bytes=len(frame.bytes))
+        """Drain the registry socket until stop() cancels this task."""
+        async for frame in arrivals(self._pull):
+            try:
+                self._receive(frame)
+            except Exception:  # one bad frame must never end the loop (and the registry)
+                log.exception("receive_failed", bytes=len(frame.bytes))
 
     def _receive(self, frame: zmq.Frame) -> None:
         try:

@@ -3,8 +3,11 @@ frame, and ZMQ_MAXMSGSIZE on receiving sockets (real sockets on loopback)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import zmq
+import zmq.asyncio
 
 from common.security import (
     Curve,
@@ -16,7 +19,7 @@ from common.security import (
     secret_file,
     sender_role,
 )
-from common.sockets import open_socket, secure_client
+from common.sockets import arrivals, open_socket, secure_client
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +127,36 @@ def test_a_service_without_keys_refuses_to_start_unless_insecure(keys):
     with pytest.raises(KeyError_, match="not the key of role"):
         identity("level0", False, str(keys / "public"), str(secret_file(keys, "level1")))
     assert identity("level0", insecure=True, public_keys=None, secret_key=None) is None
+
+
+@pytest.mark.parametrize("multipart", [False, True])
+def test_arrivals_yields_every_message_of_a_burst_queued_before_it_started(multipart):
+    """The shape that stalled the gateway's registry loop: a burst already queued when the
+    loop first waits, then a late straggler. Every message must come out, in order."""
+
+    async def scenario() -> list[bytes]:
+        actx = zmq.asyncio.Context()
+        sink = open_socket(actx, zmq.PULL, "tcp://127.0.0.1:0", linger_ms=0)
+        source = open_socket(actx, zmq.PUSH, sink.getsockopt_string(zmq.LAST_ENDPOINT))
+        for i in range(200):
+            await source.send(b"%d" % i)
+        await asyncio.sleep(0.3)  # the burst sits in the queue before anyone reads
+        got: list[bytes] = []
+
+        async def straggler() -> None:
+            await asyncio.sleep(0.5)
+            await source.send(b"200")
+
+        late = asyncio.create_task(straggler())
+        async for message in arrivals(sink, multipart=multipart, poll_ms=50):
+            got.append(message[0] if multipart else message.bytes)
+            if len(got) == 201:
+                break
+        await late
+        source.close(linger=0)
+        sink.close(linger=0)
+        actx.term()
+        return got
+
+    got = asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+    assert got == [b"%d" % i for i in range(201)]
