@@ -131,10 +131,13 @@ def complete(
     max_tokens: int,
     timeout_s: float = 300,
     http: httpx.Client | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
-    """One non-streaming completion over the system's HTTP API; the response body.
-    RuntimeError with the gateway's answer on any status but 200."""
+    """One non-streaming completion over the system's HTTP API; the response body. ``fields``:
+    more of the request body (``temperature``, ``seed``, ...). RuntimeError with the gateway's
+    answer on any status but 200."""
     body = {"model": plan.gateway.served_model_name, "prompt": prompt, "max_tokens": max_tokens}
+    body |= fields
     url = f"{plan.http_url}/v1/completions"
     if http is None:
         resp = httpx.post(url, json=body, timeout=timeout_s)

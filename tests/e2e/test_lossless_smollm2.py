@@ -3,11 +3,14 @@ k=2 and k=3, the text equals the target's own greedy ``generate``; and every ver
 gave on an early-exit drafter's drafts equals the drafter's argmax offline on the same text
 (drafter-state bugs lower acceptance and leave the output unchanged)."""
 
-import re
-
 import pytest
-import torch
 
+from benchmarks.acceptance_replay import (
+    drafter_picks,
+    replay,
+    teacher_forced_logits,
+    verifications,
+)
 from common import model_catalog
 from common.backends.hf import load_causal_lm
 from tests.harness import GreedyOracle, assert_same_as_oracle, complete_all, config, launched
@@ -69,45 +72,12 @@ def test_twenty_prompts_equal_target_greedy(oracle, tmp_path, name):
     assert_same_as_oracle(oracle, PROMPTS, results, MAX_TOKENS)
 
 
-def drafter_predictions(
-    oracle: GreedyOracle, drafter_layers: int, max_tokens: int
-) -> dict[str, tuple[list[int], list[int], list[float]]]:
-    """Per prompt, teacher-forced on the target's greedy text: that text, the drafter's argmax at
-    each of its positions, and the drafter's margin there (top-1 minus top-2 logit)."""
-    drafter = load_causal_lm(str(model_catalog.model_dir(MODEL)), layers=drafter_layers)
-    out = {}
-    for prompt in PROMPTS:
-        prompt_ids = oracle.tokenizer.encode(prompt)
-        text = oracle.ids(prompt, max_tokens)
-        with torch.inference_mode():
-            logits = drafter(torch.tensor([prompt_ids + text])).logits[0]
-        rows = logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(text)]
-        top2 = rows.topk(2, dim=-1).values
-        out[prompt] = (text, rows.argmax(-1).tolist(), (top2[:, 0] - top2[:, 1]).tolist())
-    return out
-
-
-FIELD = re.compile(r"(\w+)=(\S+)")
-
-
-def verifications(log_text: str) -> list[dict[str, str]]:
-    """The target's ``drafts_verified`` debug events (key=value log lines)."""
-    return [
-        dict(FIELD.findall(line))
-        for line in log_text.splitlines()
-        if "event=drafts_verified" in line
-    ]
-
-
-NEAR_TIE = 1e-3  # logits this close may order differently in windows of another size
-
-
 def test_every_verification_matches_the_drafter_offline(oracle, tmp_path):
-    """Each pass of the target checks drafts in order until the first mismatch, so it says, for
-    every checked position, whether the drafter's token was the target's. The early-exit
-    drafter's drafts are its argmax on the committed prefix, so replaying each verification
-    against the drafter run offline, teacher-forced on the same text, must give the same
-    verdict at every position (a stale cache, a missed rollback or a misplaced span would not)."""
+    """Each pass of the target checks drafts in order until the first mismatch, so it gives a
+    verdict for every checked position. The early-exit drafter's drafts are its argmax on the
+    committed prefix, so replaying each verdict against the drafter run offline, teacher-forced
+    on the same text, must agree at every checked position (a stale cache, a missed rollback or
+    a misplaced span would not); see ``benchmarks.acceptance_replay``."""
     layers, max_tokens = 25, 64
     stages = [
         {"level": 0, "backend": "early-exit", "model": MODEL, "early_exit_layers": layers},
@@ -117,28 +87,19 @@ def test_every_verification_matches_the_drafter_offline(oracle, tmp_path):
         results = complete_all(system.plan, PROMPTS, max_tokens, concurrency=2)
         target_log = next(c.log_path for c in system.children if c.spec.role == "level1")
     assert_same_as_oracle(oracle, PROMPTS, results, max_tokens)
-    prompt_of = {res["id"]: prompt for prompt, res in zip(PROMPTS, results)}
-    offline = drafter_predictions(oracle, layers, max_tokens)
-    checked = accepted = 0
-    wrong = []
-    for event in verifications(target_log.read_text()):
-        request_id = event["request_id"]
-        position, drafts, m = (int(event[k]) for k in ("position", "drafts", "accepted"))
-        text, preds, margins = offline[prompt_of[request_id]]
-        for pos in range(position, min(position + min(m + 1, drafts), len(text))):
-            verdict = pos < position + m  # accepted, or the one rejection of the pass
-            checked += 1
-            accepted += verdict
-            if (preds[pos] == text[pos]) != verdict and margins[pos] >= NEAR_TIE:
-                wrong.append((prompt_of[request_id], pos, verdict, round(margins[pos], 4)))
-    all_hits = sum(p == t for text, p_, _ in offline.values() for p, t in zip(p_, text))
-    all_positions = sum(len(text) for text, _, _ in offline.values())
+    drafter = load_causal_lm(str(model_catalog.model_dir(MODEL)), layers=layers)
+    texts, picks = {}, {}
+    for prompt, res in zip(PROMPTS, results):
+        prompt_ids = oracle.tokenizer.encode(prompt)
+        texts[res["id"]] = text = oracle.ids(prompt, max_tokens)
+        picks[res["id"]] = drafter_picks(teacher_forced_logits(drafter, prompt_ids, text))
+    r = replay(verifications(target_log.read_text()), texts, picks)
+    every = sum(len(t) for t in texts.values())
+    every_hits = sum(a == b for rid, t in texts.items() for a, b in zip(picks[rid][0], t))
     print(
-        f"acceptance per checked position: pipeline {accepted / checked:.3f} ({checked} "
-        f"positions); offline over every position {all_hits / all_positions:.3f} "
-        f"({all_positions} positions)"
+        f"acceptance over the {r.checked} positions the pipeline checked: {r.acceptance:.3f}; "
+        f"offline over every position: {every_hits / every:.3f} ({every}); "
+        f"near-ties {r.near_ties}"
     )
-    assert checked >= 100, "too few drafts were checked for a meaningful comparison"
-    assert not wrong, (
-        f"{len(wrong)}/{checked} verdicts differ from the drafter offline: {wrong[:5]}"
-    )
+    assert r.checked >= 100, "too few drafts were checked for a meaningful comparison"
+    assert not r.differ, f"{len(r.differ)}/{r.checked} verdicts differ offline: {r.differ[:5]}"
