@@ -2,7 +2,8 @@
 
 It registers with heartbeats like a real stage. Given a ``script`` it acts as the target: on
 Start it streams ``script`` (cut at max_tokens / EOS) from ``have``, ``piece`` tokens per Output
-every ``delay_s``, then a done Output with per-level stats. Every message it receives is kept in
+every ``delay_s``, then a done Output with per-level stats; with logprobs when the Start asks for
+them, as a real target sends them (made-up values; alternatives drawn from the script's tokens). Every message it receives is kept in
 ``received`` for assertions. ``silence()`` (or ``die_on_start``) makes it stop answering and
 heartbeating, like a dead replica.
 """
@@ -17,7 +18,7 @@ import zmq
 
 from common.codec import decode, encode
 from common.decoding import apply_stop
-from common.protocol import Cancel, Heartbeat, LevelStats, Message, Output, Start
+from common.protocol import Cancel, Heartbeat, LevelStats, Message, Output, Start, TokenLogprob
 from common.sockets import bound_endpoint, open_socket
 
 HEARTBEAT_S = 0.05
@@ -133,4 +134,17 @@ class FakeStage:
             done=done,
             finish_reason=(reason or "stop") if done else None,
             stats=stats if done else [],
+            logprobs=self._logprobs(piece, start.logprobs) if start.logprobs >= 0 else [],
         )
+
+    def _logprobs(self, piece: list[int], top: int) -> list[TokenLogprob]:
+        others = list(dict.fromkeys(self.script))[:top]
+        return [
+            TokenLogprob(
+                token=t,
+                logprob=-0.25,
+                top_ids=others,
+                top_logprobs=[-0.25 - i for i in range(len(others))],
+            )
+            for t in piece
+        ]
