@@ -267,6 +267,7 @@ def whatif_run(
 ) -> dict[str, Any]:
     """Ideal schedule for levels with cost curves; ``min_drafts``: verifiers ignore fewer drafts."""
     import random
+    from dataclasses import replace
 
     from benchmarks.sim_profile import SIM_SEED, SIM_VOCAB
     from common.request_tracker import RequestTracker
@@ -282,11 +283,6 @@ def whatif_run(
     )
     from common.stage_engine import StageEngine
 
-    class MinWindowEngine(StageEngine):
-        def _drafts(self, r):
-            drafts = super()._drafts(r)
-            return drafts if len(drafts) >= min_drafts else []
-
     tokens = wall = passes = 0.0
     for i, prompt in enumerate(prompts):
         net = FakeNetwork(random.Random(0), Faults())
@@ -297,10 +293,10 @@ def whatif_run(
             settings = StageSettings(
                 level=level, backend="simulated", request_ttl_s=1e6, done_retention_s=1e6, **stage
             )
+            config = replace(settings.engine_config(), min_drafts=min_drafts)
             outbox = FakeOutbox(net, f"L{level}")
-            engine_cls = MinWindowEngine if min_drafts else StageEngine
-            engine = engine_cls(
-                settings, backend, outbox, f"L{level}", clock=lambda net=net: net.now
+            engine = StageEngine(
+                config, backend, outbox, f"L{level}", clock=lambda net=net: net.now
             )
             h.nodes.append(StageNode(net, engine, outbox, cost=lambda: 0.0, tick_every=0.05))
         req = run_request(h, prompt, max_tokens, request_id=f"w{i}", max_time=1e5)

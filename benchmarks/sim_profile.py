@@ -216,7 +216,9 @@ def ideal_run(
         )
         replica = f"L{level}"
         outbox = FakeOutbox(net, replica)
-        engine = StageEngine(settings, backend, outbox, replica, clock=lambda: net.now)
+        engine = StageEngine(
+            settings.engine_config(), backend, outbox, replica, clock=lambda: net.now
+        )
         h.nodes.append(StageNode(net, engine, outbox, cost=lambda: 0.0, tick_every=tick_s))
     first: list[float] = []
     on_output = tracker.on_output

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from common.backends.base import Backend
 from common.codec import decode, encode
 from common.decoding import apply_stop
+from common.engine_config import EngineConfig
 from common.protocol import Message, Notice, Output, RequestError, RouteHop, Span
 from common.request_tracker import RequestTracker, TrackedRequest
 from common.sampling import GREEDY, Chooser, SamplingParams
-from common.settings import StageSettings
 from common.stage_engine import StageEngine
 
 GATEWAY = "gateway"
@@ -274,24 +274,17 @@ def build(
         else:
             c = republish = costs[level]
             cost = lambda c=c: c * (1 + rng.uniform(-jitter, jitter))  # noqa: E731
-        settings = StageSettings(
+        config = EngineConfig(
             level=level,
-            backend="simulated",
             max_lead=max_lead,
             max_verify_tokens=max_verify_tokens,
             request_ttl_s=50 * resend_after,
             done_retention_s=100 * resend_after,
+            republish_interval_s=republish,
         )
         replica = f"L{level}"
         outbox = FakeOutbox(net, replica)
-        engine = StageEngine(
-            settings,
-            backend,
-            outbox,
-            replica,
-            clock=lambda: net.now,
-            republish_interval_s=republish,
-        )
+        engine = StageEngine(config, backend, outbox, replica, clock=lambda: net.now)
         h.nodes.append(StageNode(net, engine, outbox, cost=cost, tick_every=resend_after))
     return h
 

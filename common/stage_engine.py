@@ -29,6 +29,7 @@ import structlog
 
 from common.backends.base import Backend, Session
 from common.decoding import accept_greedy, anchor_drafts, apply_stop, reconcile
+from common.engine_config import EngineConfig
 from common.protocol import (
     Cancel,
     LevelStats,
@@ -42,7 +43,6 @@ from common.protocol import (
     TokenLogprob,
 )
 from common.sampling import Chooser, SamplingParams
-from common.settings import StageSettings
 
 log = structlog.get_logger("stage")
 
@@ -114,21 +114,19 @@ class FinishedRequest:
 class StageEngine:
     def __init__(
         self,
-        settings: StageSettings,
+        config: EngineConfig,
         backend: Backend,
         outbox: Outbox,
         replica: str,
         clock: Callable[[], float] = time.monotonic,
-        republish_interval_s: float = 0.05,
         observer: PassObserver | None = None,
     ):
-        self.level = settings.level
-        self.settings = settings
+        self.level = config.level
+        self.config = config
         self.backend = backend
         self.outbox = outbox
         self.replica = replica
         self.clock = clock
-        self.republish_interval_s = republish_interval_s
         self.observer = observer or PassObserver()
         self.requests: dict[str, LevelRequest] = {}
         self.finished: dict[str, FinishedRequest] = {}  # target only: for re-sends
@@ -341,13 +339,13 @@ class StageEngine:
         return sum(1 for r in self.requests.values() if self._wants_pass(r))
 
     def _wants_pass(self, r: LevelRequest) -> bool:
-        if self.settings.schedule == "sync":
+        if self.config.schedule == "sync":
             return self._wants_pass_sync(r)
         if self.is_target(r):
             return r.finish_reason is None
         if r.stalled or self._ended(r):
             return False
-        return len(r.tokens) < r.target_len + self.settings.max_lead
+        return len(r.tokens) < r.target_len + self.config.max_lead
 
     def _wants_pass_sync(self, r: LevelRequest) -> bool:
         """Lockstep speculative decoding (the paper's "Speculative" baseline): a drafter runs at
@@ -357,7 +355,7 @@ class StageEngine:
             return False
         if not self.is_target(r):
             above = r.seen.get(self.level + 1)
-            if len(r.tokens) >= (above.end if above else 0) + self.settings.lookahead:
+            if len(r.tokens) >= (above.end if above else 0) + self.config.lookahead:
                 return False
         if self.level == 0:
             return True
@@ -369,13 +367,13 @@ class StageEngine:
             and bool(span.tokens)
             and (span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
         )
-        if len(drafts) >= min(self.settings.lookahead, room) or drafter_done:
+        if len(drafts) >= min(self.config.lookahead, room) or drafter_done:
             r.waiting_since = None
             return True
         now = self.clock()
         if r.waiting_since is None:
             r.waiting_since = now
-        return now - r.waiting_since >= self.settings.sync_wait_s
+        return now - r.waiting_since >= self.config.sync_wait_s
 
     def _ended(self, r: LevelRequest) -> bool:
         return len(r.tokens) >= r.max_tokens or bool(r.tokens and r.tokens[-1] in r.eos_ids)
@@ -400,7 +398,7 @@ class StageEngine:
         """Timers: forget silent drafter requests and expired finished ones."""
         now = self.clock()
         for r in list(self.requests.values()):
-            if not self.is_target(r) and now - r.last_heard > self.settings.request_ttl_s:
+            if not self.is_target(r) and now - r.last_heard > self.config.request_ttl_s:
                 self._drop(r, reason="ttl")
         for rid in [k for k, f in self.finished.items() if f.expires < now]:
             del self.finished[rid]
@@ -413,12 +411,8 @@ class StageEngine:
         if drafts is None:
             return []
         room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
-        cap = (
-            self.settings.lookahead
-            if self.settings.schedule == "sync"
-            else self.settings.max_verify_tokens
-        )
-        return drafts[: max(0, min(cap, room))]
+        drafts = drafts[: max(0, min(self.config.draft_cap, room))]
+        return drafts if len(drafts) >= self.config.min_drafts else []
 
     def _run_pass(self, r: LevelRequest) -> None:
         t0 = time.perf_counter()
@@ -545,7 +539,7 @@ class StageEngine:
 
     def _maybe_republish(self, r: LevelRequest) -> None:
         """A drafter is behind on our rollbacks (its notice may be lost): repeat our state."""
-        if self.clock() - r.last_publish >= self.republish_interval_s:
+        if self.clock() - r.last_publish >= self.config.republish_interval_s:
             self._count("republished")
             self._publish(r, start=0)
 
@@ -572,7 +566,7 @@ class StageEngine:
             tokens=list(r.tokens),
             finish_reason=r.finish_reason or "stop",
             stats=self._all_stats(r),
-            expires=self.clock() + self.settings.done_retention_s,
+            expires=self.clock() + self.config.done_retention_s,
             logprobs=list(r.logprobs) if r.top_logprobs >= 0 else [],
         )
         log.info(

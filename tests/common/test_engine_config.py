@@ -1,0 +1,93 @@
+"""The engine's own config, on one engine driven by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from common.backends.simulated import SimulatedBackend
+from common.engine_config import EngineConfig
+from common.protocol import RouteHop, Span, Start
+from common.settings import StageSettings
+from common.stage_engine import StageEngine
+
+
+def test_defaults_are_the_stage_settings_defaults():
+    assert StageSettings(level=2, backend="ngram").engine_config() == EngineConfig(level=2)
+
+
+def test_stage_settings_pass_every_engine_field_they_have():
+    changed = dict(
+        schedule="sync",
+        max_lead=3,
+        lookahead=5,
+        sync_wait_s=0.25,
+        max_verify_tokens=7,
+        request_ttl_s=9.0,
+        done_retention_s=11.0,
+    )
+    config = StageSettings(level=1, backend="ngram", **changed).engine_config()
+    assert config == EngineConfig(level=1, **changed)
+    service_only = {"min_drafts", "republish_interval_s"}  # set only by simulations
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert engine_fields - service_only <= set(StageSettings.model_fields)
+
+
+class Recorder:
+    """An Outbox that keeps what the engine sends."""
+
+    def __init__(self):
+        self.sent: list[object] = []
+
+    def send_span(self, hop, span):
+        self.sent.append(span)
+
+    def publish(self, notice):
+        self.sent.append(notice)
+
+    def send_reply(self, endpoint, msg):
+        self.sent.append(msg)
+
+    def subscribe(self, request_id, hops):
+        pass
+
+    def unsubscribe(self, request_id):
+        pass
+
+
+ROUTE = [RouteHop(level=i, replica=f"L{i}", inbox="-", notices="-") for i in range(2)]
+
+
+def target(config: EngineConfig, now: list[float]) -> StageEngine:
+    """Level 1 of a 2-level route, with request "r" started (prompt 1 2 3, 20 tokens)."""
+    backend = SimulatedBackend(agreement=1.0, seed=1, vocab=50, sleep=lambda s: None)
+    engine = StageEngine(config, backend, Recorder(), "L1", clock=lambda: now[0])
+    engine.handle(
+        Start(request_id="r", prompt=[1, 2, 3], max_tokens=20, route=ROUTE, reply_to="gw")
+    )
+    return engine
+
+
+def drafts(engine: StageEngine, tokens: list[int], epoch: int = 0) -> None:
+    """A span from level 0 extending the target's sequence (a later ``epoch`` replaces it)."""
+    r = engine.requests["r"]
+    engine.handle(
+        Span(
+            request_id="r",
+            level=0,
+            replica="L0",
+            start=len(r.tokens),
+            tokens=tokens,
+            base_epoch=r.epoch,
+            epoch=epoch,
+        )
+    )
+
+
+@pytest.mark.parametrize("min_drafts, checked", [(0, 1), (2, 0)])
+def test_min_drafts_ignores_short_windows(min_drafts, checked):
+    engine = target(EngineConfig(level=1, min_drafts=min_drafts), [0.0])
+    drafts(engine, [7])
+    assert engine.step() is True
+    assert engine.requests["r"].stats.draft_tokens == checked
