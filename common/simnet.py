@@ -158,12 +158,12 @@ class StageNode:
     def _run(self) -> None:
         for msg in self.net.inboxes.pop(self.engine.replica, []):
             self.engine.handle(msg)
-        if not self.engine.has_work():
-            self.busy = False
-            return
         self.net.spent = 0.0
         self.outbox.hold()
-        self.engine.step()
+        if not self.engine.step():  # no request wants a pass (step sent nothing)
+            self.outbox.release(depart=self.net.now)
+            self.busy = False
+            return
         end = self.net.now + self.net.spent + self.cost()
         self.outbox.release(depart=end)
         self.net.at(end, self._run)

@@ -111,6 +111,106 @@ class FinishedRequest:
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
+def _is_target(level: int, r: LevelRequest) -> bool:
+    return level == len(r.route) - 1
+
+
+def _ended(r: LevelRequest) -> bool:
+    return len(r.tokens) >= r.max_tokens or bool(r.tokens and r.tokens[-1] in r.eos_ids)
+
+
+class Schedule:
+    """When a request wants a forward pass at this level, and which drafts that pass checks.
+
+    :meth:`wants_pass` only reads, so metrics may ask it; :meth:`update` is the one place a
+    schedule changes a request's state, and the engine calls it only from ``step``.
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.level = config.level
+
+    def drafts(self, r: LevelRequest) -> list[int]:
+        """The drafts the next pass checks: the span from below that extends our sequence, at
+        most ``config.draft_cap`` of them and no more than the room left; none below
+        ``config.min_drafts``."""
+        if r.span is None or self.level == 0:
+            return []
+        drafts = anchor_drafts(r.tokens, r.span.start, r.span.tokens)
+        if drafts is None:
+            return []
+        room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
+        drafts = drafts[: max(0, min(self.config.draft_cap, room))]
+        return drafts if len(drafts) >= self.config.min_drafts else []
+
+    def update(self, r: LevelRequest, now: float) -> None:
+        """Record what the decision at ``now`` (seconds on the engine's clock) depends on."""
+
+    def wants_pass(self, r: LevelRequest, now: float) -> bool:
+        """Whether ``r`` wants a pass at ``now``; no side effects."""
+        raise NotImplementedError
+
+
+class AsyncSchedule(Schedule):
+    """PipeSpec: the target always runs; a drafter runs while it is less than ``max_lead``
+    tokens past the target's committed length."""
+
+    def wants_pass(self, r: LevelRequest, now: float) -> bool:
+        if _is_target(self.level, r):
+            return r.finish_reason is None
+        if r.stalled or _ended(r):
+            return False
+        return len(r.tokens) < r.target_len + self.config.max_lead
+
+
+class SyncSchedule(Schedule):
+    """Lockstep speculative decoding (the paper's "Speculative" baseline): a drafter runs at
+    most ``lookahead`` tokens past the level above, and a verifier waits until it has
+    ``lookahead`` drafts (or the drafter has ended, or ``sync_wait_s`` has passed)."""
+
+    def _eligible(self, r: LevelRequest) -> bool:
+        """Whether the level may run ``r`` at all (before the wait for drafts)."""
+        target = _is_target(self.level, r)
+        if r.finish_reason is not None or (not target and (r.stalled or _ended(r))):
+            return False
+        if not target:
+            above = r.seen.get(self.level + 1)
+            if len(r.tokens) >= (above.end if above else 0) + self.config.lookahead:
+                return False
+        return True
+
+    def _window_full(self, r: LevelRequest) -> bool:
+        """A full window of drafts is here, or as many as the drafter will ever send."""
+        span = r.span
+        room = r.max_tokens - len(r.tokens) - 1
+        drafter_done = (
+            span is not None
+            and bool(span.tokens)
+            and (span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
+        )
+        return len(self.drafts(r)) >= min(self.config.lookahead, room) or drafter_done
+
+    def update(self, r: LevelRequest, now: float) -> None:
+        """Start a verifier's wait for drafts (``r.waiting_since``) when it first finds its
+        window short, and end it when the window is full."""
+        if self.level == 0 or not self._eligible(r):
+            return
+        if self._window_full(r):
+            r.waiting_since = None
+        elif r.waiting_since is None:
+            r.waiting_since = now
+
+    def wants_pass(self, r: LevelRequest, now: float) -> bool:
+        if not self._eligible(r):
+            return False
+        if self.level == 0 or self._window_full(r):
+            return True
+        return r.waiting_since is not None and now - r.waiting_since >= self.config.sync_wait_s
+
+
+SCHEDULES: dict[str, type[Schedule]] = {"async": AsyncSchedule, "sync": SyncSchedule}
+
+
 class StageEngine:
     def __init__(
         self,
@@ -123,6 +223,7 @@ class StageEngine:
     ):
         self.level = config.level
         self.config = config
+        self.schedule = SCHEDULES[config.schedule](config)
         self.backend = backend
         self.outbox = outbox
         self.replica = replica
@@ -149,7 +250,7 @@ class StageEngine:
             log.warning("unexpected_message", type=msg.TYPE, stage_level=self.level)
 
     def is_target(self, r: LevelRequest) -> bool:
-        return self.level == len(r.route) - 1
+        return _is_target(self.level, r)
 
     def _on_start(self, msg: Start) -> None:
         r = self.requests.get(msg.request_id)
@@ -328,63 +429,33 @@ class StageEngine:
 
     # ------------------------------------------------------------------ scheduling
     def has_work(self) -> bool:
-        return any(self._wants_pass(r) for r in self.requests.values())
+        """Whether a request wants a pass now (no side effects)."""
+        now = self.clock()
+        return any(self.schedule.wants_pass(r, now) for r in self.requests.values())
 
     def target_requests(self) -> int:
         """Requests whose output this stage commits (it is their target)."""
         return sum(1 for r in self.requests.values() if self.is_target(r))
 
     def queue_depth(self) -> int:
-        """Requests that want a forward pass now."""
-        return sum(1 for r in self.requests.values() if self._wants_pass(r))
-
-    def _wants_pass(self, r: LevelRequest) -> bool:
-        if self.config.schedule == "sync":
-            return self._wants_pass_sync(r)
-        if self.is_target(r):
-            return r.finish_reason is None
-        if r.stalled or self._ended(r):
-            return False
-        return len(r.tokens) < r.target_len + self.config.max_lead
-
-    def _wants_pass_sync(self, r: LevelRequest) -> bool:
-        """Lockstep speculative decoding (the paper's "Speculative" baseline): a drafter runs at
-        most ``lookahead`` tokens past the level above, and a verifier waits until it has
-        ``lookahead`` drafts (or the drafter has ended, or ``sync_wait_s`` has passed)."""
-        if r.finish_reason is not None or (not self.is_target(r) and (r.stalled or self._ended(r))):
-            return False
-        if not self.is_target(r):
-            above = r.seen.get(self.level + 1)
-            if len(r.tokens) >= (above.end if above else 0) + self.config.lookahead:
-                return False
-        if self.level == 0:
-            return True
-        span = r.span
-        drafts = self._drafts(r)
-        room = r.max_tokens - len(r.tokens) - 1
-        drafter_done = (
-            span is not None
-            and bool(span.tokens)
-            and (span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
-        )
-        if len(drafts) >= min(self.config.lookahead, room) or drafter_done:
-            r.waiting_since = None
-            return True
+        """Requests that want a forward pass now (no side effects: metrics read it)."""
         now = self.clock()
-        if r.waiting_since is None:
-            r.waiting_since = now
-        return now - r.waiting_since >= self.config.sync_wait_s
-
-    def _ended(self, r: LevelRequest) -> bool:
-        return len(r.tokens) >= r.max_tokens or bool(r.tokens and r.tokens[-1] in r.eos_ids)
+        return sum(1 for r in self.requests.values() if self.schedule.wants_pass(r, now))
 
     def step(self) -> bool:
-        """Run one forward pass for the next request that wants one. False if none does."""
+        """Run one forward pass for the next request that wants one. False if none does.
+
+        The requests it looks at, in round-robin order up to the one it runs, are the only place
+        the schedule's state changes (``Schedule.update``: a sync verifier's wait for drafts)."""
         for _ in range(len(self._order)):
             rid = self._order[0]
             self._order.rotate(-1)
             r = self.requests.get(rid)
-            if r is not None and self._wants_pass(r):
+            if r is None:
+                continue
+            now = self.clock()
+            self.schedule.update(r, now)
+            if self.schedule.wants_pass(r, now):
                 try:
                     self._run_pass(r)
                 except Exception as exc:  # a model error fails this request, not the process
@@ -404,23 +475,13 @@ class StageEngine:
             del self.finished[rid]
 
     # ------------------------------------------------------------------ the pass
-    def _drafts(self, r: LevelRequest) -> list[int]:
-        if r.span is None or self.level == 0:
-            return []
-        drafts = anchor_drafts(r.tokens, r.span.start, r.span.tokens)
-        if drafts is None:
-            return []
-        room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
-        drafts = drafts[: max(0, min(self.config.draft_cap, room))]
-        return drafts if len(drafts) >= self.config.min_drafts else []
-
     def _run_pass(self, r: LevelRequest) -> None:
         t0 = time.perf_counter()
         seq = r.prompt + r.tokens
         if r.session is None:
             r.session = self.backend.new_session(seq[:-1])
         pending = seq[r.session.length :]  # tokens the cache lacks; the last one at least
-        drafts = self._drafts(r)
+        drafts = self.schedule.drafts(r)
         chooser = self._chooser(r, skip=len(pending) - 1)
         preds = r.session.forward(pending + drafts, chooser)[len(pending) - 1 :]
         base = len(seq)

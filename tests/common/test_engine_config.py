@@ -1,4 +1,4 @@
-"""The engine's own config, on one engine driven by hand."""
+"""The engine's own config and its schedules, on one engine driven by hand."""
 
 from __future__ import annotations
 
@@ -83,6 +83,33 @@ def drafts(engine: StageEngine, tokens: list[int], epoch: int = 0) -> None:
             epoch=epoch,
         )
     )
+
+
+def test_sync_wait_starts_in_step_only_and_reads_are_pure():
+    now = [10.0]
+    engine = target(EngineConfig(level=1, schedule="sync", lookahead=4, sync_wait_s=2.0), now)
+    r = engine.requests["r"]
+    drafts(engine, [7])  # 1 draft of a window of 4: the verifier waits
+    assert (engine.queue_depth(), engine.has_work()) == (0, False)
+    assert r.waiting_since is None  # a metrics read does not start the wait
+    assert engine.step() is False and r.waiting_since == 10.0
+    now[0] = 11.9
+    assert engine.step() is False and engine.queue_depth() == 0
+    now[0] = 12.0
+    assert engine.queue_depth() == 1 and engine.has_work()
+    assert r.waiting_since == 12.0 - 2.0  # still: reads changed nothing
+    assert engine.step() is True and r.stats.forward_passes == 1
+
+
+def test_a_full_window_ends_the_wait():
+    now = [0.0]
+    engine = target(EngineConfig(level=1, schedule="sync", lookahead=2), now)
+    r = engine.requests["r"]
+    engine.step()
+    assert r.waiting_since == 0.0
+    drafts(engine, [7, 8])
+    assert engine.queue_depth() == 1 and r.waiting_since == 0.0
+    assert engine.step() is True and r.waiting_since is None
 
 
 @pytest.mark.parametrize("min_drafts, checked", [(0, 1), (2, 0)])
