@@ -87,7 +87,7 @@ class LevelRequest:
     reply_to: str
     last_heard: float
     stats: LevelStats
-    session: Session | None = None  # KV cache: holds prompt + tokens[:-1] (or a prefix of it)
+    session: Session | None = None  # KV cache: a prefix of prompt + tokens[:-1] (_sync_cache)
     epoch: int = 0  # bumped when drafts sent to this level become invalid
     span: Span | None = None  # best drafts received from the level below
     seen: dict[int, SeenNotice] = field(default_factory=dict)  # latest notice per upper level
@@ -416,13 +416,12 @@ class StageEngine:
             r.epoch += 1
             r.stats.rollbacks_applied += 1
             self.observer.on_rollback_applied()
-            if r.session is not None:
-                r.session.crop(min(r.session.length, len(r.prompt) + plan.keep))
         elif plan.adopt:
             r.tokens.extend(plan.adopt)
         else:
             return
         r.tokens, _ = apply_stop(r.tokens, r.eos_ids, r.max_tokens, checked=max(0, plan.keep - 1))
+        self._sync_cache(r, valid=plan.keep)
         r.stalled = False
         if self.level > 0:
             self._publish(r, start=plan.keep)
@@ -484,21 +483,18 @@ class StageEngine:
         drafts = self.schedule.drafts(r)
         chooser = self._chooser(r, skip=len(pending) - 1)
         preds = r.session.forward(pending + drafts, chooser)[len(pending) - 1 :]
-        base = len(seq)
         if preds[0] is None:  # a drafter with nothing to propose: wait for news from above
-            r.session.crop(base - 1)
+            self._sync_cache(r)  # drop what the pass fed but the last token
             r.stalled = True
             r.stats.busy_s += time.perf_counter() - t0
             return
         m = accept_greedy(drafts, preds)
         new = drafts[:m] + [preds[m]]
-        r.session.crop(base + m)  # keep everything but the new last token
         old_len = len(r.tokens)
         r.tokens, finish = apply_stop(r.tokens + new, r.eos_ids, r.max_tokens, checked=old_len)
+        self._sync_cache(r)  # rejected drafts and the new last token (or a cut at a stop) go
         if chooser is not None and chooser.logprobs is not None:
             r.logprobs = (r.logprobs[:old_len] + chooser.logprobs[: m + 1])[: len(r.tokens)]
-        if len(r.prompt) + len(r.tokens) - 1 < r.session.length:
-            r.session.crop(len(r.prompt) + len(r.tokens) - 1)
         rejected = m < len(drafts)
         st = r.stats
         st.forward_passes += 1
@@ -540,6 +536,21 @@ class StageEngine:
                 self._finish_target(r)
         else:
             self._send_span(r)
+
+    def _sync_cache(self, r: LevelRequest, valid: int | None = None) -> None:
+        """Enforce the KV cache invariant, after anything that changes ``r.tokens`` or feeds the
+        cache: the session holds a prefix of ``prompt + tokens[:-1]``, so that the next pass
+        has at least the last token to feed (and ``new_session`` prefills exactly that).
+
+        ``valid``: how many of ``r.tokens`` the cache may still hold as they are now (after a
+        rollback, the positions from the divergence on held other tokens); default all. The
+        cache is only ever cut, never extended: a pass feeds what it lacks.
+        """
+        if r.session is None:
+            return
+        keep = len(r.tokens) - 1 if valid is None else min(valid, len(r.tokens) - 1)
+        if len(r.prompt) + keep < r.session.length:
+            r.session.crop(len(r.prompt) + keep)
 
     def _chooser(self, r: LevelRequest, skip: int) -> Chooser | None:
         """None for a plain greedy pass; else what picks this pass's tokens (and, at the target,

@@ -1,4 +1,4 @@
-"""The engine's own config and its schedules, on one engine driven by hand."""
+"""The engine's own config, its schedules and its KV cache invariant, on one engine driven by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from common.backends.simulated import SimulatedBackend
 from common.engine_config import EngineConfig
-from common.protocol import RouteHop, Span, Start
+from common.protocol import Notice, RouteHop, Span, Start
 from common.settings import StageSettings
 from common.stage_engine import StageEngine
 
@@ -118,3 +118,42 @@ def test_min_drafts_ignores_short_windows(min_drafts, checked):
     drafts(engine, [7])
     assert engine.step() is True
     assert engine.requests["r"].stats.draft_tokens == checked
+
+
+@pytest.mark.parametrize("schedule", ["async", "sync"])
+def test_the_cache_holds_prompt_and_all_tokens_but_the_last(schedule):
+    """After every pass, whatever the drafts (right, wrong, none): prompt + tokens[:-1]."""
+    now = [0.0]
+    engine = target(EngineConfig(level=1, schedule=schedule, lookahead=3, sync_wait_s=1.0), now)
+    r = engine.requests["r"]
+    reference = SimulatedBackend(agreement=1.0, seed=1, vocab=50)
+    for i in range(6):
+        seq = r.prompt + r.tokens
+        right = [reference.predict(seq)]
+        drafts(engine, right + [(right[0] + 1 + i) % 50] * (i % 3), epoch=i)  # then wrong ones
+        now[0] += 5.0
+        engine.step()
+        engine.step()
+        if r.session is not None:  # once a pass has run
+            assert r.session.history == r.prompt + r.tokens[:-1]
+    assert r.stats.forward_passes >= 3 and r.stats.rollbacks_issued >= 1
+
+
+def test_a_rollback_keeps_only_the_agreed_prefix_in_the_cache():
+    backend = SimulatedBackend(agreement=1.0, seed=1, vocab=50, sleep=lambda s: None)
+    engine = StageEngine(EngineConfig(level=0), backend, Recorder(), "L0", clock=lambda: 0.0)
+    engine.handle(
+        Start(request_id="r", prompt=[1, 2, 3], max_tokens=20, route=ROUTE, reply_to="gw")
+    )
+    r = engine.requests["r"]
+    for _ in range(5):
+        assert engine.step() is True
+    assert r.session is not None and r.session.history == r.prompt + r.tokens[:-1]
+    other = (r.tokens[2] + 1) % 50
+    engine.handle(
+        Notice(request_id="r", level=1, replica="L1", start=2, tokens=[other, 4], epoch=1)
+    )
+    assert r.tokens[2:] == [other, 4]
+    assert r.session.history == r.prompt + r.tokens[:2]  # the adopted tokens are not fed yet
+    assert engine.step() is True
+    assert r.session.history == r.prompt + r.tokens[:-1]
