@@ -98,7 +98,8 @@ class StageSettings(TransportSettings):
         """The fields the stage's engine reads; the rest is the service's (backend, sockets,
         operations).
 
-        >>> c = StageSettings(level=1, backend="ngram", schedule="sync", lookahead=4).engine_config()
+        >>> s = StageSettings(level=1, backend="ngram", schedule="sync", lookahead=4)
+        >>> c = s.engine_config()
         >>> c.level, c.schedule, c.lookahead, c.draft_cap
         (1, 'sync', 4, 4)
         """

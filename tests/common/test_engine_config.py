@@ -1,4 +1,5 @@
-"""The engine's own config, its schedules and its KV cache invariant, on one engine driven by hand."""
+"""The engine's own config, its schedules and its KV cache invariant, on engines driven by
+hand."""
 
 from __future__ import annotations
 
