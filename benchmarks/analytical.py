@@ -67,8 +67,10 @@ def measure_fixed_window(
     ``gamma``, a lead long enough never to starve it, and a simulated drafter agreeing with the
     target at a hash-chosen fraction ``alpha`` of contexts.
     """
+    from dataclasses import replace
+
     from common.backends.simulated import SimulatedBackend
-    from common.simnet import build, run_request
+    from common.simnet import build, default_engine, run_request
 
     def sim(agreement: float) -> SimulatedBackend:
         return SimulatedBackend(agreement=agreement, seed=seed, vocab=1000, sleep=lambda s: None)
@@ -78,8 +80,7 @@ def measure_fixed_window(
         costs=[0.01, 1.0],
         seed=seed,
         jitter=0.0,
-        max_lead=4 * gamma + 4,
-        max_verify_tokens=gamma,
+        config=replace(default_engine(), max_lead=4 * gamma + 4, max_verify_tokens=gamma),
     )
     req = run_request(h, [1, 2, 3], tokens)
     assert req is not None, "fixed-window run did not finish"

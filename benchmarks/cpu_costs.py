@@ -266,47 +266,29 @@ def whatif_run(
     min_drafts: int = 0,
 ) -> dict[str, Any]:
     """Ideal schedule for levels with cost curves; ``min_drafts``: verifiers ignore fewer drafts."""
-    import random
+    from dataclasses import replace
 
     from benchmarks.sim_profile import SIM_SEED, SIM_VOCAB
-    from common.request_tracker import RequestTracker
     from common.settings import StageSettings
-    from common.simnet import (
-        FakeNetwork,
-        FakeOutbox,
-        Faults,
-        GatewayNode,
-        Hierarchy,
-        StageNode,
-        run_request,
-    )
-    from common.stage_engine import StageEngine
+    from common.simnet import build, run_request
 
-    class MinWindowEngine(StageEngine):
-        def _drafts(self, r):
-            drafts = super()._drafts(r)
-            return drafts if len(drafts) >= min_drafts else []
-
+    config = StageSettings(
+        level=0, backend="simulated", request_ttl_s=1e6, done_retention_s=1e6, **stage
+    ).engine_config()
+    config = replace(config, min_drafts=min_drafts)
+    backends = [
+        lambda sleep, ks=ks, ms=ms, a=a: TableCostBackend.make(
+            a, ks, ms, SIM_SEED, SIM_VOCAB, sleep
+        )
+        for (ks, ms), a in zip(curves, agreements)
+    ]
     tokens = wall = passes = 0.0
     for i, prompt in enumerate(prompts):
-        net = FakeNetwork(random.Random(0), Faults())
-        tracker = RequestTracker(resend_after_s=1e6, clock=lambda net=net: net.now)
-        h = Hierarchy(net=net, gateway=GatewayNode(net, tracker, tick_every=1e5))
-        for level, ((ks, ms), a) in enumerate(zip(curves, agreements)):
-            backend = TableCostBackend.make(a, ks, ms, SIM_SEED, SIM_VOCAB, net.spend)
-            settings = StageSettings(
-                level=level, backend="simulated", request_ttl_s=1e6, done_retention_s=1e6, **stage
-            )
-            outbox = FakeOutbox(net, f"L{level}")
-            engine_cls = MinWindowEngine if min_drafts else StageEngine
-            engine = engine_cls(
-                settings, backend, outbox, f"L{level}", clock=lambda net=net: net.now
-            )
-            h.nodes.append(StageNode(net, engine, outbox, cost=lambda: 0.0, tick_every=0.05))
+        h = build(backends, config=config, resend_after=4e5, tick_every=0.05)
         req = run_request(h, prompt, max_tokens, request_id=f"w{i}", max_time=1e5)
         assert req is not None
         tokens += len(req.tokens)
-        wall += net.now
+        wall += h.net.now
         passes += req.stats[-1].forward_passes
     return {
         "ms_per_token": round(1000 * wall / tokens, 1),

@@ -33,7 +33,6 @@ under one) would otherwise dominate short runs.
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,59 +174,34 @@ def ideal_run(
     (the sync schedule's wait), like the service loop's poll.
     """
     from common.backends.simulated import SimulatedBackend
-    from common.request_tracker import RequestTracker
     from common.settings import StageSettings
-    from common.simnet import (
-        FakeNetwork,
-        FakeOutbox,
-        Faults,
-        GatewayNode,
-        Hierarchy,
-        StageNode,
-        run_request,
-    )
-    from common.stage_engine import StageEngine
+    from common.simnet import Sleep, build, run_request
 
-    net = FakeNetwork(random.Random(0), Faults())
-    tracker = RequestTracker(resend_after_s=1e6, clock=lambda: net.now)
-    h = Hierarchy(net=net, gateway=GatewayNode(net, tracker, tick_every=1e5))
-    busy = [0.0] * len(tables)
-    for t in tables:
-        level = t["level"]
+    def backend(t: dict[str, Any]):
+        def make(sleep: Sleep) -> SimulatedBackend:
+            return SimulatedBackend(
+                agreement=t["sim_agreement"],
+                seed=t["sim_seed"],
+                vocab=t["sim_vocab"],
+                cost_ms=t["sim_cost_ms"],
+                cost_per_token_ms=t["sim_cost_per_token_ms"],
+                sleep=sleep,
+            )
 
-        def sleep(seconds: float, level: int = level) -> None:
-            busy[level] += seconds
-            net.spend(seconds)
+        return make
 
-        backend = SimulatedBackend(
-            agreement=t["sim_agreement"],
-            seed=t["sim_seed"],
-            vocab=t["sim_vocab"],
-            cost_ms=t["sim_cost_ms"],
-            cost_per_token_ms=t["sim_cost_per_token_ms"],
-            sleep=sleep,
-        )
-        settings = StageSettings(
-            level=level,
+    configs = [
+        StageSettings(
+            level=t["level"],
             backend="simulated",
             request_ttl_s=1e6,
             done_retention_s=1e6,
             **{k: t[k] for k in ENGINE_FIELDS if k in t},
-        )
-        replica = f"L{level}"
-        outbox = FakeOutbox(net, replica)
-        engine = StageEngine(settings, backend, outbox, replica, clock=lambda: net.now)
-        h.nodes.append(StageNode(net, engine, outbox, cost=lambda: 0.0, tick_every=tick_s))
-    first: list[float] = []
-    on_output = tracker.on_output
-
-    def noting_first(msg):
-        new = on_output(msg)
-        if new and not first:
-            first.append(net.now)
-        return new
-
-    tracker.on_output = noting_first  # type: ignore[method-assign]
+        ).engine_config()
+        for t in tables
+    ]
+    # resend_after: the gateway checks for silent requests every 1e5 virtual s, after the run
+    h = build([backend(t) for t in tables], config=configs, resend_after=4e5, tick_every=tick_s)
     req = run_request(h, prompt, max_tokens, request_id=request_id, max_time=1e5)
     if req is None:
         raise RuntimeError(f"ideal schedule: request {request_id} did not finish")
@@ -235,15 +209,15 @@ def ideal_run(
     return PromptRun(
         prompt_id=request_id,
         tokens=list(req.tokens),
-        wall_s=net.now,
-        ttft_s=first[0] if first else None,
+        wall_s=h.net.now,
+        ttft_s=h.gateway.first_output_at.get(request_id),
         target_passes=stats[-1].forward_passes,
         levels=[
             LevelCount(s.level, s.drafts, s.draft_tokens, s.accepted_tokens, s.rollbacks_issued)
             for s in stats
             if s.level >= 1
         ],
-        busy_s=busy,
+        busy_s=[n.busy_s for n in h.nodes],
         passes=[s.forward_passes for s in stats],
     )
 

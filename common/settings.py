@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.engine_config import EngineConfig
+
 BackendKind = Literal["hf", "early-exit", "ngram", "simulated"]
 
 
@@ -91,6 +93,26 @@ class StageSettings(TransportSettings):
         if self.ngram_min > self.ngram_max:
             raise ValueError("ngram_min must be <= ngram_max")
         return self
+
+    def engine_config(self) -> EngineConfig:
+        """The fields the stage's engine reads; the rest is the service's (backend, sockets,
+        operations).
+
+        >>> s = StageSettings(level=1, backend="ngram", schedule="sync", lookahead=4)
+        >>> c = s.engine_config()
+        >>> c.level, c.schedule, c.lookahead, c.draft_cap
+        (1, 'sync', 4, 4)
+        """
+        return EngineConfig(
+            level=self.level,
+            schedule=self.schedule,
+            max_lead=self.max_lead,
+            lookahead=self.lookahead,
+            sync_wait_s=self.sync_wait_s,
+            max_verify_tokens=self.max_verify_tokens,
+            request_ttl_s=self.request_ttl_s,
+            done_retention_s=self.done_retention_s,
+        )
 
 
 class GatewaySettings(TransportSettings):

@@ -7,8 +7,10 @@ overhead, where a pass takes exactly what the simulated backend says it costs.
 
 Each stage is a node that, like the real service, drains the messages that arrived while it was
 busy, then runs one forward pass; the pass lasts the virtual time the backend spent in ``sleep``
-(simulated backends) plus ``cost()``; what a pass sends leaves when the pass ends. Every message
-goes through the real codec (encode, then decode).
+(simulated backends made with the network's ``spend``) plus ``cost()``; what a pass sends leaves
+when the pass ends. Every message goes through the real codec (encode, then decode).
+
+:func:`build` is the one place that wires such a system (tests and benchmarks alike).
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from common.backends.base import Backend
 from common.codec import decode, encode
 from common.decoding import apply_stop
+from common.engine_config import EngineConfig
 from common.protocol import Message, Notice, Output, RequestError, RouteHop, Span
 from common.request_tracker import RequestTracker, TrackedRequest
 from common.sampling import GREEDY, Chooser, SamplingParams
-from common.settings import StageSettings
 from common.stage_engine import StageEngine
 
 GATEWAY = "gateway"
+
+Sleep = Callable[[float], None]  # a simulated backend's sleep: seconds -> None
 
 
 @dataclass
@@ -146,6 +150,7 @@ class StageNode:
     ):
         self.net, self.engine, self.outbox, self.cost = net, engine, outbox, cost
         self.busy = False
+        self.busy_s = 0.0  # virtual seconds spent in passes
         self.tick_every = tick_every
         net.on_arrival[engine.replica] = self._wake_if_idle
         net.at(tick_every, self._tick)
@@ -158,13 +163,15 @@ class StageNode:
     def _run(self) -> None:
         for msg in self.net.inboxes.pop(self.engine.replica, []):
             self.engine.handle(msg)
-        if not self.engine.has_work():
-            self.busy = False
-            return
         self.net.spent = 0.0
         self.outbox.hold()
-        self.engine.step()
-        end = self.net.now + self.net.spent + self.cost()
+        if not self.engine.step():  # no request wants a pass (step sent nothing)
+            self.outbox.release(depart=self.net.now)
+            self.busy = False
+            return
+        cost = self.cost()
+        end = self.net.now + self.net.spent + cost
+        self.busy_s += self.net.spent + cost
         self.outbox.release(depart=end)
         self.net.at(end, self._run)
 
@@ -180,6 +187,7 @@ class GatewayNode:
     def __init__(self, net: FakeNetwork, tracker: RequestTracker, tick_every: float):
         self.net, self.tracker, self.tick_every = net, tracker, tick_every
         self.errors: list[RequestError] = []
+        self.first_output_at: dict[str, float] = {}  # request id -> virtual time of 1st token
         net.on_arrival[GATEWAY] = self._drain
         net.at(tick_every, self._tick)
 
@@ -190,7 +198,8 @@ class GatewayNode:
     def _drain(self) -> None:
         for msg in self.net.inboxes.pop(GATEWAY, []):
             if isinstance(msg, Output):
-                self.tracker.on_output(msg)
+                if self.tracker.on_output(msg):
+                    self.first_output_at.setdefault(msg.request_id, self.net.now)
             elif isinstance(msg, RequestError):
                 self.errors.append(msg)
                 self.tracker.on_error(msg)
@@ -247,52 +256,65 @@ def greedy_reference(
     return reference_decode(backend, prompt, max_tokens, eos)
 
 
+def default_engine(resend_after: float = 40.0) -> EngineConfig:
+    """What :func:`build`'s engines get unless told otherwise: a short lead (8 tokens), windows of
+    at most 16 drafts, and timers far beyond a run (50 and 100 times ``resend_after``)."""
+    return EngineConfig(
+        level=0,
+        max_lead=8,
+        max_verify_tokens=16,
+        request_ttl_s=50 * resend_after,
+        done_retention_s=100 * resend_after,
+    )
+
+
 def build(
-    backends: Sequence[Backend],
+    backends: Sequence[Backend | Callable[[Sleep], Backend]],
     costs: Sequence[float] | None = None,
     seed: int = 0,
     faults: Faults = Faults(),
     jitter: float = 0.5,
-    max_lead: int = 8,
-    max_verify_tokens: int = 16,
     resend_after: float = 40.0,
+    config: EngineConfig | Sequence[EngineConfig] | None = None,
+    tick_every: float | None = None,
 ) -> Hierarchy:
     """One engine per backend (level = index) on one network.
 
-    ``costs``: virtual seconds per pass for each level, varied by +-``jitter`` at random. Without
-    ``costs``, a pass lasts what the backends spend in ``sleep`` (simulated backends, whose
-    ``sleep`` is pointed at the network's virtual clock): the ideal schedule.
+    ``backends``: a backend, or a function that makes one given the network's virtual ``sleep``
+    (a simulated backend made so spends virtual time, and its passes last that long).
+    ``costs``: virtual seconds per pass for each level, varied by +-``jitter`` at random, on top
+    of what the backend sleeps; each engine's republish interval is then its level's pass.
+    Without ``costs``, a pass lasts only what its backend sleeps: the ideal schedule.
+    ``config``: the engines' config, one for every level or one per level; each gets ``level`` =
+    its index (default :func:`default_engine`). ``resend_after``: virtual seconds before the
+    gateway re-sends to a silent request (it checks every quarter of that). ``tick_every``:
+    virtual seconds between a node's timer ticks (drafter TTLs, sync waits); default
+    ``resend_after``. What a run measured is on the result: ``h.net.now`` (virtual seconds),
+    each node's ``busy_s``, the gateway's ``first_output_at``.
     """
     rng = random.Random(seed)
     net = FakeNetwork(rng, faults)
     tracker = RequestTracker(resend_after_s=resend_after, clock=lambda: net.now)
     h = Hierarchy(net=net, gateway=GatewayNode(net, tracker, tick_every=resend_after / 4))
-    for level, backend in enumerate(backends):
+    if config is None:
+        config = default_engine(resend_after)
+    configs = [config] * len(backends) if isinstance(config, EngineConfig) else list(config)
+    if len(configs) != len(backends):
+        raise ValueError(f"{len(configs)} engine configs for {len(backends)} levels")
+    tick = resend_after if tick_every is None else tick_every
+    for level, (made, level_config) in enumerate(zip(backends, configs)):
+        backend = made if isinstance(made, Backend) else made(net.spend)
+        level_config = replace(level_config, level=level)
         if costs is None:
-            backend.sleep = net.spend  # type: ignore[attr-defined]
-            cost, republish = (lambda: 0.0), max(backend.pass_seconds(1), 1e-3)  # type: ignore[attr-defined]
+            cost: Callable[[], float] = lambda: 0.0  # noqa: E731
         else:
-            c = republish = costs[level]
+            c = costs[level]
             cost = lambda c=c: c * (1 + rng.uniform(-jitter, jitter))  # noqa: E731
-        settings = StageSettings(
-            level=level,
-            backend="simulated",
-            max_lead=max_lead,
-            max_verify_tokens=max_verify_tokens,
-            request_ttl_s=50 * resend_after,
-            done_retention_s=100 * resend_after,
-        )
+            level_config = replace(level_config, republish_interval_s=c)
         replica = f"L{level}"
         outbox = FakeOutbox(net, replica)
-        engine = StageEngine(
-            settings,
-            backend,
-            outbox,
-            replica,
-            clock=lambda: net.now,
-            republish_interval_s=republish,
-        )
-        h.nodes.append(StageNode(net, engine, outbox, cost=cost, tick_every=resend_after))
+        engine = StageEngine(level_config, backend, outbox, replica, clock=lambda: net.now)
+        h.nodes.append(StageNode(net, engine, outbox, cost=cost, tick_every=tick))
     return h
 
 

@@ -29,6 +29,7 @@ import structlog
 
 from common.backends.base import Backend, Session
 from common.decoding import accept_greedy, anchor_drafts, apply_stop, reconcile
+from common.engine_config import EngineConfig
 from common.protocol import (
     Cancel,
     LevelStats,
@@ -42,7 +43,6 @@ from common.protocol import (
     TokenLogprob,
 )
 from common.sampling import Chooser, SamplingParams
-from common.settings import StageSettings
 
 log = structlog.get_logger("stage")
 
@@ -87,7 +87,7 @@ class LevelRequest:
     reply_to: str
     last_heard: float
     stats: LevelStats
-    session: Session | None = None  # KV cache: holds prompt + tokens[:-1] (or a prefix of it)
+    session: Session | None = None  # KV cache: a prefix of prompt + tokens[:-1] (_sync_cache)
     epoch: int = 0  # bumped when drafts sent to this level become invalid
     span: Span | None = None  # best drafts received from the level below
     seen: dict[int, SeenNotice] = field(default_factory=dict)  # latest notice per upper level
@@ -111,24 +111,123 @@ class FinishedRequest:
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
+def _is_target(level: int, r: LevelRequest) -> bool:
+    return level == len(r.route) - 1
+
+
+def _ended(r: LevelRequest) -> bool:
+    return len(r.tokens) >= r.max_tokens or bool(r.tokens and r.tokens[-1] in r.eos_ids)
+
+
+class Schedule:
+    """When a request wants a forward pass at this level, and which drafts that pass checks.
+
+    :meth:`wants_pass` only reads, so metrics may ask it; :meth:`update` is the one place a
+    schedule changes a request's state, and the engine calls it only from ``step``.
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.level = config.level
+
+    def drafts(self, r: LevelRequest) -> list[int]:
+        """The drafts the next pass checks: the span from below that extends our sequence, at
+        most ``config.draft_cap`` of them and no more than the room left; none below
+        ``config.min_drafts``."""
+        if r.span is None or self.level == 0:
+            return []
+        drafts = anchor_drafts(r.tokens, r.span.start, r.span.tokens)
+        if drafts is None:
+            return []
+        room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
+        drafts = drafts[: max(0, min(self.config.draft_cap, room))]
+        return drafts if len(drafts) >= self.config.min_drafts else []
+
+    def update(self, r: LevelRequest, now: float) -> None:
+        """Record what the decision at ``now`` (seconds on the engine's clock) depends on."""
+
+    def wants_pass(self, r: LevelRequest, now: float) -> bool:
+        """Whether ``r`` wants a pass at ``now``; no side effects."""
+        raise NotImplementedError
+
+
+class AsyncSchedule(Schedule):
+    """PipeSpec: the target always runs; a drafter runs while it is less than ``max_lead``
+    tokens past the target's committed length."""
+
+    def wants_pass(self, r: LevelRequest, now: float) -> bool:
+        if _is_target(self.level, r):
+            return r.finish_reason is None
+        if r.stalled or _ended(r):
+            return False
+        return len(r.tokens) < r.target_len + self.config.max_lead
+
+
+class SyncSchedule(Schedule):
+    """Lockstep speculative decoding (the paper's "Speculative" baseline): a drafter runs at
+    most ``lookahead`` tokens past the level above, and a verifier waits until it has
+    ``lookahead`` drafts (or the drafter has ended, or ``sync_wait_s`` has passed)."""
+
+    def _eligible(self, r: LevelRequest) -> bool:
+        """Whether the level may run ``r`` at all (before the wait for drafts)."""
+        target = _is_target(self.level, r)
+        if r.finish_reason is not None or (not target and (r.stalled or _ended(r))):
+            return False
+        if not target:
+            above = r.seen.get(self.level + 1)
+            if len(r.tokens) >= (above.end if above else 0) + self.config.lookahead:
+                return False
+        return True
+
+    def _window_full(self, r: LevelRequest) -> bool:
+        """A full window of drafts is here, or as many as the drafter will ever send."""
+        span = r.span
+        room = r.max_tokens - len(r.tokens) - 1
+        drafter_done = (
+            span is not None
+            and bool(span.tokens)
+            and (span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
+        )
+        return len(self.drafts(r)) >= min(self.config.lookahead, room) or drafter_done
+
+    def update(self, r: LevelRequest, now: float) -> None:
+        """Start a verifier's wait for drafts (``r.waiting_since``) when it first finds its
+        window short, and end it when the window is full."""
+        if self.level == 0 or not self._eligible(r):
+            return
+        if self._window_full(r):
+            r.waiting_since = None
+        elif r.waiting_since is None:
+            r.waiting_since = now
+
+    def wants_pass(self, r: LevelRequest, now: float) -> bool:
+        if not self._eligible(r):
+            return False
+        if self.level == 0 or self._window_full(r):
+            return True
+        return r.waiting_since is not None and now - r.waiting_since >= self.config.sync_wait_s
+
+
+SCHEDULES: dict[str, type[Schedule]] = {"async": AsyncSchedule, "sync": SyncSchedule}
+
+
 class StageEngine:
     def __init__(
         self,
-        settings: StageSettings,
+        config: EngineConfig,
         backend: Backend,
         outbox: Outbox,
         replica: str,
         clock: Callable[[], float] = time.monotonic,
-        republish_interval_s: float = 0.05,
         observer: PassObserver | None = None,
     ):
-        self.level = settings.level
-        self.settings = settings
+        self.level = config.level
+        self.config = config
+        self.schedule = SCHEDULES[config.schedule](config)
         self.backend = backend
         self.outbox = outbox
         self.replica = replica
         self.clock = clock
-        self.republish_interval_s = republish_interval_s
         self.observer = observer or PassObserver()
         self.requests: dict[str, LevelRequest] = {}
         self.finished: dict[str, FinishedRequest] = {}  # target only: for re-sends
@@ -151,7 +250,7 @@ class StageEngine:
             log.warning("unexpected_message", type=msg.TYPE, stage_level=self.level)
 
     def is_target(self, r: LevelRequest) -> bool:
-        return self.level == len(r.route) - 1
+        return _is_target(self.level, r)
 
     def _on_start(self, msg: Start) -> None:
         r = self.requests.get(msg.request_id)
@@ -317,76 +416,45 @@ class StageEngine:
             r.epoch += 1
             r.stats.rollbacks_applied += 1
             self.observer.on_rollback_applied()
-            if r.session is not None:
-                r.session.crop(min(r.session.length, len(r.prompt) + plan.keep))
         elif plan.adopt:
             r.tokens.extend(plan.adopt)
         else:
             return
         r.tokens, _ = apply_stop(r.tokens, r.eos_ids, r.max_tokens, checked=max(0, plan.keep - 1))
+        self._sync_cache(r, valid=plan.keep)
         r.stalled = False
         if self.level > 0:
             self._publish(r, start=plan.keep)
 
     # ------------------------------------------------------------------ scheduling
     def has_work(self) -> bool:
-        return any(self._wants_pass(r) for r in self.requests.values())
+        """Whether a request wants a pass now (no side effects)."""
+        now = self.clock()
+        return any(self.schedule.wants_pass(r, now) for r in self.requests.values())
 
     def target_requests(self) -> int:
         """Requests whose output this stage commits (it is their target)."""
         return sum(1 for r in self.requests.values() if self.is_target(r))
 
     def queue_depth(self) -> int:
-        """Requests that want a forward pass now."""
-        return sum(1 for r in self.requests.values() if self._wants_pass(r))
-
-    def _wants_pass(self, r: LevelRequest) -> bool:
-        if self.settings.schedule == "sync":
-            return self._wants_pass_sync(r)
-        if self.is_target(r):
-            return r.finish_reason is None
-        if r.stalled or self._ended(r):
-            return False
-        return len(r.tokens) < r.target_len + self.settings.max_lead
-
-    def _wants_pass_sync(self, r: LevelRequest) -> bool:
-        """Lockstep speculative decoding (the paper's "Speculative" baseline): a drafter runs at
-        most ``lookahead`` tokens past the level above, and a verifier waits until it has
-        ``lookahead`` drafts (or the drafter has ended, or ``sync_wait_s`` has passed)."""
-        if r.finish_reason is not None or (not self.is_target(r) and (r.stalled or self._ended(r))):
-            return False
-        if not self.is_target(r):
-            above = r.seen.get(self.level + 1)
-            if len(r.tokens) >= (above.end if above else 0) + self.settings.lookahead:
-                return False
-        if self.level == 0:
-            return True
-        span = r.span
-        drafts = self._drafts(r)
-        room = r.max_tokens - len(r.tokens) - 1
-        drafter_done = (
-            span is not None
-            and bool(span.tokens)
-            and (span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
-        )
-        if len(drafts) >= min(self.settings.lookahead, room) or drafter_done:
-            r.waiting_since = None
-            return True
+        """Requests that want a forward pass now (no side effects: metrics read it)."""
         now = self.clock()
-        if r.waiting_since is None:
-            r.waiting_since = now
-        return now - r.waiting_since >= self.settings.sync_wait_s
-
-    def _ended(self, r: LevelRequest) -> bool:
-        return len(r.tokens) >= r.max_tokens or bool(r.tokens and r.tokens[-1] in r.eos_ids)
+        return sum(1 for r in self.requests.values() if self.schedule.wants_pass(r, now))
 
     def step(self) -> bool:
-        """Run one forward pass for the next request that wants one. False if none does."""
+        """Run one forward pass for the next request that wants one. False if none does.
+
+        The requests it looks at, in round-robin order up to the one it runs, are the only place
+        the schedule's state changes (``Schedule.update``: a sync verifier's wait for drafts)."""
         for _ in range(len(self._order)):
             rid = self._order[0]
             self._order.rotate(-1)
             r = self.requests.get(rid)
-            if r is not None and self._wants_pass(r):
+            if r is None:
+                continue
+            now = self.clock()
+            self.schedule.update(r, now)
+            if self.schedule.wants_pass(r, now):
                 try:
                     self._run_pass(r)
                 except Exception as exc:  # a model error fails this request, not the process
@@ -400,50 +468,33 @@ class StageEngine:
         """Timers: forget silent drafter requests and expired finished ones."""
         now = self.clock()
         for r in list(self.requests.values()):
-            if not self.is_target(r) and now - r.last_heard > self.settings.request_ttl_s:
+            if not self.is_target(r) and now - r.last_heard > self.config.request_ttl_s:
                 self._drop(r, reason="ttl")
         for rid in [k for k, f in self.finished.items() if f.expires < now]:
             del self.finished[rid]
 
     # ------------------------------------------------------------------ the pass
-    def _drafts(self, r: LevelRequest) -> list[int]:
-        if r.span is None or self.level == 0:
-            return []
-        drafts = anchor_drafts(r.tokens, r.span.start, r.span.tokens)
-        if drafts is None:
-            return []
-        room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
-        cap = (
-            self.settings.lookahead
-            if self.settings.schedule == "sync"
-            else self.settings.max_verify_tokens
-        )
-        return drafts[: max(0, min(cap, room))]
-
     def _run_pass(self, r: LevelRequest) -> None:
         t0 = time.perf_counter()
         seq = r.prompt + r.tokens
         if r.session is None:
             r.session = self.backend.new_session(seq[:-1])
         pending = seq[r.session.length :]  # tokens the cache lacks; the last one at least
-        drafts = self._drafts(r)
+        drafts = self.schedule.drafts(r)
         chooser = self._chooser(r, skip=len(pending) - 1)
         preds = r.session.forward(pending + drafts, chooser)[len(pending) - 1 :]
-        base = len(seq)
         if preds[0] is None:  # a drafter with nothing to propose: wait for news from above
-            r.session.crop(base - 1)
+            self._sync_cache(r)  # drop what the pass fed but the last token
             r.stalled = True
             r.stats.busy_s += time.perf_counter() - t0
             return
         m = accept_greedy(drafts, preds)
         new = drafts[:m] + [preds[m]]
-        r.session.crop(base + m)  # keep everything but the new last token
         old_len = len(r.tokens)
         r.tokens, finish = apply_stop(r.tokens + new, r.eos_ids, r.max_tokens, checked=old_len)
+        self._sync_cache(r)  # rejected drafts and the new last token (or a cut at a stop) go
         if chooser is not None and chooser.logprobs is not None:
             r.logprobs = (r.logprobs[:old_len] + chooser.logprobs[: m + 1])[: len(r.tokens)]
-        if len(r.prompt) + len(r.tokens) - 1 < r.session.length:
-            r.session.crop(len(r.prompt) + len(r.tokens) - 1)
         rejected = m < len(drafts)
         st = r.stats
         st.forward_passes += 1
@@ -485,6 +536,21 @@ class StageEngine:
                 self._finish_target(r)
         else:
             self._send_span(r)
+
+    def _sync_cache(self, r: LevelRequest, valid: int | None = None) -> None:
+        """Enforce the KV cache invariant, after anything that changes ``r.tokens`` or feeds the
+        cache: the session holds a prefix of ``prompt + tokens[:-1]``, so that the next pass
+        has at least the last token to feed (and ``new_session`` prefills exactly that).
+
+        ``valid``: how many of ``r.tokens`` the cache may still hold as they are now (after a
+        rollback, the positions from the divergence on held other tokens); default all. The
+        cache is only ever cut, never extended: a pass feeds what it lacks.
+        """
+        if r.session is None:
+            return
+        keep = len(r.tokens) - 1 if valid is None else min(valid, len(r.tokens) - 1)
+        if len(r.prompt) + keep < r.session.length:
+            r.session.crop(len(r.prompt) + keep)
 
     def _chooser(self, r: LevelRequest, skip: int) -> Chooser | None:
         """None for a plain greedy pass; else what picks this pass's tokens (and, at the target,
@@ -545,7 +611,7 @@ class StageEngine:
 
     def _maybe_republish(self, r: LevelRequest) -> None:
         """A drafter is behind on our rollbacks (its notice may be lost): repeat our state."""
-        if self.clock() - r.last_publish >= self.republish_interval_s:
+        if self.clock() - r.last_publish >= self.config.republish_interval_s:
             self._count("republished")
             self._publish(r, start=0)
 
@@ -572,7 +638,7 @@ class StageEngine:
             tokens=list(r.tokens),
             finish_reason=r.finish_reason or "stop",
             stats=self._all_stats(r),
-            expires=self.clock() + self.settings.done_retention_s,
+            expires=self.clock() + self.config.done_retention_s,
             logprobs=list(r.logprobs) if r.top_logprobs >= 0 else [],
         )
         log.info(

@@ -186,7 +186,9 @@ class StageService:
             dropped_sends=lambda: self.outbox.dropped + self.outbox.bad_peers,
             denied_handshakes=lambda: denied_total(self.ctx),
         )
-        self.engine = StageEngine(s, backend, self.outbox, self.replica, observer=self.metrics)
+        self.engine = StageEngine(
+            s.engine_config(), backend, self.outbox, self.replica, observer=self.metrics
+        )
         self.watch = LoopWatch(s.liveness_timeout_s)
         self.http = None
         if s.metrics_port is not None:

@@ -4,13 +4,14 @@ decoder: greedy, or for the half of the runs that sample, its seeded Gumbel-max 
 top-p), always, and no run may hang. Drafts are often wrong (rollback-heavy)."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from common.backends.hf import HFBackend
 from common.sampling import GREEDY, SamplingParams
-from common.simnet import Faults, build, reference_decode, run_request
+from common.simnet import Faults, build, default_engine, reference_decode, run_request
 from tests.tiny_models import EOS, VOCAB_SIZE, noisy_copy, tiny_llama
 
 RUNS = 500
@@ -60,8 +61,9 @@ def test_every_seed_reproduces_the_reference_decoder(models):
             costs,
             seed=seed,
             faults=faults,
-            max_lead=rng.randint(1, 10),
-            max_verify_tokens=rng.randint(1, 12),
+            config=replace(
+                default_engine(), max_lead=rng.randint(1, 10), max_verify_tokens=rng.randint(1, 12)
+            ),
         )
         req = run_request(h, prompt, max_tokens, eos=[EOS], sampling=sampling)
         if req is None or req.tokens != references[key]:

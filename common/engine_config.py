@@ -1,0 +1,39 @@
+"""What one :class:`common.stage_engine.StageEngine` reads: its level, its schedule and its timers.
+
+A stage service builds it from its settings (``StageSettings.engine_config()``); the simulations
+(``common.simnet.build``) build it directly. Nothing here is about backends, sockets or
+operations, so a simulated system needs no service settings.
+
+>>> EngineConfig(level=1, schedule="sync").draft_cap   # sync: a window of `lookahead` drafts
+8
+>>> EngineConfig(level=1).draft_cap                     # async: up to max_verify_tokens
+32
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ScheduleKind = Literal["async", "sync"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One engine's settings. The defaults are ``StageSettings``' (a test keeps them equal)."""
+
+    level: int  # 0 = smallest drafter; the target is the highest level of a request's route
+    schedule: ScheduleKind = "async"  # async: PipeSpec; sync: lockstep speculative decoding
+    max_lead: int = 16  # async: tokens a drafter may run past the target's committed length
+    lookahead: int = 8  # sync: drafts per verification (tokens); a drafter's lead (tokens)
+    sync_wait_s: float = 2.0  # sync: seconds a verifier waits for a full window, then verifies
+    max_verify_tokens: int = 32  # async: draft tokens one pass checks, at most
+    min_drafts: int = 0  # a verifier ignores fewer drafts than this (tokens); what-if runs only
+    request_ttl_s: float = 60.0  # seconds a drafter keeps a request it hears nothing about
+    done_retention_s: float = 60.0  # seconds the target keeps a finished output for re-sends
+    republish_interval_s: float = 0.05  # seconds between repeats of state to a stale drafter
+
+    @property
+    def draft_cap(self) -> int:
+        """Draft tokens one verification pass checks, at most (before the room left)."""
+        return self.lookahead if self.schedule == "sync" else self.max_verify_tokens
