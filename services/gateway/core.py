@@ -35,7 +35,7 @@ from common.request_tracker import RequestTracker, Send, TrackedRequest
 from common.sampling import GREEDY, SamplingParams
 from common.security import GATEWAY, denied_total, identity, level_role, release, sender_role
 from common.settings import GatewaySettings
-from common.sockets import arrivals, bound_endpoint, open_socket
+from common.sockets import PushPool, arrivals, bound_endpoint, open_socket
 from services.gateway.admission import Admission
 from services.gateway.events import (
     FinishEvent,
@@ -167,9 +167,8 @@ class Gateway:
         self.reply_to = ""  # the registry endpoint as stages reach it; set by start()
         self._flights: dict[str, _InFlight] = {}
         self._ctx: zmq.asyncio.Context | None = None
-        self._send_ctx: zmq.Context | None = None  # sync shadow: sends are plain NOBLOCK calls
         self._pull: zmq.asyncio.Socket | None = None
-        self._pushes: dict[str, zmq.Socket] = {}  # inbox endpoint -> PUSH
+        self._pushes: PushPool | None = None  # inbox endpoint -> PUSH; set by start()
         self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -177,7 +176,13 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self._ctx = zmq.asyncio.Context()
-        self._send_ctx = zmq.Context.shadow(self._ctx.underlying)
+        # on a sync shadow of the context: sends are plain NOBLOCK calls
+        self._pushes = PushPool(
+            zmq.Context.shadow(self._ctx.underlying),
+            linger_ms=s.linger_ms,
+            hwm=s.hwm,
+            curve=self.curve,
+        )
         self._pull = open_socket(
             self._ctx,
             zmq.PULL,
@@ -211,15 +216,14 @@ class Gateway:
                 request_id, GenerationError("the gateway is shutting down"), outcome="aborted"
             )
         linger = self.settings.linger_ms
-        for sock in self._pushes.values():
-            sock.close(linger=linger)
-        self._pushes.clear()
+        if self._pushes is not None:
+            self._pushes.close()
         if self._pull is not None:
             self._pull.close(linger=linger)
         if self._ctx is not None:
             release(self._ctx)
             self._ctx.destroy(linger=linger)
-        self._ctx = self._send_ctx = self._pull = None
+        self._ctx = self._pushes = self._pull = None
         log.info("gateway_stopped")
 
     def alive(self) -> bool:
@@ -587,22 +591,7 @@ class Gateway:
     def _send(self, hop: RouteHop, msg: Message) -> None:
         if not self.registry.is_live(hop.replica):
             return  # lost: its replacement (if any) gets the request through _repair_routes
-        sock = self._pushes.get(hop.inbox)
-        if sock is None:
-            s = self.settings
-            sock = open_socket(
-                self._send_ctx,
-                zmq.PUSH,
-                hop.inbox,
-                linger_ms=s.linger_ms,
-                hwm=s.hwm,
-                curve=self.curve,
-                server=level_role(hop.level),
-            )
-            self._pushes[hop.inbox] = sock
-        try:
-            sock.send(encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
+        if not self._pushes.send(hop.inbox, encode(msg), level_role(hop.level)):
             self.metrics.send_drops.inc()
             log.warning(
                 "send_dropped",
@@ -616,5 +605,5 @@ class Gateway:
         in_use = {r.heartbeat.inbox for r in self.registry.replicas.values()}
         for replica in lost:
             inbox = replica.heartbeat.inbox
-            if inbox not in in_use and inbox in self._pushes:
-                self._pushes.pop(inbox).close(linger=0)  # nothing queued for a lost peer is useful
+            if inbox not in in_use:
+                self._pushes.discard(inbox, linger_ms=0)  # nothing queued for a lost peer is useful
