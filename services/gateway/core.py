@@ -7,8 +7,11 @@
             ...
     await gateway.stop()
 
-``generate`` first takes a slot from the admission control (``admission.Admission``): it may
-queue for one, and raises ``Overloaded`` when the gateway is full.
+``generate`` is ``check`` then ``submit``. ``check`` holds the request to the limits (the pure
+``limits.check_prompt``, once per request); ``submit`` takes a slot from the admission control
+(``admission.Admission``): it may queue for one, and raises ``Overloaded`` when the gateway is
+full. A front end that runs one request as several generations (n choices) checks once and
+submits the same ``Prompt`` n times.
 
 The request table is ``tracker.requests``: one ``Flight`` (``generation``) per request in flight,
 added by ``_launch`` and removed by ``_end``.
@@ -48,10 +51,11 @@ from services.gateway.events import (
     TokensEvent,
 )
 from services.gateway.generation import Flight, Generation
+from services.gateway.limits import Limits, Prompt, check_prompt
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Replica, ReplicaRegistry
 
-__all__ = ["Gateway", "Generation", "advertised_host"]
+__all__ = ["Gateway", "Generation", "Prompt", "advertised_host"]
 
 log = structlog.get_logger("gateway")
 
@@ -168,40 +172,18 @@ class Gateway:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def max_tokens_for(
-        self, prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens"
-    ) -> int:
-        """``max_tokens``, checked; or, when the client gave none, ``default_max_tokens`` capped
-        to the context left after the prompt. Raises InvalidRequest naming what is wrong
+    def limits(self) -> Limits:
+        """The limits a new request is held to: the settings' and the target's context."""
+        s = self.settings
+        return Limits(s.default_max_tokens, s.max_tokens_limit, self.registry.target_max_context())
+
+    def check(
+        self, prompt_ids: Sequence[int], max_tokens: int | None = None, param: str = "max_tokens"
+    ) -> Prompt:
+        """The prompt held to the limits (``limits.check_prompt``), with its output length:
+        ``max_tokens``, or the default when None. Raises InvalidRequest naming what is wrong
         (``param``: the field's name as the client spelled it)."""
-        s, context = self.settings, self.registry.target_max_context()
-        if not prompt_tokens:
-            raise InvalidRequest("prompt must not be empty", "prompt")
-        if context and prompt_tokens >= context:
-            raise InvalidRequest(
-                f"the prompt is {prompt_tokens} tokens, but the model's context is {context} tokens "
-                "(prompt and output together)",
-                "prompt",
-            )
-        if max_tokens is None:
-            return (
-                min(s.default_max_tokens, context - prompt_tokens)
-                if context
-                else s.default_max_tokens
-            )
-        if max_tokens < 1:
-            raise InvalidRequest(f"{param} must be at least 1, got {max_tokens}", param)
-        if max_tokens > s.max_tokens_limit:
-            raise InvalidRequest(
-                f"{param} must be at most {s.max_tokens_limit}, got {max_tokens}", param
-            )
-        if context and prompt_tokens + max_tokens > context:
-            raise InvalidRequest(
-                f"prompt ({prompt_tokens} tokens) plus {param} ({max_tokens}) is "
-                f"{prompt_tokens + max_tokens} tokens, more than the model's context of {context} tokens",
-                param,
-            )
-        return max_tokens
+        return check_prompt(prompt_ids, max_tokens, self.limits(), param)
 
     async def generate(
         self,
@@ -211,16 +193,28 @@ class Gateway:
         sampling: SamplingParams = GREEDY,
         top_logprobs: int = -1,
     ) -> Generation:
-        """Start a request once admitted; iterate the result for its events.
+        """``check`` then ``submit``: start a request once admitted; iterate the result for its
+        events. Raises InvalidRequest (bad input) at once; then as ``submit``."""
+        return await self.submit(
+            self.check(prompt_ids, max_tokens), request_id, sampling, top_logprobs
+        )
 
-        Raises InvalidRequest (bad input) at once, Overloaded when no slot is free or frees in
-        time, NoRoute (some level has no replica); nothing is sent to a stage before that.
-        ``sampling``: greedy by default; ``top_logprobs`` >= 0 asks the target for the raw
-        log-probability of each token and of that many alternatives.
+    async def submit(
+        self,
+        prompt: Prompt,
+        request_id: str | None = None,
+        sampling: SamplingParams = GREEDY,
+        top_logprobs: int = -1,
+    ) -> Generation:
+        """Start a checked request once admitted; iterate the result for its events.
+
+        Raises InvalidRequest (a request_id already in flight) at once, Overloaded when no slot
+        is free or frees in time, NoRoute (some level has no replica); nothing is sent to a
+        stage before that. ``sampling``: greedy by default; ``top_logprobs`` >= 0 asks the
+        target for the raw log-probability of each token and of that many alternatives.
         """
         if self._ctx is None:
             raise RuntimeError("Gateway.start() has not been awaited")
-        max_tokens = self.max_tokens_for(len(prompt_ids), max_tokens)
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         if request_id in self.tracker.requests:
             raise InvalidRequest(f"request_id {request_id!r} is already in flight", "request_id")
@@ -228,24 +222,19 @@ class Gateway:
         await self.admission.acquire()
         self.metrics.queue_time.observe(time.monotonic() - queued_at)
         try:
-            return self._launch(list(prompt_ids), max_tokens, request_id, sampling, top_logprobs)
+            return self._launch(prompt, request_id, sampling, top_logprobs)
         except BaseException:
             self.admission.release()
             raise
 
     def _launch(
-        self,
-        prompt_ids: list[int],
-        max_tokens: int,
-        request_id: str,
-        sampling: SamplingParams,
-        top_logprobs: int,
+        self, prompt: Prompt, request_id: str, sampling: SamplingParams, top_logprobs: int
     ) -> Generation:
         route = self.registry.pick_route()
         flight = Flight(
             request_id=request_id,
-            prompt=prompt_ids,
-            max_tokens=max_tokens,
+            prompt=list(prompt.ids),
+            max_tokens=prompt.max_tokens,
             eos_ids=self.eos_ids,
             route=route,
             reply_to=self.reply_to,
@@ -258,8 +247,8 @@ class Gateway:
         log.info(
             "request_started",
             request_id=request_id,
-            prompt_tokens=len(prompt_ids),
-            max_tokens=max_tokens,
+            prompt_tokens=len(prompt.ids),
+            max_tokens=prompt.max_tokens,
             route=[hop.replica for hop in route],
             temperature=sampling.temperature,
             seed=sampling.seed,

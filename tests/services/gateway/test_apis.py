@@ -279,6 +279,25 @@ def test_zmq_client_streams_and_completes(system):
         assert text == TEXT and stats["completion_tokens"] == len(system.script)
 
 
+def test_each_request_is_checked_against_the_limits_once(system, monkeypatch):
+    """One check per request, whatever the API and however many choices it runs as."""
+    checks = []
+    check = system.gateway.check
+    monkeypatch.setattr(
+        system.gateway, "check", lambda *args, **kw: checks.append(args) or check(*args, **kw)
+    )
+    response = system.http.post("/v1/completions", json={"prompt": "Le café", "n": 3})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 3 and len(checks) == 1
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "n": 2}
+    response = system.http.post("/v1/chat/completions", json=body | {"stream": True})
+    assert response.status_code == 200, response.text
+    assert len(checks) == 2
+    with PipeSpecClient(system.client_api.endpoint, timeout_s=5) as client:
+        client.complete("Le café", max_tokens=4)
+    assert len(checks) == 3
+
+
 @pytest.mark.parametrize(
     "payload, words",
     [
