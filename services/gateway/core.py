@@ -170,6 +170,42 @@ class Gateway:
             raise RuntimeError("Gateway.start() has not been awaited")
         return self._ctx
 
+    # -- state, for the probes and /v1/models -------------------------------------------------
+
+    @property
+    def secure(self) -> bool:
+        """CURVE between the services (False only with ``insecure = true``)."""
+        return self.curve is not None
+
+    def unavailable_reason(self) -> str | None:
+        """None when every level has a live ready replica; else why not (for /health)."""
+        return self.registry.unavailable_reason()
+
+    def max_context(self) -> int | None:
+        """The target's context in tokens (prompt and output), None while no target is known."""
+        return self.registry.target_max_context() or None
+
+    def live_replicas(self) -> list[list[dict]]:
+        """Per level, level 0 first: each live replica's description (``Replica.describe``)."""
+        return [
+            [r.describe() for r in self.registry.live(level)]
+            for level in range(self.settings.num_levels)
+        ]
+
+    def refused_replicas(self) -> dict[str, str]:
+        """Replica id -> why its heartbeats are refused."""
+        return {replica: refusal.reason for replica, refusal in self.registry.refusals.items()}
+
+    @property
+    def requests_running(self) -> int:
+        """Requests holding an admission slot."""
+        return self.admission.running
+
+    @property
+    def requests_waiting(self) -> int:
+        """Requests queued for an admission slot."""
+        return self.admission.waiting
+
     # -- requests ------------------------------------------------------------------------------
 
     def limits(self) -> Limits:
@@ -270,10 +306,6 @@ class Gateway:
             "request_cancelled", request_id=request_id, reason=reason, tokens=len(flight.tokens)
         )
         self._end(request_id, outcome=outcome)
-
-    def unavailable_reason(self) -> str | None:
-        """None when every level has a live ready replica; else why not (for /health)."""
-        return self.registry.unavailable_reason()
 
     # -- incoming messages ---------------------------------------------------------------------
 
