@@ -4,7 +4,8 @@ Sockets (see common.sockets for the bind/connect rule):
   inbox    PULL, bound    Start/Cancel from the gateway, Span from the level below
   notices  PUB,  bound    Notice to lower levels; topic = request id + NUL
   sub      SUB,  connects to the notices of the upper levels on each request's route
-  push     PUSH, connects one per peer endpoint: spans up, outputs and heartbeats to the gateway
+  push     PUSH, connects one per peer endpoint (common.sockets.PushPool): spans up, outputs and
+           heartbeats to the gateway
 """
 
 from __future__ import annotations
