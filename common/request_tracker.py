@@ -7,6 +7,11 @@ every stage of the route. ``Start`` is idempotent: a stage that holds the reques
 its output from ``have``; one that lost it (restart, lost message) resumes from
 ``prompt + committed``, which continues the same output: greedy, or a sampled request's, whose
 every token is a function of (seed, position) (``common.sampling``).
+
+``RequestTracker.requests`` is the one table of requests in flight. A user that keeps more per
+request (the gateway: the consumer's queue, token timings) subclasses ``TrackedRequest`` and
+tracks its subclass (``RequestTracker[Flight]``), so adding and removing a request happen in one
+place: ``add`` and ``remove``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from common.protocol import LevelStats, Output, RequestError, RouteHop, Start, TokenLogprob
 from common.sampling import GREEDY, SamplingParams
@@ -61,15 +67,16 @@ class TrackedRequest:
 
 
 Send = tuple[RouteHop, Start]
+R = TypeVar("R", bound=TrackedRequest)
 
 
-class RequestTracker:
+class RequestTracker(Generic[R]):
     def __init__(self, resend_after_s: float, clock: Callable[[], float] = time.monotonic):
         self.resend_after_s = resend_after_s
         self.clock = clock
-        self.requests: dict[str, TrackedRequest] = {}
+        self.requests: dict[str, R] = {}
 
-    def add(self, req: TrackedRequest) -> list[Send]:
+    def add(self, req: R) -> list[Send]:
         """Register a request; returns the Start messages to send."""
         now = self.clock()
         req.last_progress = req.last_sync = now
@@ -102,7 +109,7 @@ class RequestTracker:
             req.done, req.finish_reason = True, msg.finish_reason
         return new
 
-    def on_error(self, msg: RequestError) -> TrackedRequest | None:
+    def on_error(self, msg: RequestError) -> R | None:
         req = self.requests.get(msg.request_id)
         if req is not None and not req.done:
             req.done, req.error = True, f"level {msg.level} ({msg.replica}): {msg.message}"
@@ -134,5 +141,5 @@ class RequestTracker:
         msg = req.start_message()
         return [(hop, msg) for hop in req.route]
 
-    def remove(self, request_id: str) -> TrackedRequest | None:
+    def remove(self, request_id: str) -> R | None:
         return self.requests.pop(request_id, None)

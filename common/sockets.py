@@ -94,6 +94,83 @@ def open_socket(
     return sock
 
 
+class PushPool:
+    """PUSH sockets by peer endpoint, for a sender that reaches many peers: each socket is opened
+    by ``open_socket`` on first use, with the pool's LINGER, high-water mark and CURVE identity,
+    and ``close`` closes them all.
+
+        pool = PushPool(ctx, linger_ms=500, hwm=10_000, curve=curve)
+        if not pool.send("tcp://10.0.0.7:5601", frame, server="level1"):
+            ...  # the peer's queue is full: the frame was dropped
+
+    ``server`` is the CURVE role of the peer, used when its socket is opened. A socket that cannot
+    be opened (a malformed endpoint, a role without a key) raises what ``open_socket`` raises
+    (``zmq.ZMQError``, ``common.security.KeyError_``) and leaves nothing in the pool. Not
+    thread-safe: one pool per thread, like the sockets themselves.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        *,
+        linger_ms: int = 500,
+        hwm: int = 10_000,
+        curve: Curve | None = None,
+    ):
+        self.ctx, self.linger_ms, self.hwm, self.curve = ctx, linger_ms, hwm, curve
+        self._socks: dict[str, zmq.Socket] = {}
+
+    def socket(self, endpoint: str, server: str | None = None) -> zmq.Socket:
+        """The PUSH socket connected to ``endpoint``, opened now if the pool has none."""
+        sock = self._socks.get(endpoint)
+        if sock is None:
+            sock = open_socket(
+                self.ctx,
+                zmq.PUSH,
+                endpoint,
+                linger_ms=self.linger_ms,
+                hwm=self.hwm,
+                curve=self.curve,
+                server=server,
+            )
+            self._socks[endpoint] = sock
+        return sock
+
+    def send(self, endpoint: str, frame: bytes, server: str | None = None) -> bool:
+        """Send ``frame`` to ``endpoint`` without blocking; False if it was dropped because the
+        peer's queue (``hwm`` messages) is full."""
+        try:
+            self.socket(endpoint, server).send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def discard(self, endpoint: str, linger_ms: int | None = None) -> None:
+        """Close the socket to ``endpoint``, if any (``linger_ms`` defaults to the pool's)."""
+        sock = self._socks.pop(endpoint, None)
+        if sock is not None:
+            sock.close(linger=self.linger_ms if linger_ms is None else linger_ms)
+
+    def retain(self, endpoints: set[str], linger_ms: int | None = None) -> None:
+        """Close every socket whose endpoint is not in ``endpoints``."""
+        for endpoint in set(self._socks) - set(endpoints):
+            self.discard(endpoint, linger_ms)
+
+    def endpoints(self) -> list[str]:
+        return list(self._socks)
+
+    def __contains__(self, endpoint: object) -> bool:
+        return endpoint in self._socks
+
+    def __len__(self) -> int:
+        return len(self._socks)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close every socket (``linger_ms`` defaults to the pool's); the pool stays usable."""
+        for endpoint in list(self._socks):
+            self.discard(endpoint, linger_ms)
+
+
 def bound_endpoint(sock: zmq.Socket, advertise_host: str | None = None) -> str:
     """The endpoint peers should connect to (wildcard host replaced by ``advertise_host``)."""
     ep = sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -209,27 +209,24 @@ def create_app(gateway: Gateway, tokenizer, client_api: ClientApi | None = None)
             "object": "model",
             "created": started_at,
             "owned_by": "pipespec",
-            "max_model_len": gateway.registry.target_max_context() or None,
+            "max_model_len": gateway.max_context(),
         }
         return {"object": "list", "data": [card]}
 
     @app.get("/health", responses={503: {"description": "some level has no live replica"}})
     async def health() -> JSONResponse:
         reason = gateway.unavailable_reason()
-        registry = gateway.registry
         body = {
             "status": "ok" if reason is None else "unavailable",
             "reason": reason,
             # plain TCP between the services (settings: insecure = true): anyone who reaches
             # the ZMQ ports may register as a stage or read prompts
-            "insecure": gateway.curve is None,
+            "insecure": not gateway.secure,
             "restarts": settings.restarts,
-            "levels": [
-                [r.describe() for r in registry.live(level)] for level in range(settings.num_levels)
-            ],
-            "refused": {replica: refusal.reason for replica, refusal in registry.refusals.items()},
-            "requests_running": gateway.admission.running,
-            "requests_waiting": gateway.admission.waiting,
+            "levels": gateway.live_replicas(),
+            "refused": gateway.refused_replicas(),
+            "requests_running": gateway.requests_running,
+            "requests_waiting": gateway.requests_waiting,
         }
         return JSONResponse(body, status_code=200 if reason is None else 503)
 

@@ -7,8 +7,14 @@
             ...
     await gateway.stop()
 
-``generate`` first takes a slot from the admission control (``admission.Admission``): it may
-queue for one, and raises ``Overloaded`` when the gateway is full.
+``generate`` is ``check`` then ``submit``. ``check`` holds the request to the limits (the pure
+``limits.check_prompt``, once per request); ``submit`` takes a slot from the admission control
+(``admission.Admission``): it may queue for one, and raises ``Overloaded`` when the gateway is
+full. A front end that runs one request as several generations (n choices) checks once and
+submits the same ``Prompt`` n times.
+
+The request table is ``tracker.requests``: one ``Flight`` (``generation``) per request in flight,
+added by ``_launch`` and removed by ``_end``.
 
 Two tasks run beside the requests: one drains the registry PULL socket (Heartbeat -> registry,
 Output/RequestError -> tracker and the request's queue); a ticker re-sends Start where output is
@@ -23,7 +29,6 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import structlog
 import zmq
@@ -31,11 +36,11 @@ import zmq.asyncio
 
 from common.codec import DecodeError, decode, encode
 from common.protocol import Cancel, Heartbeat, Message, Output, RequestError, RouteHop
-from common.request_tracker import RequestTracker, Send, TrackedRequest
+from common.request_tracker import RequestTracker, Send
 from common.sampling import GREEDY, SamplingParams
 from common.security import GATEWAY, denied_total, identity, level_role, release, sender_role
 from common.settings import GatewaySettings
-from common.sockets import arrivals, bound_endpoint, open_socket
+from common.sockets import PushPool, arrivals, bound_endpoint, open_socket
 from services.gateway.admission import Admission
 from services.gateway.events import (
     FinishEvent,
@@ -43,12 +48,14 @@ from services.gateway.events import (
     GenerationTimeout,
     InvalidRequest,
     RequestCancelled,
-    RequestStats,
     TokensEvent,
-    request_stats,
 )
+from services.gateway.generation import Flight, Generation
+from services.gateway.limits import Limits, Prompt, check_prompt
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Replica, ReplicaRegistry
+
+__all__ = ["Gateway", "Generation", "Prompt", "advertised_host"]
 
 log = structlog.get_logger("gateway")
 
@@ -56,84 +63,11 @@ TICK_S = 0.05
 DEADLINE_GRACE_S = 1.0  # a consumer waits this long past the ticker's timeout before giving up
 WILDCARD_HOSTS = {"0.0.0.0", "*", "::", ""}
 
-Event = TokensEvent | FinishEvent
-
 
 def advertised_host(settings: GatewaySettings) -> str:
     """The host stages use to reach this gateway."""
     host = settings.advertise_host or settings.bind_host
     return socket.gethostname() if host in WILDCARD_HOSTS else host
-
-
-@dataclass
-class _InFlight:
-    queue: asyncio.Queue  # Event | GenerationError, consumed by the request's Generation
-    req: TrackedRequest  # kept after the tracker lets go of it, for the final statistics
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    target_lost_at: float | None = None  # since when its target hop has no live replica
-
-
-class Generation:
-    """One request in flight: an async iterator of ``TokensEvent`` then one ``FinishEvent``;
-    raises ``GenerationError`` if the request fails (``RequestCancelled`` if it was cancelled
-    while the iterator waited). Leaving it early (``break`` inside ``async with``, ``aclose()``,
-    ``cancel()``, ``stop()``, or task cancellation while waiting) sends ``Cancel`` to every stage
-    of the route; cancelling is synchronous and idempotent."""
-
-    def __init__(self, gateway: Gateway, flight: _InFlight, deadline: float):
-        self.request_id = flight.req.request_id
-        self._gateway, self._flight, self._queue, self._deadline = (
-            gateway,
-            flight,
-            flight.queue,
-            deadline,
-        )
-        self._closed = False
-
-    def __aiter__(self) -> Generation:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._closed:
-            raise StopAsyncIteration
-        timeout = max(self._deadline - time.monotonic(), 0.01)
-        try:
-            event = await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.CancelledError:
-            self.cancel("consumer cancelled")
-            raise
-        except TimeoutError:
-            self.cancel("timeout")
-            raise GenerationTimeout(f"request {self.request_id} timed out") from None
-        if isinstance(event, GenerationError):
-            self._closed = True
-            raise event
-        if isinstance(event, FinishEvent):
-            self._closed = True
-        return event
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        if not self._closed:
-            self._closed = True
-            self._gateway.cancel(self.request_id, reason)
-
-    def stop(self, completion_tokens: int) -> RequestStats:
-        """End the request because its output is complete (a stop string matched): cancels it at
-        every stage and returns its statistics counting ``completion_tokens`` (stages report
-        their own counters only at a natural end, so ``acceptance`` is then empty)."""
-        self._closed = True
-        self._gateway.cancel(self.request_id, "stop string", outcome="stop")
-        return self._gateway.summary(self._flight, completion_tokens)
-
-    async def aclose(self) -> None:
-        self.cancel()
-
-    async def __aenter__(self) -> Generation:
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.cancel()
 
 
 class Gateway:
@@ -163,13 +97,11 @@ class Gateway:
             lambda: self.registry.rejected,
             lambda: denied_total(self._ctx) if self._ctx is not None else 0,
         )
-        self.tracker = RequestTracker(settings.resend_after_s)
+        self.tracker: RequestTracker[Flight] = RequestTracker(settings.resend_after_s)
         self.reply_to = ""  # the registry endpoint as stages reach it; set by start()
-        self._flights: dict[str, _InFlight] = {}
         self._ctx: zmq.asyncio.Context | None = None
-        self._send_ctx: zmq.Context | None = None  # sync shadow: sends are plain NOBLOCK calls
         self._pull: zmq.asyncio.Socket | None = None
-        self._pushes: dict[str, zmq.Socket] = {}  # inbox endpoint -> PUSH
+        self._pushes: PushPool | None = None  # inbox endpoint -> PUSH; set by start()
         self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -177,7 +109,13 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self._ctx = zmq.asyncio.Context()
-        self._send_ctx = zmq.Context.shadow(self._ctx.underlying)
+        # on a sync shadow of the context: sends are plain NOBLOCK calls
+        self._pushes = PushPool(
+            zmq.Context.shadow(self._ctx.underlying),
+            linger_ms=s.linger_ms,
+            hwm=s.hwm,
+            curve=self.curve,
+        )
         self._pull = open_socket(
             self._ctx,
             zmq.PULL,
@@ -206,20 +144,19 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        for request_id in list(self._flights):
+        for request_id in list(self.tracker.requests):
             self._fail(
                 request_id, GenerationError("the gateway is shutting down"), outcome="aborted"
             )
         linger = self.settings.linger_ms
-        for sock in self._pushes.values():
-            sock.close(linger=linger)
-        self._pushes.clear()
+        if self._pushes is not None:
+            self._pushes.close()
         if self._pull is not None:
             self._pull.close(linger=linger)
         if self._ctx is not None:
             release(self._ctx)
             self._ctx.destroy(linger=linger)
-        self._ctx = self._send_ctx = self._pull = None
+        self._ctx = self._pushes = self._pull = None
         log.info("gateway_stopped")
 
     def alive(self) -> bool:
@@ -233,42 +170,56 @@ class Gateway:
             raise RuntimeError("Gateway.start() has not been awaited")
         return self._ctx
 
+    # -- state, for the probes and /v1/models -------------------------------------------------
+
+    @property
+    def secure(self) -> bool:
+        """CURVE between the services (False only with ``insecure = true``)."""
+        return self.curve is not None
+
+    def unavailable_reason(self) -> str | None:
+        """None when every level has a live ready replica; else why not (for /health)."""
+        return self.registry.unavailable_reason()
+
+    def max_context(self) -> int | None:
+        """The target's context in tokens (prompt and output), None while no target is known."""
+        return self.registry.target_max_context() or None
+
+    def live_replicas(self) -> list[list[dict]]:
+        """Per level, level 0 first: each live replica's description (``Replica.describe``)."""
+        return [
+            [r.describe() for r in self.registry.live(level)]
+            for level in range(self.settings.num_levels)
+        ]
+
+    def refused_replicas(self) -> dict[str, str]:
+        """Replica id -> why its heartbeats are refused."""
+        return {replica: refusal.reason for replica, refusal in self.registry.refusals.items()}
+
+    @property
+    def requests_running(self) -> int:
+        """Requests holding an admission slot."""
+        return self.admission.running
+
+    @property
+    def requests_waiting(self) -> int:
+        """Requests queued for an admission slot."""
+        return self.admission.waiting
+
     # -- requests ------------------------------------------------------------------------------
 
-    def max_tokens_for(
-        self, prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens"
-    ) -> int:
-        """``max_tokens``, checked; or, when the client gave none, ``default_max_tokens`` capped
-        to the context left after the prompt. Raises InvalidRequest naming what is wrong
+    def limits(self) -> Limits:
+        """The limits a new request is held to: the settings' and the target's context."""
+        s = self.settings
+        return Limits(s.default_max_tokens, s.max_tokens_limit, self.registry.target_max_context())
+
+    def check(
+        self, prompt_ids: Sequence[int], max_tokens: int | None = None, param: str = "max_tokens"
+    ) -> Prompt:
+        """The prompt held to the limits (``limits.check_prompt``), with its output length:
+        ``max_tokens``, or the default when None. Raises InvalidRequest naming what is wrong
         (``param``: the field's name as the client spelled it)."""
-        s, context = self.settings, self.registry.target_max_context()
-        if not prompt_tokens:
-            raise InvalidRequest("prompt must not be empty", "prompt")
-        if context and prompt_tokens >= context:
-            raise InvalidRequest(
-                f"the prompt is {prompt_tokens} tokens, but the model's context is {context} tokens "
-                "(prompt and output together)",
-                "prompt",
-            )
-        if max_tokens is None:
-            return (
-                min(s.default_max_tokens, context - prompt_tokens)
-                if context
-                else s.default_max_tokens
-            )
-        if max_tokens < 1:
-            raise InvalidRequest(f"{param} must be at least 1, got {max_tokens}", param)
-        if max_tokens > s.max_tokens_limit:
-            raise InvalidRequest(
-                f"{param} must be at most {s.max_tokens_limit}, got {max_tokens}", param
-            )
-        if context and prompt_tokens + max_tokens > context:
-            raise InvalidRequest(
-                f"prompt ({prompt_tokens} tokens) plus {param} ({max_tokens}) is "
-                f"{prompt_tokens + max_tokens} tokens, more than the model's context of {context} tokens",
-                param,
-            )
-        return max_tokens
+        return check_prompt(prompt_ids, max_tokens, self.limits(), param)
 
     async def generate(
         self,
@@ -278,41 +229,48 @@ class Gateway:
         sampling: SamplingParams = GREEDY,
         top_logprobs: int = -1,
     ) -> Generation:
-        """Start a request once admitted; iterate the result for its events.
+        """``check`` then ``submit``: start a request once admitted; iterate the result for its
+        events. Raises InvalidRequest (bad input) at once; then as ``submit``."""
+        return await self.submit(
+            self.check(prompt_ids, max_tokens), request_id, sampling, top_logprobs
+        )
 
-        Raises InvalidRequest (bad input) at once, Overloaded when no slot is free or frees in
-        time, NoRoute (some level has no replica); nothing is sent to a stage before that.
-        ``sampling``: greedy by default; ``top_logprobs`` >= 0 asks the target for the raw
-        log-probability of each token and of that many alternatives.
+    async def submit(
+        self,
+        prompt: Prompt,
+        request_id: str | None = None,
+        sampling: SamplingParams = GREEDY,
+        top_logprobs: int = -1,
+    ) -> Generation:
+        """Start a checked request once admitted; iterate the result for its events.
+
+        Raises InvalidRequest (a request_id already in flight) at once, Overloaded when no slot
+        is free or frees in time, NoRoute (some level has no replica); nothing is sent to a
+        stage before that. ``sampling``: greedy by default; ``top_logprobs`` >= 0 asks the
+        target for the raw log-probability of each token and of that many alternatives.
         """
         if self._ctx is None:
             raise RuntimeError("Gateway.start() has not been awaited")
-        max_tokens = self.max_tokens_for(len(prompt_ids), max_tokens)
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        if request_id in self._flights:
+        if request_id in self.tracker.requests:
             raise InvalidRequest(f"request_id {request_id!r} is already in flight", "request_id")
         queued_at = time.monotonic()
         await self.admission.acquire()
         self.metrics.queue_time.observe(time.monotonic() - queued_at)
         try:
-            return self._launch(list(prompt_ids), max_tokens, request_id, sampling, top_logprobs)
+            return self._launch(prompt, request_id, sampling, top_logprobs)
         except BaseException:
             self.admission.release()
             raise
 
     def _launch(
-        self,
-        prompt_ids: list[int],
-        max_tokens: int,
-        request_id: str,
-        sampling: SamplingParams,
-        top_logprobs: int,
+        self, prompt: Prompt, request_id: str, sampling: SamplingParams, top_logprobs: int
     ) -> Generation:
         route = self.registry.pick_route()
-        req = TrackedRequest(
+        flight = Flight(
             request_id=request_id,
-            prompt=prompt_ids,
-            max_tokens=max_tokens,
+            prompt=list(prompt.ids),
+            max_tokens=prompt.max_tokens,
             eos_ids=self.eos_ids,
             route=route,
             reply_to=self.reply_to,
@@ -320,39 +278,34 @@ class Gateway:
             sampling=sampling,
             top_logprobs=top_logprobs,
         )
-        flight = _InFlight(asyncio.Queue(), req)
-        self._flights[request_id] = flight
         self.metrics.requests_running.inc()
-        self._send_all(self.tracker.add(req))
+        self._send_all(self.tracker.add(flight))
         log.info(
             "request_started",
             request_id=request_id,
-            prompt_tokens=len(prompt_ids),
-            max_tokens=max_tokens,
+            prompt_tokens=len(prompt.ids),
+            max_tokens=prompt.max_tokens,
             route=[hop.replica for hop in route],
             temperature=sampling.temperature,
             seed=sampling.seed,
         )
-        deadline = req.created + self.settings.request_timeout_s + DEADLINE_GRACE_S
-        return Generation(self, flight, deadline)
+        deadline = flight.created + self.settings.request_timeout_s + DEADLINE_GRACE_S
+        return Generation(flight, deadline, self.cancel)
 
     def cancel(
         self, request_id: str, reason: str = "cancelled", outcome: str = "cancelled"
     ) -> None:
         """Stop a request at every stage of its route; a consumer waiting on it gets
         RequestCancelled. Idempotent; never blocks."""
-        req = self.tracker.requests.get(request_id)
-        flight = self._flights.get(request_id)
-        if req is None or flight is None:
+        flight = self.tracker.requests.get(request_id)
+        if flight is None:
             return
-        self._send_cancel(req, reason)
+        self._send_cancel(flight, reason)
         flight.queue.put_nowait(RequestCancelled(f"request {request_id} was cancelled: {reason}"))
-        log.info("request_cancelled", request_id=request_id, reason=reason, tokens=len(req.tokens))
+        log.info(
+            "request_cancelled", request_id=request_id, reason=reason, tokens=len(flight.tokens)
+        )
         self._end(request_id, outcome=outcome)
-
-    def unavailable_reason(self) -> str | None:
-        """None when every level has a live ready replica; else why not (for /health)."""
-        return self.registry.unavailable_reason()
 
     # -- incoming messages ---------------------------------------------------------------------
 
@@ -395,29 +348,29 @@ class Gateway:
             log.warning("unexpected_message", type=msg.TYPE)
 
     def _on_output(self, msg: Output) -> None:
-        flight = self._flights.get(msg.request_id)
+        flight = self.tracker.requests.get(msg.request_id)
         if flight is None:
             return  # finished or cancelled already: a late duplicate
         new = self.tracker.on_output(msg)
         if new:
             self._observe_tokens(flight, len(new))
-            logprobs = flight.req.logprobs[-len(new) :] if flight.req.top_logprobs >= 0 else []
+            logprobs = flight.logprobs[-len(new) :] if flight.top_logprobs >= 0 else []
             flight.queue.put_nowait(TokensEvent(new, logprobs))
-        req = flight.req
-        if req.done:
-            flight.queue.put_nowait(FinishEvent(req.finish_reason or "stop", self.summary(flight)))
+        if flight.done:
+            reason = flight.finish_reason or "stop"
+            flight.queue.put_nowait(FinishEvent(reason, flight.summary()))
             # The target's final notice reaches drafters over PUB/SUB, which loses messages to a
             # subscriber still connecting (a very short request); release them reliably too.
-            self._send_cancel(req, "finished")
-            self._end(msg.request_id, outcome=req.finish_reason or "stop")
+            self._send_cancel(flight, "finished")
+            self._end(msg.request_id, outcome=reason)
 
-    def _observe_tokens(self, flight: _InFlight, count: int) -> None:
+    def _observe_tokens(self, flight: Flight, count: int) -> None:
         """Time to first token; inter-token latency per token (a piece of several tokens, e.g.
         accepted drafts, spreads the gap since the previous piece over its tokens)."""
         now = time.monotonic()
         if flight.last_token_at is None:
             flight.first_token_at = now
-            self.metrics.time_to_first_token.observe(now - flight.req.created)
+            self.metrics.time_to_first_token.observe(now - flight.created)
         else:
             gap = (now - flight.last_token_at) / count
             for _ in range(count):
@@ -425,8 +378,8 @@ class Gateway:
         flight.last_token_at = now
 
     def _on_error(self, msg: RequestError) -> None:
-        req = self.tracker.on_error(msg)
-        if req is not None and msg.request_id in self._flights:
+        flight = self.tracker.on_error(msg)
+        if flight is not None:
             log.warning(
                 "request_error",
                 request_id=msg.request_id,
@@ -434,7 +387,7 @@ class Gateway:
                 replica=msg.replica,
                 message=msg.message,
             )
-            self._fail(msg.request_id, GenerationError(req.error), outcome="error")
+            self._fail(msg.request_id, GenerationError(flight.error), outcome="error")
 
     # -- ticker --------------------------------------------------------------------------------
 
@@ -494,8 +447,8 @@ class Gateway:
         (every target replica died): a clear error instead of waiting for the request timeout.
         A lost drafter never fails a request: the levels above decode without it."""
         now, limit = time.monotonic(), self.settings.target_lost_timeout_s
-        for request_id, flight in list(self._flights.items()):
-            if self.registry.is_live(flight.req.route[-1].replica):
+        for request_id, flight in list(self.tracker.requests.items()):
+            if self.registry.is_live(flight.route[-1].replica):
                 flight.target_lost_at = None
                 continue
             if flight.target_lost_at is None:
@@ -506,7 +459,7 @@ class Gateway:
                     request_id,
                     GenerationError(
                         f"the target level has had no live replica for {limit:g} s; "
-                        f"{len(flight.req.tokens)} tokens were produced before it was lost"
+                        f"{len(flight.tokens)} tokens were produced before it was lost"
                     ),
                     "error",
                 )
@@ -530,17 +483,15 @@ class Gateway:
     # -- ending requests -----------------------------------------------------------------------
 
     def _fail(self, request_id: str, error: GenerationError, outcome: str) -> None:
-        flight = self._flights.get(request_id)
-        req = self.tracker.requests.get(request_id)
-        if flight is None or req is None:
+        flight = self.tracker.requests.get(request_id)
+        if flight is None:
             return
-        self._send_cancel(req, outcome)
+        self._send_cancel(flight, outcome)
         flight.queue.put_nowait(error)
         self._end(request_id, outcome)
 
     def _end(self, request_id: str, outcome: str) -> None:
         req = self.tracker.remove(request_id)
-        self._flights.pop(request_id)
         self.admission.release()
         m = self.metrics
         m.requests.labels(outcome).inc()
@@ -558,26 +509,11 @@ class Gateway:
             wall_s=round(time.monotonic() - req.created, 3),
         )
 
-    def summary(self, flight: _InFlight, completion_tokens: int | None = None) -> RequestStats:
-        """The request's statistics; ``completion_tokens`` defaults to the tokens received."""
-        req = flight.req
-        ttft = None if flight.first_token_at is None else flight.first_token_at - req.created
-        return request_stats(
-            req.request_id,
-            len(req.prompt),
-            len(req.tokens) if completion_tokens is None else completion_tokens,
-            req.stats,
-            req.resyncs,
-            ttft,
-            time.monotonic() - req.created,
-            req.sampling,
-        )
-
     # -- sending -------------------------------------------------------------------------------
 
-    def _send_cancel(self, req: TrackedRequest, reason: str) -> None:
-        msg = Cancel(request_id=req.request_id, reason=reason)
-        for hop in req.route:
+    def _send_cancel(self, flight: Flight, reason: str) -> None:
+        msg = Cancel(request_id=flight.request_id, reason=reason)
+        for hop in flight.route:
             self._send(hop, msg)
 
     def _send_all(self, sends: list[Send]) -> None:
@@ -587,22 +523,7 @@ class Gateway:
     def _send(self, hop: RouteHop, msg: Message) -> None:
         if not self.registry.is_live(hop.replica):
             return  # lost: its replacement (if any) gets the request through _repair_routes
-        sock = self._pushes.get(hop.inbox)
-        if sock is None:
-            s = self.settings
-            sock = open_socket(
-                self._send_ctx,
-                zmq.PUSH,
-                hop.inbox,
-                linger_ms=s.linger_ms,
-                hwm=s.hwm,
-                curve=self.curve,
-                server=level_role(hop.level),
-            )
-            self._pushes[hop.inbox] = sock
-        try:
-            sock.send(encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
+        if not self._pushes.send(hop.inbox, encode(msg), level_role(hop.level)):
             self.metrics.send_drops.inc()
             log.warning(
                 "send_dropped",
@@ -616,5 +537,5 @@ class Gateway:
         in_use = {r.heartbeat.inbox for r in self.registry.replicas.values()}
         for replica in lost:
             inbox = replica.heartbeat.inbox
-            if inbox not in in_use and inbox in self._pushes:
-                self._pushes.pop(inbox).close(linger=0)  # nothing queued for a lost peer is useful
+            if inbox not in in_use:
+                self._pushes.discard(inbox, linger_ms=0)  # nothing queued for a lost peer is useful

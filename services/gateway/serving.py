@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from common.protocol import TokenLogprob
 from common.sampling import SamplingParams, derive_seed
-from services.gateway.core import Gateway, Generation
+from services.gateway.core import Gateway, Generation, Prompt
 from services.gateway.events import (
     GenerationError,
     GenerationTimeout,
@@ -77,8 +77,7 @@ class Job:
     """One validated request, ready to run."""
 
     reply: Reply
-    prompt_ids: list[int]
-    max_tokens: int | None  # None: the gateway's default
+    prompt: Prompt  # checked against the limits, with its output length
     stops: list[str]
     echo: str  # text sent before the completion (completions with ``echo``), else ""
     stream: bool
@@ -164,7 +163,7 @@ class OpenAIServing:
                 "model",
             )
         max_tokens, param = body.output_limit()
-        self.gateway.max_tokens_for(len(ids), max_tokens, param)  # reject now, before queueing
+        prompt = self.gateway.check(ids, max_tokens, param)  # the one check, before queueing
         chat = isinstance(body, ChatCompletionRequest)
         kind = "chatcmpl" if chat else "cmpl"
         reply = Reply(f"{kind}-{uuid.uuid4().hex}", int(time.time()), self.model_name, chat)
@@ -174,8 +173,7 @@ class OpenAIServing:
         seed = secrets.randbits(63) if body.seed is None else body.seed
         return Job(
             reply,
-            ids,
-            max_tokens,
+            prompt,
             body.stop_strings(),
             echo,
             body.stream,
@@ -198,9 +196,7 @@ class OpenAIServing:
                 request_id = job.reply.id if job.n == 1 else f"{job.reply.id}-{index}"
                 started = await until_disconnected(
                     request.receive,
-                    self.gateway.generate(
-                        job.prompt_ids, job.max_tokens, request_id, sampling, job.top_logprobs
-                    ),
+                    self.gateway.submit(job.prompt, request_id, sampling, job.top_logprobs),
                 )
                 if started is None:
                     _cancel_all(generations, "client disconnected")

@@ -4,7 +4,8 @@ Sockets (see common.sockets for the bind/connect rule):
   inbox    PULL, bound    Start/Cancel from the gateway, Span from the level below
   notices  PUB,  bound    Notice to lower levels; topic = request id + NUL
   sub      SUB,  connects to the notices of the upper levels on each request's route
-  push     PUSH, connects one per peer endpoint: spans up, outputs and heartbeats to the gateway
+  push     PUSH, connects one per peer endpoint (common.sockets.PushPool): spans up, outputs and
+           heartbeats to the gateway
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from common.security import (
     release,
 )
 from common.settings import StageSettings
-from common.sockets import bound_endpoint, open_socket, secure_client
+from common.sockets import PushPool, bound_endpoint, open_socket, secure_client
 from common.stage_engine import StageEngine
 from services.stage.metrics import LoopWatch, StageMetrics, serve_http
 
@@ -77,35 +78,21 @@ class ZmqOutbox:
         sub: zmq.Socket,
         curve: Curve | None = None,
     ):
-        self.ctx, self.settings, self.notices, self.sub = ctx, settings, notices, sub
-        self.curve = curve
-        self.pushes: dict[str, zmq.Socket] = {}
+        self.settings, self.notices, self.sub, self.curve = settings, notices, sub, curve
+        self.pushes = PushPool(ctx, linger_ms=settings.linger_ms, hwm=settings.hwm, curve=curve)
         self.sub_connected: set[str] = set()
         self.subscribed: set[str] = set()
         self.dropped = 0
         self.bad_peers = 0  # endpoints it could not connect to (malformed, unknown role)
 
     def _push(self, endpoint: str, msg: Message, server: str) -> None:
-        sock = self.pushes.get(endpoint)
-        if sock is None:
-            try:
-                sock = open_socket(
-                    self.ctx,
-                    zmq.PUSH,
-                    endpoint,
-                    linger_ms=self.settings.linger_ms,
-                    hwm=self.settings.hwm,
-                    curve=self.curve,
-                    server=server,
-                )
-            except (zmq.ZMQError, KeyError_) as exc:  # a malformed endpoint or unknown role
-                self.bad_peers += 1
-                log.warning("peer_refused", endpoint=endpoint, role=server, reason=str(exc))
-                return
-            self.pushes[endpoint] = sock
         try:
-            sock.send(encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
+            sent = self.pushes.send(endpoint, encode(msg), server)
+        except (zmq.ZMQError, KeyError_) as exc:  # a malformed endpoint or unknown role
+            self.bad_peers += 1
+            log.warning("peer_refused", endpoint=endpoint, role=server, reason=str(exc))
+            return
+        if not sent:
             self.dropped += 1
 
     def send_span(self, hop: RouteHop, span: Span) -> None:
@@ -139,8 +126,7 @@ class ZmqOutbox:
             self.subscribed.discard(request_id)
 
     def close(self) -> None:
-        for sock in self.pushes.values():
-            sock.close(linger=self.settings.linger_ms)
+        self.pushes.close()
 
 
 class StageService:
@@ -208,35 +194,22 @@ class StageService:
         """Heartbeats from their own thread and sockets, so a long forward pass does not make the
         stage look dead; ``ready`` still turns false if the main loop stops beating. With
         ``gateway_all_addresses``, one socket per gateway replica, re-resolved every few seconds."""
-        socks: dict[str, zmq.Socket] = {}
+        socks = PushPool(self.ctx, linger_ms=0, hwm=16, curve=self.curve)
         next_resolve = 0.0
         try:
             while self._beating.is_set():
                 if time.monotonic() >= next_resolve:
                     wanted = set(gateway_endpoints(self.settings))
-                    for ep in set(socks) - wanted:
-                        socks.pop(ep).close(linger=0)
-                    for ep in wanted - set(socks):
-                        socks[ep] = open_socket(
-                            self.ctx,
-                            zmq.PUSH,
-                            ep,
-                            linger_ms=0,
-                            hwm=16,
-                            curve=self.curve,
-                            server=GATEWAY,
-                        )
+                    socks.retain(wanted)
+                    for ep in wanted:
+                        socks.socket(ep, GATEWAY)
                     next_resolve = time.monotonic() + RESOLVE_EVERY_S
                 frame = encode(self.heartbeat())
-                for sock in socks.values():
-                    try:
-                        sock.send(frame, zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
+                for ep in socks.endpoints():
+                    socks.send(ep, frame)  # a full queue drops a heartbeat; the next one follows
                 time.sleep(self.settings.heartbeat_interval_s)
         finally:
-            for sock in socks.values():
-                sock.close(linger=0)
+            socks.close()
 
     def heartbeat(self) -> Heartbeat:
         b = self.backend

@@ -4,6 +4,8 @@ with gaps, after the end) and what the tracker makes of them; re-sends on a virt
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 
 from common.protocol import LevelStats, Output, RequestError, RouteHop
@@ -206,3 +208,23 @@ def test_error_finishes_the_request_once():
     assert req.error == "level 1 (r1): boom"
     assert tracker.on_output(piece(0, [5])) == [] and tracker.due() == []
     assert tracker.remove("a") is req and tracker.remove("a") is None
+
+
+def test_a_subclass_entry_is_the_one_table_row_from_add_to_remove():
+    """What the gateway does: its ``Flight`` subclasses ``TrackedRequest`` with its own state,
+    and the tracker's table is the only one (the entry it hands back is the one added)."""
+
+    @dataclass
+    class Flight(TrackedRequest):
+        seen: list[list[int]] = field(default_factory=list)
+
+    tracker: RequestTracker[Flight] = RequestTracker(RESEND_S, clock=Clock())
+    flight = Flight(**vars(tracked()))
+    sends = tracker.add(flight)
+    assert tracker.requests == {"a": flight} and {hop for hop, _ in sends} == set(ROUTE)
+    flight.seen.append(tracker.on_output(piece(0, [5, 6])))
+    assert tracker.requests["a"].seen == [[5, 6]] and flight.tokens == [5, 6]
+    assert (
+        tracker.on_error(RequestError(request_id="a", replica="r1", level=1, message="x")) is flight
+    )
+    assert tracker.remove("a") is flight and tracker.requests == {}

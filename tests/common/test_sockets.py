@@ -1,5 +1,6 @@
 """The socket factory's security: CURVE allow-lists per bound socket, the sender's role on every
-frame, and ZMQ_MAXMSGSIZE on receiving sockets (real sockets on loopback)."""
+frame, and ZMQ_MAXMSGSIZE on receiving sockets; the pool of PUSH sockets (real sockets on
+loopback)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from common.security import (
     secret_file,
     sender_role,
 )
-from common.sockets import arrivals, open_socket, secure_client
+from common.sockets import PushPool, arrivals, open_socket, secure_client
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,67 @@ def test_arrivals_yields_every_message_of_a_burst_queued_before_it_started(multi
 
     got = asyncio.run(asyncio.wait_for(scenario(), timeout=10))
     assert got == [b"%d" % i for i in range(201)]
+
+
+def unused_endpoint(ctx) -> str:
+    sock = open_socket(ctx, zmq.PULL, "tcp://127.0.0.1:0", linger_ms=0)
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    sock.close(linger=0)
+    return endpoint
+
+
+def test_the_push_pool_opens_one_secure_socket_per_endpoint(keys, ctx):
+    inboxes = [pull(ctx, curve(keys, "level1"), {"gateway"}) for _ in range(2)]
+    pool = PushPool(ctx, linger_ms=0, curve=curve(keys, "gateway"))
+    for i in range(3):
+        for n, (_, endpoint) in enumerate(inboxes):
+            assert pool.send(endpoint, b"%d-%d" % (n, i), server="level1")
+    assert len(pool) == 2 and sorted(pool.endpoints()) == sorted(e for _, e in inboxes)
+    endpoint = inboxes[0][1]
+    assert pool.socket(endpoint) is pool.socket(endpoint, "level1")
+    for n, (inbox, _) in enumerate(inboxes):
+        frames = [received(inbox) for _ in range(3)]
+        assert [f.bytes for f in frames] == [b"%d-%d" % (n, i) for i in range(3)]
+        assert {sender_role(f) for f in frames} == {"gateway"}
+    pool.close()
+
+
+def test_the_push_pool_uses_its_options(ctx):
+    pool = PushPool(ctx, linger_ms=7, hwm=3)
+    sock = pool.socket(unused_endpoint(ctx))
+    assert sock.socket_type == zmq.PUSH
+    assert (sock.getsockopt(zmq.LINGER), sock.getsockopt(zmq.SNDHWM)) == (7, 3)
+    pool.close(linger_ms=0)
+
+
+def test_a_push_pool_send_to_a_full_peer_is_a_drop_not_a_block(ctx):
+    pool = PushPool(ctx, linger_ms=0, hwm=2)
+    endpoint = unused_endpoint(ctx)  # nobody reads: the queue fills at the high-water mark
+    sent = [pool.send(endpoint, b"x") for _ in range(20)]
+    assert sent[0] and not sent[-1]
+    pool.close()
+
+
+def test_a_push_pool_keeps_no_socket_it_could_not_open(keys, ctx):
+    pool = PushPool(ctx, linger_ms=0, curve=curve(keys, "gateway"))
+    with pytest.raises(zmq.ZMQError):
+        pool.send("not an endpoint", b"x", server="level0")
+    with pytest.raises(KeyError_):
+        pool.send(unused_endpoint(ctx), b"x", server="level9")  # no key for that role
+    assert len(pool) == 0
+
+
+def test_the_push_pool_closes_what_it_is_told_to(ctx):
+    pool = PushPool(ctx, linger_ms=0)
+    a, b, c = (unused_endpoint(ctx) for _ in range(3))
+    socks = {ep: pool.socket(ep) for ep in (a, b, c)}
+    pool.retain({a, b})
+    assert sorted(pool.endpoints()) == sorted([a, b]) and socks[c].closed
+    pool.discard(a)
+    pool.discard("tcp://127.0.0.1:1")  # not in the pool: nothing to do
+    assert pool.endpoints() == [b] and a not in pool and b in pool and socks[a].closed
+    pool.close()
+    assert len(pool) == 0 and socks[b].closed
+    assert pool.send(a, b"x")  # still usable: opens a fresh socket
+    assert pool.socket(a) is not socks[a]
+    pool.close()

@@ -237,13 +237,13 @@ def test_requests_beyond_the_admission_limits_get_429(tokenizer):
             target=system.http.post, args=("/v1/completions",), kwargs={"json": {"prompt": "a"}}
         )
         first.start()
-        wait_until(lambda: system.gateway.admission.running == 1)
+        wait_until(lambda: system.gateway.requests_running == 1)
         queued = []
         second = threading.Thread(
             target=lambda: queued.append(system.http.post("/v1/completions", json={"prompt": "b"}))
         )
         second.start()
-        wait_until(lambda: system.gateway.admission.waiting == 1)
+        wait_until(lambda: system.gateway.requests_waiting == 1)
         over = system.http.post("/v1/completions", json={"prompt": "c"})
         assert over.status_code == 429 and over.headers["retry-after"] == "1"
         assert "at capacity (1 requests in flight, 1 waiting" in over.json()["error"]["message"]
@@ -255,7 +255,7 @@ def test_requests_beyond_the_admission_limits_get_429(tokenizer):
             system.http.post("/v1/completions", json={"prompt": "d", "max_tokens": 2}).status_code
             == 200
         )
-        assert (system.gateway.admission.running, system.gateway.admission.waiting) == (0, 0)
+        assert (system.gateway.requests_running, system.gateway.requests_waiting) == (0, 0)
         metrics = system.http.get("/metrics").text
         assert 'pipespec:rejected_requests_total{api="http",code="429"} 2.0' in metrics
         assert "pipespec:num_requests_waiting 0.0" in metrics
@@ -277,6 +277,25 @@ def test_zmq_client_streams_and_completes(system):
         assert "".join(client.stream("Le café", max_tokens=64)) == TEXT
         text, stats = client.complete("Le café")
         assert text == TEXT and stats["completion_tokens"] == len(system.script)
+
+
+def test_each_request_is_checked_against_the_limits_once(system, monkeypatch):
+    """One check per request, whatever the API and however many choices it runs as."""
+    checks = []
+    check = system.gateway.check
+    monkeypatch.setattr(
+        system.gateway, "check", lambda *args, **kw: checks.append(args) or check(*args, **kw)
+    )
+    response = system.http.post("/v1/completions", json={"prompt": "Le café", "n": 3})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 3 and len(checks) == 1
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "n": 2}
+    response = system.http.post("/v1/chat/completions", json=body | {"stream": True})
+    assert response.status_code == 200, response.text
+    assert len(checks) == 2
+    with PipeSpecClient(system.client_api.endpoint, timeout_s=5) as client:
+        client.complete("Le café", max_tokens=4)
+    assert len(checks) == 3
 
 
 @pytest.mark.parametrize(

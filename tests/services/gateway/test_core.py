@@ -62,7 +62,7 @@ async def running_gateway(tokenizer, **overrides):
     try:
         yield gateway, stage
         await until(lambda: not gateway.tracker.requests)
-        assert gateway.admission.running == 0, "every ended request gives its slot back"
+        assert gateway.requests_running == 0, "every ended request gives its slot back"
     finally:
         for s in stages:
             s.stop()
@@ -290,7 +290,7 @@ def test_admission_queues_then_refuses_and_counts(tokenizer, script):
             await until(lambda: gateway.unavailable_reason() is None)
             first = await gateway.generate([5], max_tokens=5)
             second = asyncio.create_task(gateway.generate([6], max_tokens=5))
-            await until(lambda: gateway.admission.waiting == 1)
+            await until(lambda: gateway.requests_waiting == 1)
             with pytest.raises(Overloaded, match="at capacity"):
                 await gateway.generate([7], max_tokens=5)
             assert "pipespec:num_requests_waiting 1.0" in gateway.metrics.exposition().decode()
