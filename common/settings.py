@@ -143,6 +143,12 @@ class GatewaySettings(TransportSettings):
         None, description="Jinja chat template, or a file holding one; overrides the tokenizer's"
     )
     heartbeat_timeout_s: float = Field(3.0, gt=0)
+    route_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="a request finding a level without a live replica waits this long for one "
+        "(a late heartbeat, a restart) before 503",
+    )
     resend_after_s: float = Field(5.0, gt=0, description="re-sync a request silent for this long")
     request_timeout_s: float = Field(600.0, gt=0)
     target_lost_timeout_s: float = Field(

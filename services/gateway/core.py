@@ -53,13 +53,14 @@ from services.gateway.events import (
 from services.gateway.generation import Flight, Generation
 from services.gateway.limits import Limits, Prompt, check_prompt
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.registry import Replica, ReplicaRegistry
+from services.gateway.registry import NoRoute, Replica, ReplicaRegistry
 
 __all__ = ["Gateway", "Generation", "Prompt", "advertised_host"]
 
 log = structlog.get_logger("gateway")
 
 TICK_S = 0.05
+ROUTE_POLL_S = 0.05  # a request waiting for a route re-checks the registry this often
 DEADLINE_GRACE_S = 1.0  # a consumer waits this long past the ticker's timeout before giving up
 WILDCARD_HOSTS = {"0.0.0.0", "*", "::", ""}
 
@@ -245,9 +246,10 @@ class Gateway:
         """Start a checked request once admitted; iterate the result for its events.
 
         Raises InvalidRequest (a request_id already in flight) at once, Overloaded when no slot
-        is free or frees in time, NoRoute (some level has no replica); nothing is sent to a
-        stage before that. ``sampling``: greedy by default; ``top_logprobs`` >= 0 asks the
-        target for the raw log-probability of each token and of that many alternatives.
+        is free or frees in time, NoRoute (some level has had no replica for ``route_wait_s``);
+        nothing is sent to a stage before that. ``sampling``: greedy by default;
+        ``top_logprobs`` >= 0 asks the target for the raw log-probability of each token and of
+        that many alternatives.
         """
         if self._ctx is None:
             raise RuntimeError("Gateway.start() has not been awaited")
@@ -256,17 +258,35 @@ class Gateway:
             raise InvalidRequest(f"request_id {request_id!r} is already in flight", "request_id")
         queued_at = time.monotonic()
         await self.admission.acquire()
-        self.metrics.queue_time.observe(time.monotonic() - queued_at)
         try:
-            return self._launch(prompt, request_id, sampling, top_logprobs)
+            route = await self._route()
+            self.metrics.queue_time.observe(time.monotonic() - queued_at)
+            return self._launch(prompt, request_id, sampling, top_logprobs, route)
         except BaseException:
             self.admission.release()
             raise
 
+    async def _route(self) -> list[RouteHop]:
+        """A replica per level. When some level has none, wait up to ``route_wait_s`` for one
+        (a heartbeat late under load, a replica restarting) before NoRoute: a blip of the
+        registry must not fail a request that a moment later could run."""
+        deadline = time.monotonic() + self.settings.route_wait_s
+        while True:
+            try:
+                return self.registry.pick_route()
+            except NoRoute:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(ROUTE_POLL_S)
+
     def _launch(
-        self, prompt: Prompt, request_id: str, sampling: SamplingParams, top_logprobs: int
+        self,
+        prompt: Prompt,
+        request_id: str,
+        sampling: SamplingParams,
+        top_logprobs: int,
+        route: list[RouteHop],
     ) -> Generation:
-        route = self.registry.pick_route()
         flight = Flight(
             request_id=request_id,
             prompt=list(prompt.ids),

@@ -226,6 +226,7 @@ def test_every_target_replica_killed_fails_in_flight_requests_clearly_then_recov
             t.start()
         deadline = time.monotonic() + 60
         while metric_total(url, "pipespec:num_requests_running") < len(pool):
+            assert not results, f"a request ended before the kill: {results}"
             assert time.monotonic() < deadline, "requests did not start"
             time.sleep(0.05)
         killed_at = time.monotonic()

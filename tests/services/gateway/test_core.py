@@ -24,6 +24,7 @@ from services.gateway.events import (
     RequestCancelled,
     TokensEvent,
 )
+from services.gateway.registry import NoRoute
 from tests.services.gateway.fake_stage import FakeStage
 
 TEXT = "Ça coûte 3 € — 日本語 🙂"
@@ -170,6 +171,30 @@ def test_a_dead_target_is_replaced_when_one_appears(tokenizer, script):
             assert ids == script
             assert replacement.starts()[0].route[1].replica == replacement.replica
             assert "pipespec:reroutes_total 1.0" in gateway.metrics.exposition().decode()
+
+    asyncio.run(main())
+
+
+def test_a_request_waits_for_a_level_without_replicas_then_gets_no_route(tokenizer, script):
+    """A level with no live replica (a late heartbeat, a restart) holds a new request for up to
+    ``route_wait_s``: it runs if a replica appears in time, and fails with NoRoute if not."""
+
+    async def main():
+        async with running_gateway(tokenizer, route_wait_s=2.0) as (gateway, stage):
+            stage(0)
+            waiting = asyncio.create_task(gateway.generate([5, 6], max_tokens=64))
+            await asyncio.sleep(0.5)
+            assert not waiting.done() and not gateway.tracker.requests  # nothing sent yet
+            stage(1, script)
+            ids, finish = await collect(await waiting)
+            assert ids == script and finish.finish_reason == "stop"
+        async with running_gateway(tokenizer, route_wait_s=0.4) as (gateway, stage):
+            stage(0)
+            started = time.monotonic()
+            with pytest.raises(NoRoute, match="no live replica at level 1"):
+                await gateway.generate([5, 6], max_tokens=64)
+            assert 0.4 <= time.monotonic() - started < 2.0
+            assert gateway.requests_running == 0  # the slot it held while waiting is back
 
     asyncio.run(main())
 
