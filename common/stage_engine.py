@@ -340,6 +340,10 @@ class StageEngine:
             return f"route does not name this replica ({self.replica}) for level {self.level}"
         if not msg.prompt:
             return "empty prompt"
+        vocab = self.backend.vocab_size
+        bad = next((t for t in [*msg.prompt, *msg.committed] if not 0 <= t < vocab), None)
+        if vocab and bad is not None:
+            return f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})"
         if self.level == len(msg.route) - 1 and not self.backend.can_verify:
             return f"backend {self.backend.kind!r} cannot be the target"
         limit = self.backend.max_context

@@ -52,6 +52,7 @@ class Backend(ABC):
     can_verify: bool = True  # False: may only draft (level 0)
     has_logits: bool = True  # False: predictions without logits (no sampling, no logprobs)
     max_context: int = 0  # positions; 0 = unbounded
+    vocab_size: int = 0  # token ids it accepts are 0 .. vocab_size - 1; 0 = any
     eos_token_ids: tuple[int, ...] = ()
 
     @property

@@ -120,6 +120,7 @@ class BatchedRunner(BatchedBackend):
         self.groups = self.n_heads // self.n_kv
         self.scaling = first.scaling
         self.max_context = getattr(config, "max_position_embeddings", 0) or 0
+        self.vocab_size = config.vocab_size
         weight = decoder.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.pool = BlockPool(kv_pool_tokens, block_size)

@@ -145,6 +145,7 @@ class HFBackend(Backend):
         )
         config = self.model.config.get_text_config(decoder=True)
         self.max_context = getattr(config, "max_position_embeddings", None) or 0
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
         generation = self.model.generation_config
         self.eos_token_ids = _ids(generation and generation.eos_token_id) or _ids(
             config.eos_token_id

@@ -61,3 +61,24 @@ def test_logprobs_from_a_target_without_logits_is_a_clear_error():
     h.gateway.submit(req)
     assert h.net.run_until(lambda: req.done, 1e5)
     assert "has no logits: it cannot return logprobs" in req.error
+
+
+def test_a_prompt_token_outside_the_models_vocabulary_is_refused_with_a_clear_error():
+    from common.request_tracker import TrackedRequest
+    from common.simnet import GATEWAY
+
+    backends = [SimulatedBackend(0.9, vocab=50), SimulatedBackend(1.0, vocab=50)]
+    backends[-1].vocab_size = 50  # as a transformers backend reports its embedding table
+    h = build(backends, [1.0, 2.0])
+    req = TrackedRequest(
+        request_id="r",
+        prompt=[1, 50],
+        max_tokens=4,
+        eos_ids=[],
+        route=h.route,
+        reply_to=GATEWAY,
+        created=0.0,
+    )
+    h.gateway.submit(req)
+    assert h.net.run_until(lambda: req.done, 1e5)
+    assert "token id 50 is outside the model's vocabulary (0..49)" in req.error
