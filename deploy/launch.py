@@ -88,6 +88,7 @@ class Plan:
     gateway: GatewaySettings
     children: list[ChildSpec]
     keys_dir: Path | None = None  # the run's key set, once System.start made it
+    target: StageSettings | None = None  # the top level's settings (its first replica's)
 
     @property
     def secure(self) -> bool:
@@ -171,6 +172,7 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         )
     ]
     stages, levels = config.get("stages", []), set()
+    target: StageSettings | None = None
     if not stages or not all(isinstance(entry, dict) for entry in stages):
         raise LaunchError("the config needs one or more [[stages]] tables")
     for i, entry in enumerate(stages):
@@ -188,6 +190,8 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         except ValueError as exc:
             raise LaunchError(f"[[stages]] #{i + 1}: {exc}") from None
         levels.add(stage.level)
+        if stage.level == gateway.num_levels - 1 and target is None:
+            target = stage
         for r in range(replicas):
             name = f"stage{stage.level}" + (f".{r}" if replicas > 1 else "")
             children.append(
@@ -202,7 +206,7 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         raise LaunchError(
             f"stages cover levels {sorted(levels)}, but the gateway needs 0..{gateway.num_levels - 1}"
         )
-    return Plan(gateway, children)
+    return Plan(gateway, children, target=target)
 
 
 def load_plan(path: Path) -> Plan:
@@ -374,51 +378,6 @@ class System:
                 child.process.wait(timeout=timeout_s)
 
 
-def run_demo(url: str, prompt: str, max_tokens: int) -> bool:
-    """Stream one completion to stdout, then its statistics. False on an error."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
-    stats = None
-    print(f"\n{prompt}", end="", flush=True)
-    with httpx.Client(timeout=httpx.Timeout(10.0, read=300.0)) as http:
-        with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                print(
-                    f"\nerror {response.status_code}: {response.read().decode()}", file=sys.stderr
-                )
-                return False
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[len("data: ") :])
-                if "error" in chunk:
-                    print(f"\nerror: {chunk['error']['message']}", file=sys.stderr)
-                    return False
-                print(chunk["choices"][0]["text"], end="", flush=True)
-                stats = chunk.get("spec_decode_stats", stats)
-    print("\n")
-    if stats is not None:
-        print(format_stats(stats))
-    return True
-
-
-def format_stats(s: dict) -> str:
-    """The final chunk's ``spec_decode_stats`` for people."""
-    first = s["time_to_first_token_s"]
-    lines = [
-        f"--- {s['request_id']}",
-        f"{s['completion_tokens']} tokens in {s['wall_time_s']:.2f} s ({s['tokens_per_s']:.1f} tokens/s)"
-        + ("" if first is None else f", first token after {first:.2f} s"),
-        f"target forward passes: {s['target_forward_passes']} "
-        f"({s['tokens_per_target_pass']:.2f} tokens per pass)",
-    ]
-    for a in s["acceptance"]:
-        lines.append(
-            f"level {a['level']} accepted {a['accepted_tokens']}/{a['draft_tokens']} draft tokens "
-            f"({a['acceptance_rate']:.1%}) in {a['drafts']} verifications, {a['rollbacks']} rollbacks"
-        )
-    return "\n".join(lines)
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -457,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if args.demo is not None:
-            return 0 if run_demo(plan.http_url, args.demo, args.max_tokens) else 1
+            from deploy.demo import run_demo  # torch and transformers, for --demo only
+
+            return 0 if run_demo(plan, args.demo, args.max_tokens) else 1
         if not plan.secure:
             print("WARNING: insecure = true: plain TCP between the services", flush=True)
         else:

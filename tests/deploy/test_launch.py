@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from common import model_catalog
-from deploy.launch import LaunchError, format_stats, load_plan, plan_from_config
+from deploy.demo import format_stats
+from deploy.launch import LaunchError, load_plan, plan_from_config
 
 CONFIGS = Path(__file__).parents[2] / "deploy" / "configs"
 

@@ -1,0 +1,135 @@
+"""``python -m deploy.launch CONFIG --demo PROMPT``: stream one completion through the running
+system, print its statistics, then decode the same prompt with the target alone (its own backend,
+settings and threads, one token per step, in this process) and print both speeds side by side
+and whether the texts are equal.
+
+The target-alone run is the reference decoder the tests use (``common.simnet.reference_decode``),
+so "same text: yes" is the lossless claim checked live. On a machine whose cores the stages
+share, the comparison runs while the stages sit idle.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from deploy.launch import Plan
+
+
+@dataclass
+class Streamed:
+    text: str
+    stats: dict | None
+
+
+def stream_completion(url: str, prompt: str, max_tokens: int) -> Streamed | None:
+    """Stream one completion to stdout; what came back, or None after printing the error."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
+    stats, text = None, []
+    print(f"\n{prompt}", end="", flush=True)
+    with httpx.Client(timeout=httpx.Timeout(10.0, read=300.0)) as http:
+        with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                print(
+                    f"\nerror {response.status_code}: {response.read().decode()}", file=sys.stderr
+                )
+                return None
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if "error" in chunk:
+                    print(f"\nerror: {chunk['error']['message']}", file=sys.stderr)
+                    return None
+                text.append(chunk["choices"][0]["text"])
+                print(text[-1], end="", flush=True)
+                stats = chunk.get("spec_decode_stats", stats)
+    print("\n")
+    return Streamed("".join(text), stats)
+
+
+def format_stats(s: dict) -> str:
+    """The final chunk's ``spec_decode_stats`` for people."""
+    first = s["time_to_first_token_s"]
+    lines = [
+        f"--- {s['request_id']}",
+        f"{s['completion_tokens']} tokens in {s['wall_time_s']:.2f} s ({s['tokens_per_s']:.1f} tokens/s)"
+        + ("" if first is None else f", first token after {first:.2f} s"),
+        f"target forward passes: {s['target_forward_passes']} "
+        f"({s['tokens_per_target_pass']:.2f} tokens per pass)",
+    ]
+    for a in s["acceptance"]:
+        lines.append(
+            f"level {a['level']} accepted {a['accepted_tokens']}/{a['draft_tokens']} draft tokens "
+            f"({a['acceptance_rate']:.1%}) in {a['drafts']} verifications, {a['rollbacks']} rollbacks"
+        )
+    return "\n".join(lines)
+
+
+def side_by_side(
+    pipespec_tokens: int,
+    pipespec_s: float,
+    alone_tokens: int,
+    alone_s: float,
+    same_text: bool,
+    target: str,
+) -> str:
+    """The demo's last line.
+
+    >>> side_by_side(64, 4.0, 64, 6.0, True, "smollm2-135m")
+    'PipeSpec 16.0 tokens/s | target alone (smollm2-135m) 10.7 tokens/s | 1.50x | same text: yes'
+    """
+    ours, alone = pipespec_tokens / pipespec_s, alone_tokens / alone_s
+    return (
+        f"PipeSpec {ours:.1f} tokens/s | target alone ({target}) {alone:.1f} tokens/s | "
+        f"{ours / alone:.2f}x | same text: {'yes' if same_text else 'NO'}"
+    )
+
+
+def target_alone(plan: Plan, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+    """The target's own greedy decoding of ``prompt``: text, tokens, seconds (prefill included,
+    as in the pipeline's wall time)."""
+    from common.backends import load_backend
+    from common.simnet import reference_decode
+    from common.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(plan.gateway.tokenizer)
+    backend = load_backend(plan.target)
+    prompt_ids = tokenizer.encode(prompt)
+    eos = backend.eos_token_ids or [tokenizer.eos_token_id]
+    started = time.perf_counter()
+    tokens = reference_decode(backend, prompt_ids, max_tokens, eos)
+    seconds = time.perf_counter() - started
+    return tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), seconds
+
+
+def run_demo(plan: Plan, prompt: str, max_tokens: int) -> bool:
+    """Stream one completion, print its statistics and the side-by-side line. False on an
+    error."""
+    got = stream_completion(plan.http_url, prompt, max_tokens)
+    if got is None:
+        return False
+    if got.stats is None:
+        return True
+    print(format_stats(got.stats))
+    if plan.target is None or plan.target.backend not in ("hf", "early-exit"):
+        return True
+    print("\ndecoding the same prompt with the target alone ...", flush=True)
+    text, tokens, seconds = target_alone(plan, prompt, max_tokens)
+    print(
+        side_by_side(
+            got.stats["completion_tokens"],
+            got.stats["wall_time_s"],
+            tokens,
+            seconds,
+            text == got.text,
+            Path(plan.target.model or plan.target.backend).name,
+        ),
+        flush=True,
+    )
+    return True
