@@ -251,7 +251,7 @@ def sampling_for(temperature: float, top_p: float, index: int) -> dict[str, Any]
 def run_sampled(args, models, methods, prompts, ids, temperature: float, out: Path, log):
     """The reference decoder and every pipespec method at one temperature; outputs compared
     with the reference decoder's."""
-    from benchmarks.systems import gateway_table, run_system
+    from benchmarks.systems import bench_config, run_system
     from common.backends.hf import HFBackend
     from common.model_store import model_dir
     from common.sampling import SamplingParams
@@ -285,7 +285,7 @@ def run_sampled(args, models, methods, prompts, ids, temperature: float, out: Pa
         if not method.startswith("pipespec"):
             continue
         stages = real_stages(models, method, {"dtype": args.dtype, **args.stage_overrides})
-        config = {"gateway": gateway_table(target_dir, len(stages)), "stages": stages}
+        config = bench_config(target_dir, stages)
         log(f"[{suite}] {method} T={temperature:g} (services) ...")
         results.append(
             run_system(
