@@ -341,9 +341,10 @@ class StageEngine:
         if not msg.prompt:
             return "empty prompt"
         vocab = self.backend.vocab_size
-        bad = next((t for t in [*msg.prompt, *msg.committed] if not 0 <= t < vocab), None)
-        if vocab and bad is not None:
-            return f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})"
+        if vocab:  # 0: the backend takes any id (n-gram, simulated)
+            bad = next((t for t in [*msg.prompt, *msg.committed] if not 0 <= t < vocab), None)
+            if bad is not None:
+                return f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})"
         if self.level == len(msg.route) - 1 and not self.backend.can_verify:
             return f"backend {self.backend.kind!r} cannot be the target"
         limit = self.backend.max_context

@@ -3,7 +3,8 @@
 import pytest
 
 from common.backends.simulated import SimulatedBackend
-from common.simnet import Faults, build, greedy_reference, run_request
+from common.request_tracker import TrackedRequest
+from common.simnet import GATEWAY, Faults, build, greedy_reference, run_request
 
 
 def sims(agreements, seed=3):
@@ -43,42 +44,32 @@ def test_faulty_network_matches_target(seed):
     assert req.tokens == want
 
 
-def test_logprobs_from_a_target_without_logits_is_a_clear_error():
-    from common.request_tracker import TrackedRequest
-    from common.simnet import GATEWAY
-
-    h = build([SimulatedBackend(0.9, vocab=50), SimulatedBackend(1.0, vocab=50)], [1.0, 2.0])
-    req = TrackedRequest(
-        request_id="r",
-        prompt=[1, 2],
-        max_tokens=4,
-        eos_ids=[],
-        route=h.route,
-        reply_to=GATEWAY,
-        created=0.0,
-        top_logprobs=2,
-    )
-    h.gateway.submit(req)
-    assert h.net.run_until(lambda: req.done, 1e5)
-    assert "has no logits: it cannot return logprobs" in req.error
-
-
-def test_a_prompt_token_outside_the_models_vocabulary_is_refused_with_a_clear_error():
-    from common.request_tracker import TrackedRequest
-    from common.simnet import GATEWAY
-
-    backends = [SimulatedBackend(0.9, vocab=50), SimulatedBackend(1.0, vocab=50)]
-    backends[-1].vocab_size = 50  # as a transformers backend reports its embedding table
+def refusal(backends, prompt: list[int], **fields) -> str | None:
+    """The error a two-level simulated system gives a request for ``prompt``."""
     h = build(backends, [1.0, 2.0])
     req = TrackedRequest(
         request_id="r",
-        prompt=[1, 50],
+        prompt=prompt,
         max_tokens=4,
         eos_ids=[],
         route=h.route,
         reply_to=GATEWAY,
         created=0.0,
+        **fields,
     )
     h.gateway.submit(req)
     assert h.net.run_until(lambda: req.done, 1e5)
-    assert "token id 50 is outside the model's vocabulary (0..49)" in req.error
+    return req.error
+
+
+def test_logprobs_from_a_target_without_logits_is_a_clear_error():
+    backends = [SimulatedBackend(0.9, vocab=50), SimulatedBackend(1.0, vocab=50)]
+    error = refusal(backends, [1, 2], top_logprobs=2)
+    assert "has no logits: it cannot return logprobs" in error
+
+
+def test_a_prompt_token_outside_the_models_vocabulary_is_refused_with_a_clear_error():
+    backends = [SimulatedBackend(0.9, vocab=50), SimulatedBackend(1.0, vocab=50)]
+    backends[-1].vocab_size = 50  # as a transformers backend reports its embedding table
+    error = refusal(backends, [1, 50])
+    assert "token id 50 is outside the model's vocabulary (0..49)" in error
