@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ScheduleKind = Literal["async", "sync"]
+DraftPolicy = Literal["goodput", "all"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class EngineConfig:
     request_ttl_s: float = 60.0  # seconds a drafter keeps a request it hears nothing about
     done_retention_s: float = 60.0  # seconds the target keeps a finished output for re-sends
     republish_interval_s: float = 0.05  # seconds between repeats of state to a stale drafter
+    max_batch_tokens: int = 512  # tokens one batched pass feeds, all requests together (one
+    #   request's prefill may exceed it alone); requests past it wait for the next pass
+    draft_policy: DraftPolicy = "goodput"  # goodput: common.draft_policy weighs drafts against
+    #   the pass's cost; all: check every draft on offer (up to draft_cap)
 
     @property
     def draft_cap(self) -> int:

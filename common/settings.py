@@ -75,6 +75,26 @@ class StageSettings(TransportSettings):
     lookahead: int = Field(8, ge=1, description="sync: drafts per verification (paper's SD: 8)")
     sync_wait_s: float = Field(2.0, gt=0, description="sync: verify with fewer drafts after")
     max_verify_tokens: int = Field(32, ge=1, description="draft tokens checked per pass, at most")
+    max_batch_tokens: int = Field(
+        512, ge=1, description="tokens one batched pass feeds, all requests together"
+    )
+    draft_policy: Literal["goodput", "all"] = Field(
+        "goodput",
+        description="goodput: check the drafts worth their cost in the batch (shrinks under "
+        "load); all: every draft on offer",
+    )
+    kv_pool_tokens: int = Field(
+        4096,
+        ge=16,
+        description="KV positions this stage holds, all requests together; a request reserves "
+        "prompt + max_tokens, and waits when the pool is full",
+    )
+    min_rows: int = Field(
+        4,
+        ge=1,
+        description="rows every matrix product gets: 4 keeps logits independent of batch and "
+        "window (exact); 1 is faster for lone one-token steps, exact only almost always",
+    )
     heartbeat_interval_s: float = Field(0.5, gt=0)
     request_ttl_s: float = Field(60.0, gt=0, description="drafter drops a silent request after")
     done_retention_s: float = Field(60.0, gt=0, description="target keeps finished output for")
@@ -110,6 +130,8 @@ class StageSettings(TransportSettings):
             lookahead=self.lookahead,
             sync_wait_s=self.sync_wait_s,
             max_verify_tokens=self.max_verify_tokens,
+            max_batch_tokens=self.max_batch_tokens,
+            draft_policy=self.draft_policy,
             request_ttl_s=self.request_ttl_s,
             done_retention_s=self.done_retention_s,
         )

@@ -1,14 +1,18 @@
 """One level of the PipeSpec hierarchy, for many requests, with no I/O of its own.
 
 The stage service feeds it decoded messages (:meth:`StageEngine.handle`) and calls
-:meth:`StageEngine.step` to run one forward pass for one request; everything it sends goes
-through an :class:`Outbox`. The same engine runs over real ZeroMQ sockets (``services.stage``)
-and over the in-process fake transport of the tests.
+:meth:`StageEngine.step` to run one batched forward pass; everything it sends goes through an
+:class:`Outbox`. The same engine runs over real ZeroMQ sockets (``services.stage``) and over the
+in-process fake transport of the tests.
 
-Every level runs the same step (``_run_pass``): feed the tokens the KV cache lacks, plus any
-drafts from below, in one forward pass; accept the longest matching prefix of the drafts and
-append one correction/bonus token. Level 0 has no drafts, so its step is a plain greedy step;
-a verifier with no drafts makes its own greedy step instead of idling (the paper's rho model).
+A step is plan -> one backend call -> commit (like vLLM's ``EngineCore.step``): ``_plan`` picks
+every request that wants a pass (within ``max_batch_tokens``), opens its KV reservation if the
+pool has room (else it waits), and decides what it feeds: the tokens its KV cache lacks plus the
+drafts from below that the draft-length policy keeps (``common.draft_policy``). One
+``BatchedBackend.step`` runs them all; ``_commit`` then does, per request, what a level always
+does: accept the longest matching prefix of the drafts and append one correction/bonus token.
+Level 0 has no drafts, so its step is a plain greedy step; a verifier with no drafts makes its own
+greedy step instead of idling (the paper's rho model).
 
 Lossless by construction: a level appends only its own predictions (accepted drafts equal
 them), so the target's sequence is its own output whatever the drafts, their timing or their
@@ -27,8 +31,11 @@ from typing import Protocol
 
 import structlog
 
-from common.backends.base import Backend, Session
+from common.backends.base import Backend
+from common.backends.batched import BatchedBackend, PoolUsage, Run, RunResult
+from common.backends.batched_loop import LoopedBatched
 from common.decoding import accept_greedy, anchor_drafts, apply_stop, reconcile
+from common.draft_policy import acceptance_estimate, draft_lengths
 from common.engine_config import EngineConfig
 from common.protocol import (
     Cancel,
@@ -63,6 +70,7 @@ class PassObserver:
     def on_pass(
         self, drafts: int, accepted: int, emitted: int, rejected: bool, seconds: float
     ) -> None: ...
+    def on_batch(self, requests: int, tokens: int) -> None: ...
     def on_rollback_applied(self) -> None: ...
     def on_stale_span(self) -> None: ...
 
@@ -87,7 +95,8 @@ class LevelRequest:
     reply_to: str
     last_heard: float
     stats: LevelStats
-    session: Session | None = None  # KV cache: a prefix of prompt + tokens[:-1] (_sync_cache)
+    opened: bool = False  # holds a KV reservation: a prefix of prompt + tokens[:-1] (_sync_cache)
+    waiting_kv: bool = False  # wants a pass but the KV pool has no room for it yet
     epoch: int = 0  # bumped when drafts sent to this level become invalid
     span: Span | None = None  # best drafts received from the level below
     seen: dict[int, SeenNotice] = field(default_factory=dict)  # latest notice per upper level
@@ -211,11 +220,20 @@ class SyncSchedule(Schedule):
 SCHEDULES: dict[str, type[Schedule]] = {"async": AsyncSchedule, "sync": SyncSchedule}
 
 
+@dataclass
+class PlannedRun:
+    """One request's part of the next pass: what its KV cache lacks, then the drafts it checks."""
+
+    r: LevelRequest
+    pending: list[int]
+    drafts: list[int]
+
+
 class StageEngine:
     def __init__(
         self,
         config: EngineConfig,
-        backend: Backend,
+        backend: BatchedBackend | Backend,
         outbox: Outbox,
         replica: str,
         clock: Callable[[], float] = time.monotonic,
@@ -224,7 +242,8 @@ class StageEngine:
         self.level = config.level
         self.config = config
         self.schedule = SCHEDULES[config.schedule](config)
-        self.backend = backend
+        # a per-request backend serves a batch one request after another (no KV bound)
+        self.backend = backend if isinstance(backend, BatchedBackend) else LoopedBatched(backend)
         self.outbox = outbox
         self.replica = replica
         self.clock = clock
@@ -353,6 +372,12 @@ class StageEngine:
                 f"prompt ({len(msg.prompt)} tokens) + max_tokens ({msg.max_tokens}) exceeds "
                 f"the model context of {limit} tokens"
             )
+        pool = self.backend.usage().capacity_tokens
+        if pool and len(msg.prompt) + msg.max_tokens > pool:
+            return (
+                f"prompt ({len(msg.prompt)} tokens) + max_tokens ({msg.max_tokens}) exceeds "
+                f"this stage's KV pool of {pool} tokens"
+            )
         if len(msg.committed) > msg.max_tokens:
             return "committed output longer than max_tokens"
         if msg.logprobs >= 0 and self.level == len(msg.route) - 1 and not self.backend.has_logits:
@@ -446,28 +471,101 @@ class StageEngine:
         now = self.clock()
         return sum(1 for r in self.requests.values() if self.schedule.wants_pass(r, now))
 
-    def step(self) -> bool:
-        """Run one forward pass for the next request that wants one. False if none does.
+    def kv_usage(self) -> PoolUsage:
+        """The backend's KV pool: reserved and held tokens, capacity (0: unbounded)."""
+        return self.backend.usage()
 
-        The requests it looks at, in round-robin order up to the one it runs, are the only place
-        the schedule's state changes (``Schedule.update``: a sync verifier's wait for drafts)."""
-        for _ in range(len(self._order)):
-            rid = self._order[0]
-            self._order.rotate(-1)
-            r = self.requests.get(rid)
-            if r is None:
-                continue
-            now = self.clock()
+    def waiting_for_kv(self) -> int:
+        """Requests that want a pass but wait for room in the KV pool."""
+        return sum(1 for r in self.requests.values() if r.waiting_kv)
+
+    def step(self) -> bool:
+        """Run one batched forward pass for every request that wants one: plan, one backend
+        call, commit. False if none does.
+
+        Planning is the only place the schedule's state changes (``Schedule.update``: a sync
+        verifier's wait for drafts)."""
+        plan = self._plan()
+        if not plan:
+            return False
+        runs = [Run(p.r.request_id, p.pending + p.drafts, rows=len(p.drafts) + 1) for p in plan]
+        t0 = time.perf_counter()
+        try:
+            results = self.backend.step(runs)
+        except Exception as exc:  # a model error fails the requests of this pass, not the process
+            self._count("pass_failed")
+            log.exception("pass_failed", stage_level=self.level, requests=len(plan))
+            for p in plan:
+                self._fail(p.r, f"model error at level {self.level}: {exc}")
+            return True
+        seconds = time.perf_counter() - t0
+        self.observer.on_batch(len(plan), sum(len(run.tokens) for run in runs))
+        for p in plan:
+            try:
+                self._commit(p, results[p.r.request_id], seconds / len(plan))
+            except Exception as exc:
+                self._count("pass_failed")
+                log.exception("pass_failed", request_id=p.r.request_id, stage_level=self.level)
+                self._fail(p.r, f"model error at level {self.level}: {exc}")
+        return True
+
+    def _plan(self) -> list[PlannedRun]:
+        """Every request that wants a pass now and has (or gets) room in the KV pool, in
+        round-robin order (the first one changes every pass) while the batch's tokens stay
+        within ``max_batch_tokens``; each with the drafts the draft-length policy keeps."""
+        now = self.clock()
+        self._order.rotate(-1)
+        plan: list[PlannedRun] = []
+        tokens = 0
+        for rid in self._order:
+            r = self.requests[rid]
             self.schedule.update(r, now)
-            if self.schedule.wants_pass(r, now):
-                try:
-                    self._run_pass(r)
-                except Exception as exc:  # a model error fails this request, not the process
-                    self._count("pass_failed")
-                    log.exception("pass_failed", request_id=rid, stage_level=self.level)
-                    self._fail(r, f"model error at level {self.level}: {exc}")
-                return True
-        return False
+            if not self.schedule.wants_pass(r, now) or not self._open(r):
+                continue
+            pending = (r.prompt + r.tokens)[self.backend.length(rid) :]
+            if plan and tokens + len(pending) > self.config.max_batch_tokens:
+                continue
+            plan.append(PlannedRun(r, pending, self.schedule.drafts(r)))
+            tokens += len(pending)
+        self._choose_drafts(plan, room=self.config.max_batch_tokens - tokens)
+        return plan
+
+    def _choose_drafts(self, plan: list[PlannedRun], room: int) -> None:
+        """Trim each planned request's drafts to what the policy keeps and the batch has room
+        for (``room``: tokens left under ``max_batch_tokens``)."""
+        if not any(p.drafts for p in plan):
+            return
+        offered = [len(p.drafts) for p in plan]
+        if self.config.draft_policy == "goodput":
+            offered = draft_lengths(
+                [len(p.pending) for p in plan],
+                [
+                    acceptance_estimate(p.r.stats.accepted_tokens, p.r.stats.draft_tokens)
+                    for p in plan
+                ],
+                offered,
+                curve=self.backend.cost_curve,
+            )
+        for p, k in zip(plan, offered):
+            k = max(0, min(k, room))
+            room -= k
+            p.drafts = p.drafts[:k]
+
+    def _open(self, r: LevelRequest) -> bool:
+        """Whether ``r`` holds a KV reservation (its worst case: prompt + max_tokens), taking one
+        if the pool has room; if not, it waits (``waiting_kv``) until a request closes."""
+        if r.opened:
+            return True
+        capacity = len(r.prompt) + r.max_tokens
+        if not self.backend.can_open(capacity):
+            if not r.waiting_kv:
+                self._count("kv_waits")
+                log.debug("kv_wait", request_id=r.request_id, stage_level=self.level)
+            r.waiting_kv = True
+            return False
+        self.backend.open(r.request_id, capacity)
+        r.opened, r.waiting_kv = True, False
+        return True
 
     def tick(self) -> None:
         """Timers: forget silent drafter requests and expired finished ones."""
@@ -479,19 +577,19 @@ class StageEngine:
             del self.finished[rid]
 
     # ------------------------------------------------------------------ the pass
-    def _run_pass(self, r: LevelRequest) -> None:
-        t0 = time.perf_counter()
-        seq = r.prompt + r.tokens
-        if r.session is None:
-            r.session = self.backend.new_session(seq[:-1])
-        pending = seq[r.session.length :]  # tokens the cache lacks; the last one at least
-        drafts = self.schedule.drafts(r)
-        chooser = self._chooser(r, skip=len(pending) - 1)
-        preds = r.session.forward(pending + drafts, chooser)[len(pending) - 1 :]
+    def _commit(self, p: PlannedRun, result: RunResult, seconds: float) -> None:
+        """Accept / correct / bonus for one request of the pass, then its spans, notices and
+        outputs. ``result`` has one row per draft plus one; ``seconds``: its share of the pass."""
+        r, drafts = p.r, p.drafts
+        chooser = self._chooser(r, skip=0)
+        if chooser is not None and result.logits is not None:
+            preds = chooser(result.logits)
+        else:
+            preds = result.greedy
         if preds[0] is None:  # a drafter with nothing to propose: wait for news from above
             self._sync_cache(r)  # drop what the pass fed but the last token
             r.stalled = True
-            r.stats.busy_s += time.perf_counter() - t0
+            r.stats.busy_s += seconds
             return
         m = accept_greedy(drafts, preds)
         new = drafts[:m] + [preds[m]]
@@ -520,7 +618,6 @@ class StageEngine:
         if rejected:
             r.epoch += 1
             st.rollbacks_issued += 1
-        seconds = time.perf_counter() - t0
         st.busy_s += seconds
         self.observer.on_pass(len(drafts), m, len(r.tokens) - old_len, rejected, seconds)
         if self.is_target(r):
@@ -544,18 +641,18 @@ class StageEngine:
 
     def _sync_cache(self, r: LevelRequest, valid: int | None = None) -> None:
         """Enforce the KV cache invariant, after anything that changes ``r.tokens`` or feeds the
-        cache: the session holds a prefix of ``prompt + tokens[:-1]``, so that the next pass
-        has at least the last token to feed (and ``new_session`` prefills exactly that).
+        cache: the reservation holds a prefix of ``prompt + tokens[:-1]``, so that the next pass
+        has at least the last token to feed.
 
         ``valid``: how many of ``r.tokens`` the cache may still hold as they are now (after a
         rollback, the positions from the divergence on held other tokens); default all. The
         cache is only ever cut, never extended: a pass feeds what it lacks.
         """
-        if r.session is None:
+        if not r.opened:
             return
         keep = len(r.tokens) - 1 if valid is None else min(valid, len(r.tokens) - 1)
-        if len(r.prompt) + keep < r.session.length:
-            r.session.crop(len(r.prompt) + keep)
+        if len(r.prompt) + keep < self.backend.length(r.request_id):
+            self.backend.crop(r.request_id, len(r.prompt) + keep)
 
     def _chooser(self, r: LevelRequest, skip: int) -> Chooser | None:
         """None for a plain greedy pass; else what picks this pass's tokens (and, at the target,
@@ -675,9 +772,9 @@ class StageEngine:
             self._order.remove(r.request_id)
         except ValueError:
             pass
-        if r.session is not None:
-            r.session.close()
-            r.session = None
+        if r.opened:
+            self.backend.close(r.request_id)
+            r.opened = False
         self.outbox.unsubscribe(r.request_id)
         log.debug("request_dropped", request_id=r.request_id, stage_level=self.level, reason=reason)
 

@@ -37,6 +37,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.draft_policy import DEFAULT_CURVE
+
 
 class PoolExhausted(RuntimeError):
     """The KV pool cannot hold what was asked; the caller should queue the request, not retry."""
@@ -98,9 +100,13 @@ class BatchedBackend(ABC):
 
     name: str = ""
     kind: str = ""
-    can_verify: bool = True
+    can_verify: bool = True  # False: may only draft (level 0)
+    has_logits: bool = True  # False: greedy predictions only (no sampling, no logprobs)
     max_context: int = 0  # positions per request; 0 = unbounded
+    vocab_size: int = 0  # token ids it accepts are 0 .. vocab_size - 1; 0 = any
     eos_token_ids: tuple[int, ...] = ()
+    # (tokens in a pass, its cost / a one-token pass's): what the draft-length policy weighs
+    cost_curve: tuple[tuple[int, float], ...] = DEFAULT_CURVE
 
     @property
     def tokenizer_fingerprint(self) -> str | None:

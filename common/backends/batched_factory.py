@@ -1,23 +1,27 @@
-"""The batched backend a stage's settings describe (what the engine switch will call).
+"""The batched backend a stage's settings describe: what a stage service serves with.
 
 ``kv_pool_tokens`` (positions in the stage's KV pool, all requests together) and ``min_rows``
-(rows every matrix product gets; 4 keeps logits batch-invariant) are read from the settings when
-they have them, else the defaults below: the settings class gains them with the engine switch.
+(rows every matrix product gets; 4 keeps logits batch-invariant) come from the settings.
 The transformers runner gets one intra-op thread unless ``threads`` says otherwise; more than
 one voids the row invariance (at 2 threads a 7-row product differs; batching-sampling.md §3).
-The simulator's per-pass cost is ``sim_cost_ms`` times the measured batch curve.
+The n-gram drafter is a loop over per-request sessions (its passes cost nothing worth batching).
+The simulator's per-pass cost is ``sim_cost_ms`` times a batch curve: the measured one, or, with
+``sim_cost_per_token_ms``, a line (each token of the whole batch past the first adds that much).
+
+>>> from common.settings import StageSettings
+>>> b = load_batched_backend(StageSettings(level=1, backend="simulated", sim_cost_ms=10,
+...                                        sim_cost_per_token_ms=1, kv_pool_tokens=64))
+>>> b.pass_seconds(1), b.pass_seconds(5), b.usage().capacity_tokens
+(0.01, 0.014, 64)
 """
 
 from __future__ import annotations
 
 from common.backends.batched import BatchedBackend
 
-KV_POOL_TOKENS = 4096
-MIN_ROWS = 4
-
 
 def load_batched_backend(settings) -> BatchedBackend:
-    pool = getattr(settings, "kv_pool_tokens", None) or KV_POOL_TOKENS
+    pool = settings.kv_pool_tokens
     if settings.backend in ("hf", "early-exit"):
         from common.backends.batched_hf import HFBatchedBackend
 
@@ -31,21 +35,26 @@ def load_batched_backend(settings) -> BatchedBackend:
             threads=settings.threads or 1,
             early_exit_layers=settings.early_exit_layers,
             kv_pool_tokens=pool,
-            min_rows=getattr(settings, "min_rows", None) or MIN_ROWS,
+            min_rows=settings.min_rows,
         )
     if settings.backend == "ngram":
+        from common.backends import load_backend
         from common.backends.batched_loop import LoopedBatched
-        from common.backends.ngram import NgramBackend
 
-        return LoopedBatched(NgramBackend(settings.ngram_max, settings.ngram_min), pool)
+        return LoopedBatched(load_backend(settings), pool)
     if settings.backend == "simulated":
         from common.backends.batched_sim import SimulatedBatched
+        from common.draft_policy import DEFAULT_CURVE
 
+        curve = DEFAULT_CURVE
+        if settings.sim_cost_per_token_ms and settings.sim_cost_ms:
+            curve = ((1, 1.0), (2, 1.0 + settings.sim_cost_per_token_ms / settings.sim_cost_ms))
         return SimulatedBatched(
             agreement=settings.sim_agreement,
             seed=settings.sim_seed,
             vocab=settings.sim_vocab,
             cost_ms=settings.sim_cost_ms,
+            curve=curve,
             tokenizer=settings.tokenizer,
             kv_pool_tokens=pool,
         )

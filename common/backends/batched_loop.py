@@ -30,6 +30,16 @@ from common.backends.batched import (
 )
 
 
+def _keep_logits(kept: list):
+    """A chooser that records the pass's logits ``[n, V]`` and picks greedily."""
+
+    def choose(logits):
+        kept.append(logits)
+        return logits.argmax(dim=-1).tolist()
+
+    return choose
+
+
 class LoopedBatched(BatchedBackend):
     """``backend``'s sessions, one per open request; ``kv_pool_tokens`` bounds the reservations
     (``None``: unbounded)."""
@@ -38,6 +48,7 @@ class LoopedBatched(BatchedBackend):
         self.backend = backend
         self.name, self.kind = backend.name, backend.kind
         self.can_verify, self.max_context = backend.can_verify, backend.max_context
+        self.has_logits, self.vocab_size = backend.has_logits, backend.vocab_size
         self.eos_token_ids = backend.eos_token_ids
         self.capacity = kv_pool_tokens
         self._sessions: dict[Hashable, tuple[Session, int]] = {}
@@ -69,6 +80,10 @@ class LoopedBatched(BatchedBackend):
     def length(self, request: Hashable) -> int:
         return self._sessions[request][0].length
 
+    def session(self, request: Hashable) -> Session:
+        """The per-request session behind ``request`` (what a test inspects)."""
+        return self._sessions[request][0]
+
     def step(self, runs: Sequence[Run]) -> dict[Hashable, RunResult]:
         check_runs(runs, self._sessions)
         for run in runs:
@@ -82,10 +97,14 @@ class LoopedBatched(BatchedBackend):
         for run in runs:
             session = self._sessions[run.request][0]
             start = session.length
-            preds = session.forward(list(run.tokens)) if run.tokens else []
+            kept = []  # the pass's logits, where the backend has them (its chooser hook)
+            preds = session.forward(list(run.tokens), _keep_logits(kept)) if run.tokens else []
             keep = run.n_rows()
+            first = len(preds) - keep
             results[run.request] = RunResult(
-                run.row_positions(start), preds[len(preds) - keep :] if keep else []
+                run.row_positions(start),
+                preds[first:] if keep else [],
+                kept[0][first:] if kept else None,
             )
         return results
 

@@ -84,6 +84,9 @@ class StageMetrics:
         if rejected:
             self.rollbacks_issued.inc()
 
+    def on_batch(self, requests: int, tokens: int) -> None:
+        pass  # placeholder until the batching counters land (kv-gauges branch)
+
     def on_rollback_applied(self) -> None:
         self.rollbacks_applied.inc()
 

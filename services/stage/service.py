@@ -19,7 +19,7 @@ import uuid
 import structlog
 import zmq
 
-from common.backends.base import Backend
+from common.backends.batched import BatchedBackend
 from common.codec import DecodeError, decode, encode
 from common.protocol import Heartbeat, Message, Notice, Output, RequestError, RouteHop, Span
 from common.security import (
@@ -130,7 +130,7 @@ class ZmqOutbox:
 
 
 class StageService:
-    def __init__(self, settings: StageSettings, backend: Backend):
+    def __init__(self, settings: StageSettings, backend: BatchedBackend):
         self.settings = settings
         self.backend = backend
         # Identity: ``replica`` names the replica (stable across restarts of one pod);

@@ -10,9 +10,10 @@ import torch
 from common.backends import batched_loop, batched_sim
 from common.backends.batched import PoolExhausted, Run
 from common.backends.batched_loop import LoopedBatched
-from common.backends.batched_sim import SimulatedBatched, relative_cost
+from common.backends.batched_sim import SimulatedBatched
 from common.backends.ngram import NgramBackend
 from common.backends.simulated import SimulatedBackend
+from common.draft_policy import relative_cost
 
 
 @pytest.mark.parametrize("module", [batched_loop, batched_sim])
@@ -82,13 +83,14 @@ def test_reservations_are_bounded():
 
 
 def test_stage_settings_pick_the_batched_backend(tmp_path):
-    from common.backends.batched_factory import KV_POOL_TOKENS, load_batched_backend
+    from common.backends.batched_factory import load_batched_backend
     from common.backends.batched_hf import HFBatchedBackend
     from common.settings import StageSettings
     from tests.tiny_models import tiny_llama
 
     ngram = load_batched_backend(StageSettings(level=0, backend="ngram"))
-    assert isinstance(ngram, LoopedBatched) and ngram.usage().capacity_tokens == KV_POOL_TOKENS
+    pool = StageSettings.model_fields["kv_pool_tokens"].default
+    assert isinstance(ngram, LoopedBatched) and ngram.usage().capacity_tokens == pool
     sim = load_batched_backend(StageSettings(level=1, backend="simulated", sim_cost_ms=5.0))
     assert isinstance(sim, SimulatedBatched) and sim.pass_seconds(1) == 0.005
     before = torch.get_num_threads()

@@ -1,0 +1,122 @@
+"""How many drafts each request's verification checks in a batched pass: speculation that never
+hurts under load.
+
+A pass's cost grows with the tokens in the whole batch (``relative_cost``: a measured curve, cost
+relative to a one-token pass), while a draft that is accepted saves a whole pass for its request.
+With acceptance rate ``a`` per draft, checking ``k`` drafts yields on average
+``1 + a + a^2 + ... + a^k`` tokens (the chain stops at the first rejection; the 1 is the
+correction/bonus token every pass emits). The policy picks every request's ``k`` to maximise the
+batch's expected tokens per unit of pass cost (its goodput), one draft at a time, the draft with
+the highest chance of being accepted first, and stops when one more draft would lower the goodput.
+At low load a pass of few tokens costs what one token does (rows are padded to 4, and small passes
+are launch-bound), so drafting grows; as the batch fills, each extra token costs, and drafting
+shrinks toward plain batched decoding (``k = 0``), like TensorRT-LLM's ``draft_len_schedule``.
+
+Worked example, with the default curve (flat up to 4 tokens: 1.0, then 1.1 at 8, 1.5 at 16, 1.8 at
+32, 3.5 at 64). One request decoding (1 token fed) with acceptance 0.8 and 8 drafts on offer:
+k = 3 gives (1 + .8 + .64 + .512) / cost(4) = 2.95; k = 7: 4.16 / cost(8) = 3.78; k = 8 costs
+9 tokens (1.15) for 4.33: 3.76, lower, so it stops at 7:
+
+>>> draft_lengths([1], [0.8], [8])
+[7]
+
+Sixteen such requests share a pass: 16 tokens cost 1.5 already, and drafts add cost fast, so only the
+likeliest pay for themselves (goodput (16 + 16 x 0.8) / cost(32) = 16.0 with one each; 16 / 1.5 =
+10.7 with none; 14.7 with two each):
+
+>>> draft_lengths([1] * 16, [0.8] * 16, [8] * 16)
+[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+
+A request whose drafts are rarely right gets none, while a good one next to it keeps its drafts:
+
+>>> draft_lengths([1, 1], [0.9, 0.05], [8, 8])
+[8, 0]
+
+A cost curve that is flat (a GPU pass far from compute-bound) keeps every draft:
+
+>>> draft_lengths([1, 1], [0.5, 0.5], [4, 4], curve=((1, 1.0), (64, 1.0)))
+[4, 4]
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+# (tokens in the batch, pass cost / one-token pass cost): the batched runner on SmolLM2-135M, fp32,
+# one thread (``python -m benchmarks.batched_costs curve``; two runs under heavy load, min of 7
+# each, averaged: docs/batched-runner.md). 1 to 4 tokens cost the same: rows are padded to 4.
+DEFAULT_CURVE: tuple[tuple[int, float], ...] = (
+    (1, 1.0),
+    (4, 1.0),
+    (8, 1.1),
+    (16, 1.5),
+    (32, 1.8),
+    (64, 3.5),
+)
+
+PRIOR_ACCEPTANCE = 0.5  # what a request's drafts are assumed to score before any is checked
+PRIOR_WEIGHT = 4  # ... worth this many checked drafts
+
+
+def relative_cost(tokens: int, curve: Sequence[tuple[int, float]] = DEFAULT_CURVE) -> float:
+    """Piecewise-linear interpolation of ``curve`` at ``tokens`` (0 tokens cost nothing).
+
+    >>> relative_cost(1), relative_cost(4), relative_cost(6), relative_cost(48)
+    (1.0, 1.0, 1.05, 2.65)
+    >>> relative_cost(100, curve=((1, 1.0), (10, 2.0)))   # past the end: the last slope, extended
+    12.0
+    """
+    if tokens <= 0:
+        return 0.0
+    xs = [x for x, _ in curve]
+    i = bisect.bisect_left(xs, tokens)
+    if i < len(xs) and xs[i] == tokens:
+        return curve[i][1]
+    if i == 0:
+        return curve[0][1]
+    lo, hi = (i - 1, i) if i < len(xs) else (len(xs) - 2, len(xs) - 1)
+    (x0, y0), (x1, y1) = curve[lo], curve[hi]
+    return round(y0 + (tokens - x0) * (y1 - y0) / (x1 - x0), 9)
+
+
+def acceptance_estimate(accepted: int, checked: int) -> float:
+    """A request's acceptance rate so far, pulled toward the prior while few drafts were checked.
+
+    >>> acceptance_estimate(0, 0), acceptance_estimate(8, 8), acceptance_estimate(0, 12)
+    (0.5, 0.8333333333333334, 0.125)
+    """
+    return (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (checked + PRIOR_WEIGHT)
+
+
+def draft_lengths(
+    fed: Sequence[int],
+    acceptance: Sequence[float],
+    offered: Sequence[int],
+    curve: Sequence[tuple[int, float]] = DEFAULT_CURVE,
+) -> list[int]:
+    """Drafts to check per request: ``fed[i]`` tokens request ``i`` feeds anyway (what its cache
+    lacks), ``acceptance[i]`` its per-draft acceptance rate, ``offered[i]`` the drafts it has. The
+    ``k`` that maximise the batch's expected tokens per pass cost (module docstring)."""
+    k = [0] * len(fed)
+    tokens = sum(fed)
+    if not tokens:
+        return k
+    expected = float(len(fed))  # every request emits its correction/bonus token
+    # the chance that request i's next draft is accepted (all earlier ones being accepted)
+    chance = [max(0.0, min(1.0, a)) for a in acceptance]
+    best = expected / relative_cost(tokens, curve)
+    while True:
+        pick = max(
+            (i for i in range(len(fed)) if k[i] < offered[i] and chance[i] > 0),
+            key=lambda i: chance[i],
+            default=None,
+        )
+        if pick is None:
+            return k
+        goodput = (expected + chance[pick]) / relative_cost(tokens + 1, curve)
+        if goodput < best:
+            return k
+        best, expected, tokens = goodput, expected + chance[pick], tokens + 1
+        k[pick] += 1
+        chance[pick] *= max(0.0, min(1.0, acceptance[pick]))
