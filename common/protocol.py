@@ -33,6 +33,17 @@ Heartbeat               stage    -> gateway                    (PUSH -> gateway 
 
 Every message is one msgpack map with ``v`` (protocol version) and ``t`` (type tag); see
 ``common.codec``. Fields are checked strictly on decode.
+
+Versioning: a new *optional* field (one with a default) keeps the version, as Heartbeat's
+``restarts`` and ``kv_*`` did: a new receiver reads an old sender's message (the field takes its
+default), but an old receiver refuses the new field (unknown fields are rejected), so upgrade the
+receiver first (the gateway before the stages). Anything else (a new required field, a changed
+meaning or unit) bumps ``PROTOCOL_VERSION``.
+
+Units
+-----
+KV memory is counted in token positions (one position = one token's keys and values at every
+layer), as a stage's pool is sized: ``kv_used_tokens`` and ``kv_capacity_tokens`` in Heartbeat.
 """
 
 from __future__ import annotations
@@ -188,6 +199,11 @@ class Heartbeat(Message):
     restarts); ``incarnation`` is new on every process start. The gateway keeps the incarnation
     it registered until that one expires: another incarnation under a live replica's id is
     refused, never a takeover.
+
+    KV pool: ``kv_used_tokens`` of ``kv_capacity_tokens`` positions are reserved (each open
+    request holds its worst case, prompt + max_tokens); ``waiting_requests`` are held but wait for
+    room. The gateway routes toward free KV (capacity - used) and never to a replica whose
+    capacity is below a request's need. A stage without a bounded pool reports zeros.
     """
 
     TYPE: ClassVar[str] = "heartbeat"
@@ -205,6 +221,14 @@ class Heartbeat(Message):
     tokenizer_fingerprint: str | None = None  # None: works on raw ids (n-gram)
     max_context: int = 0  # positions; 0 = unknown
     restarts: int = Field(default=0, ge=0)  # times a supervisor restarted this replica
+    kv_used_tokens: int = Field(default=0, ge=0)  # KV positions reserved by open requests
+    kv_capacity_tokens: int = Field(default=0, ge=0)  # 0 = unbounded / not reported
+    waiting_requests: int = Field(default=0, ge=0)  # requests waiting for KV room
+
+    @property
+    def kv_cache_usage_perc(self) -> float:
+        """vLLM's ``kv_cache_usage_perc``: reserved / capacity, 0..1; 0 when unbounded."""
+        return self.kv_used_tokens / self.kv_capacity_tokens if self.kv_capacity_tokens else 0.0
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

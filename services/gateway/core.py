@@ -259,21 +259,22 @@ class Gateway:
         queued_at = time.monotonic()
         await self.admission.acquire()
         try:
-            route = await self._route()
+            route = await self._route(len(prompt.ids) + prompt.max_tokens)
             self.metrics.queue_time.observe(time.monotonic() - queued_at)
             return self._launch(prompt, request_id, sampling, top_logprobs, route)
         except BaseException:
             self.admission.release()
             raise
 
-    async def _route(self) -> list[RouteHop]:
-        """A replica per level. When some level has none, wait up to ``route_wait_s`` for one
-        (a heartbeat late under load, a replica restarting) before NoRoute: a blip of the
-        registry must not fail a request that a moment later could run."""
+    async def _route(self, need: int) -> list[RouteHop]:
+        """A replica per level for a request needing ``need`` KV positions (prompt +
+        max_tokens). When some level has none (or none whose KV pool could ever hold it), wait up
+        to ``route_wait_s`` for one (a heartbeat late under load, a replica restarting) before
+        NoRoute: a blip of the registry must not fail a request that a moment later could run."""
         deadline = time.monotonic() + self.settings.route_wait_s
         while True:
             try:
-                return self.registry.pick_route()
+                return self.registry.pick_route(need)
             except NoRoute:
                 if time.monotonic() >= deadline:
                     raise
@@ -430,7 +431,11 @@ class Gateway:
         self._expire_requests()
         self._fail_targetless()
         for level in range(self.settings.num_levels):
-            self.metrics.live_replicas.labels(str(level)).set(len(self.registry.live(level)))
+            live = self.registry.live(level)
+            self.metrics.live_replicas.labels(str(level)).set(len(live))
+            self.metrics.kv_cache_usage.labels(str(level)).set(
+                max((r.heartbeat.kv_cache_usage_perc for r in live), default=0.0)
+            )
 
     def _repair_routes(self, lost_ids: set[str]) -> None:
         """Move requests off lost replicas: to another replica of the same level where one is
@@ -444,7 +449,8 @@ class Gateway:
             ]
             if not broken:
                 continue
-            route = [self._replacement(hop) if hop in broken else hop for hop in req.route]
+            need = len(req.prompt) + req.max_tokens
+            route = [self._replacement(hop, need) if hop in broken else hop for hop in req.route]
             if route == req.route and not any(hop.replica in lost_ids for hop in req.route):
                 continue  # still nothing to move to; already handled when the replica was lost
             unreplaced = [hop.level for hop in route if not self.registry.is_live(hop.replica)]
@@ -459,8 +465,8 @@ class Gateway:
                 self.metrics.reroutes.inc()
             self._send_all(self.tracker.reroute(req.request_id, route))
 
-    def _replacement(self, hop: RouteHop) -> RouteHop:
-        return self.registry.pick(hop.level) or hop
+    def _replacement(self, hop: RouteHop, need: int) -> RouteHop:
+        return self.registry.pick(hop.level, need) or hop
 
     def _fail_targetless(self) -> None:
         """Fail requests whose target has had no live replica for ``target_lost_timeout_s``

@@ -12,6 +12,12 @@ what it did), accepted tokens per draft position
 Each stage's own /metrics has the same counters, live. Sampled requests (temperature > 0) are
 also counted apart, as ``pipespec:spec_decode_sampled_num_{drafts,draft_tokens,accepted_tokens}``
 (acceptance under sampling per level, with the same formulas).
+
+``pipespec:kv_cache_usage_perc{level}`` is the *maximum* over the level's live replicas of what
+each last reported (reserved / capacity): the fullest replica is the one about to make requests
+wait, and a max over replicas agrees with ``max by (level)`` over the stages' own gauges of the
+same name. A mean would hide one full replica behind idle ones. Per-replica figures are on
+``/health``.
 """
 
 from __future__ import annotations
@@ -126,6 +132,13 @@ class GatewayMetrics:
             "pipespec:replicas_refused", "Replicas refused at registration", registry=r
         )
         self.live_replicas = Gauge("pipespec:live_replicas", "Live replicas", ["level"], registry=r)
+        self.kv_cache_usage = Gauge(
+            "pipespec:kv_cache_usage_perc",
+            "KV pool usage of the fullest live replica of the level, 0..1, from heartbeats "
+            "(0: no bounded pool reported)",
+            ["level"],
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "pipespec:time_to_first_token_seconds",
             "Time to first token",

@@ -10,6 +10,13 @@ for level L only from level L's key; a live replica's id only by the incarnation
 it (another one waits until the first expires); and no replica faster than one heartbeat per
 ``min_heartbeat_interval_s``. Those heartbeats are dropped without touching the registered
 replica and counted by reason in ``rejected``.
+
+KV memory (in token positions): a replica's *free KV* is its reported capacity minus what it
+reported used, minus the need of the requests routed to it since that heartbeat; a capacity of 0
+means unbounded. A request's *need* is prompt + max_tokens (what a stage reserves). Routing never
+sends a request to a replica whose capacity is below its need (it could never start there), and
+among the others prefers one with room now (see ``routing_key``); it never refuses for want of
+free KV: a stage queues such a request until room frees.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class Replica:
     heartbeat: Heartbeat  # the latest one
     last_seen: float
     assigned: int = 0  # requests routed here since ``heartbeat``
+    assigned_kv: int = 0  # their KV need, in positions
 
     @property
     def id(self) -> str:
@@ -52,6 +60,23 @@ class Replica:
     def routable(self) -> bool:
         return self.heartbeat.ready and not self.heartbeat.draining
 
+    @property
+    def kv_capacity(self) -> int:
+        """KV positions the replica's pool holds; 0 = unbounded or not reported."""
+        return self.heartbeat.kv_capacity_tokens
+
+    @property
+    def kv_free(self) -> int | None:
+        """KV positions free for new requests (may be negative: over-assigned); None = unbounded."""
+        hb = self.heartbeat
+        if not hb.kv_capacity_tokens:
+            return None
+        return hb.kv_capacity_tokens - hb.kv_used_tokens - self.assigned_kv
+
+    def fits(self, need: int | None) -> bool:
+        """Whether a request needing ``need`` positions could ever run here (None: unknown)."""
+        return need is None or not self.kv_capacity or need <= self.kv_capacity
+
     def hop(self) -> RouteHop:
         hb = self.heartbeat
         return RouteHop(level=hb.level, replica=hb.replica, inbox=hb.inbox, notices=hb.notices)
@@ -68,7 +93,27 @@ class Replica:
             "load": self.load,
             "max_context": hb.max_context,
             "restarts": hb.restarts,
+            "kv_used_tokens": hb.kv_used_tokens,
+            "kv_capacity_tokens": hb.kv_capacity_tokens,  # 0: unbounded / not reported
+            "kv_cache_usage_perc": round(hb.kv_cache_usage_perc, 4),
+            "waiting_requests": hb.waiting_requests,
         }
+
+
+def routing_key(load: int, kv_free: int | None, need: int | None) -> tuple:
+    """Sort key of a replica for a new request, best first: one with room for the request now
+    (``kv_free`` >= ``need``; None = unbounded, always room; an unknown need counts as room), then
+    the least loaded, then the one with the most free KV.
+
+    >>> candidates = {"busy": (3, 900), "full": (1, 20), "roomy": (1, 600), "free": (1, None)}
+    >>> sorted(candidates, key=lambda c: routing_key(*candidates[c], need=64))
+    ['free', 'roomy', 'busy', 'full']
+    >>> sorted(candidates, key=lambda c: routing_key(*candidates[c], need=None))
+    ['free', 'roomy', 'full', 'busy']
+    """
+    free = float("inf") if kv_free is None else kv_free
+    room_now = need is None or free >= need
+    return (not room_now, load, -free)
 
 
 @dataclass
@@ -134,7 +179,7 @@ class ReplicaRegistry:
                 ready=hb.ready,
             )
         else:
-            known.heartbeat, known.last_seen, known.assigned = hb, now, 0
+            known.heartbeat, known.last_seen, known.assigned, known.assigned_kv = hb, now, 0, 0
         return True
 
     def rejection(self, hb: Heartbeat, sender: str | None, now: float) -> str | None:
@@ -238,28 +283,41 @@ class ReplicaRegistry:
     def live(self, level: int) -> list[Replica]:
         return [r for r in self.replicas.values() if r.level == level and self.is_live(r.id)]
 
-    def pick(self, level: int) -> RouteHop | None:
-        """The least-loaded routable replica of ``level`` (counted as assigned), or None."""
-        candidates = [r for r in self.live(level) if r.routable]
+    def pick(self, level: int, need: int | None = None) -> RouteHop | None:
+        """The best routable replica of ``level`` for a request needing ``need`` KV positions
+        (``routing_key``; only replicas whose capacity could hold it), counted as assigned; or
+        None."""
+        candidates = [r for r in self.live(level) if r.routable and r.fits(need)]
         if not candidates:
             return None
-        best = min(candidates, key=lambda r: (r.load, r.id))
+        best = min(candidates, key=lambda r: (routing_key(r.load, r.kv_free, need), r.id))
         best.assigned += 1
+        best.assigned_kv += need or 0
         return best.hop()
 
-    def pick_route(self) -> list[RouteHop]:
-        """One replica per level, least loaded first. Raises NoRoute naming the missing level."""
-        reason = self.unavailable_reason()
+    def pick_route(self, need: int | None = None) -> list[RouteHop]:
+        """One replica per level (``pick``) for a request needing ``need`` KV positions (None:
+        unknown). Raises NoRoute naming the level that has no replica, or none big enough."""
+        reason = self.unavailable_reason(need)
         if reason is not None:
             raise NoRoute(reason)
-        return [self.pick(level) for level in range(self.num_levels)]
+        return [self.pick(level, need) for level in range(self.num_levels)]
 
-    def unavailable_reason(self) -> str | None:
-        """None when every level has a live, ready, non-draining replica; else why not."""
+    def unavailable_reason(self, need: int | None = None) -> str | None:
+        """None when every level has a live, ready, non-draining replica (whose KV capacity could
+        hold ``need`` positions, when given); else why not."""
         for level in range(self.num_levels):
             live = self.live(level)
-            if any(r.routable for r in live):
+            routable = [r for r in live if r.routable]
+            if routable and any(r.fits(need) for r in routable):
                 continue
+            if routable:
+                largest = max(r.kv_capacity for r in routable)
+                return (
+                    f"no replica at level {level} can hold this request: it needs {need} KV "
+                    f"positions (prompt + max_tokens) and the largest KV pool there holds "
+                    f"{largest}; lower max_tokens or shorten the prompt"
+                )
             if live:
                 states = ", ".join(
                     f"{r.id} {'draining' if r.heartbeat.draining else 'not ready'}" for r in live

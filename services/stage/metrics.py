@@ -54,6 +54,28 @@ class StageMetrics:
         self.queue_depth = Gauge(
             "pipespec:stage_queue_depth", "Requests waiting for a pass", ["level"], registry=r
         ).labels(**lv)
+        # vLLM's names: KV pool occupancy (reserved / capacity; 0 when the pool is unbounded)
+        # and requests held but waiting for KV room.
+        self.kv_cache_usage = Gauge(
+            "pipespec:kv_cache_usage_perc",
+            "KV pool usage, 0..1: positions reserved by open requests / capacity (0 = unbounded)",
+            ["level"],
+            registry=r,
+        ).labels(**lv)
+        self.requests_waiting = Gauge(
+            "pipespec:num_requests_waiting",
+            "Requests held but waiting for room in the KV pool",
+            ["level"],
+            registry=r,
+        ).labels(**lv)
+        # Batched passes: mean batch size = rate(..._pass_requests_total) / rate(..._passes_total)
+        self.batched_passes = counter("stage_batched_passes", "Batched forward passes")
+        self.batched_pass_requests = counter(
+            "stage_batched_pass_requests", "Requests served, summed over batched passes"
+        )
+        self.batched_pass_tokens = counter(
+            "stage_batched_pass_tokens", "Tokens fed, summed over batched passes"
+        )
         self._level = str(level)
 
     def watch(
@@ -85,7 +107,15 @@ class StageMetrics:
             self.rollbacks_issued.inc()
 
     def on_batch(self, requests: int, tokens: int) -> None:
-        pass  # placeholder until the batching counters land (kv-gauges branch)
+        """One batched forward pass that served ``requests`` requests with ``tokens`` tokens."""
+        self.batched_passes.inc()
+        self.batched_pass_requests.inc(requests)
+        self.batched_pass_tokens.inc(tokens)
+
+    def set_kv(self, used_tokens: int, capacity_tokens: int, waiting: int) -> None:
+        """The KV pool's occupancy and the requests waiting for room (capacity 0: unbounded)."""
+        self.kv_cache_usage.set(used_tokens / capacity_tokens if capacity_tokens else 0.0)
+        self.requests_waiting.set(waiting)
 
     def on_rollback_applied(self) -> None:
         self.rollbacks_applied.inc()

@@ -175,6 +175,7 @@ class StageService:
         self.engine = StageEngine(
             s.engine_config(), backend, self.outbox, self.replica, observer=self.metrics
         )
+        self.kv = self._sample_kv()  # (used, capacity, waiting), refreshed by the main loop
         self.watch = LoopWatch(s.liveness_timeout_s)
         self.http = None
         if s.metrics_port is not None:
@@ -213,6 +214,7 @@ class StageService:
 
     def heartbeat(self) -> Heartbeat:
         b = self.backend
+        used, capacity, waiting = self.kv
         return Heartbeat(
             replica=self.replica,
             incarnation=self.incarnation,
@@ -228,7 +230,25 @@ class StageService:
             tokenizer_fingerprint=b.tokenizer_fingerprint,
             max_context=b.max_context,
             restarts=self.settings.restarts,
+            kv_used_tokens=used,
+            kv_capacity_tokens=capacity,
+            waiting_requests=waiting,
         )
+
+    def _sample(self) -> None:
+        """Each heartbeat interval, on the main loop: the gauges, and the KV figures that the
+        heartbeat thread sends."""
+        self.metrics.active_requests.set(len(self.engine.requests))
+        self.metrics.queue_depth.set(self.engine.queue_depth())
+        self.kv = self._sample_kv()
+        self.metrics.set_kv(*self.kv)
+
+    def _sample_kv(self) -> tuple[int, int, int]:
+        """The engine's KV pool: (reserved tokens, capacity tokens (0: unbounded), requests
+        waiting for room). Read on the main loop only: the heartbeat
+        thread reads the copy in ``self.kv``, never the engine's pool while a pass changes it."""
+        usage = self.engine.kv_usage()
+        return usage.used_tokens, usage.capacity_tokens, self.engine.waiting_for_kv()
 
     def _drain(self, sock: zmq.Socket, multipart: bool) -> None:
         for _ in range(DRAIN_LIMIT):
@@ -281,8 +301,7 @@ class StageService:
             self.watch.beat()
             if now >= next_beat:
                 self.engine.tick()
-                self.metrics.active_requests.set(len(self.engine.requests))
-                self.metrics.queue_depth.set(self.engine.queue_depth())
+                self._sample()
                 next_beat = now + interval
             if self.drain_deadline is not None:
                 # Only requests this stage is the target of must finish: drafts are speculative,

@@ -62,6 +62,17 @@ MESSAGES = [
         tokenizer_fingerprint=None,
         max_context=2048,
     ),
+    wire.Heartbeat(
+        replica="r2",
+        incarnation="i2",
+        level=2,
+        inbox="tcp://h:3",
+        notices="tcp://h:4",
+        ready=True,
+        kv_used_tokens=48,
+        kv_capacity_tokens=192,
+        waiting_requests=3,
+    ),
 ]
 
 
@@ -115,3 +126,34 @@ def test_bad_frames(name):
 
 def test_the_good_frame_of_the_bad_table_decodes():
     assert decode(frame_of(**GOOD)) == wire.Cancel(request_id="a")
+
+
+HEARTBEAT = {
+    "v": PROTOCOL_VERSION,
+    "t": "heartbeat",
+    "replica": "r",
+    "incarnation": "i",
+    "level": 1,
+    "inbox": "tcp://h:1",
+    "notices": "tcp://h:2",
+    "ready": True,
+}
+
+
+def test_a_heartbeat_without_kv_fields_reads_as_no_bounded_pool():
+    """A stage from before the KV fields stays readable: zeros, usage 0."""
+    hb = decode(frame_of(**HEARTBEAT))
+    assert (hb.kv_used_tokens, hb.kv_capacity_tokens, hb.waiting_requests) == (0, 0, 0)
+    assert hb.kv_cache_usage_perc == 0.0
+
+
+def test_heartbeat_kv_fields_round_trip_and_give_the_usage():
+    hb = decode(frame_of(**HEARTBEAT, kv_used_tokens=48, kv_capacity_tokens=192))
+    assert (hb.kv_used_tokens, hb.kv_capacity_tokens) == (48, 192)
+    assert hb.kv_cache_usage_perc == 0.25
+
+
+@pytest.mark.parametrize("field", ["kv_used_tokens", "kv_capacity_tokens", "waiting_requests"])
+def test_negative_kv_fields_are_refused(field):
+    with pytest.raises(DecodeError, match="invalid heartbeat"):
+        decode(frame_of(**HEARTBEAT | {field: -1}))

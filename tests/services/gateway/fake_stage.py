@@ -5,7 +5,8 @@ Start it streams ``script`` (cut at max_tokens / EOS) from ``have``, ``piece`` t
 every ``delay_s``, then a done Output with per-level stats; with logprobs when the Start asks for
 them, as a real target sends them (made-up values; alternatives drawn from the script's tokens). Every message it receives is kept in
 ``received`` for assertions. ``silence()`` (or ``die_on_start``) makes it stop answering and
-heartbeating, like a dead replica.
+heartbeating, like a dead replica. ``kv`` (used, capacity, waiting) is the KV pool its
+heartbeats report (attribute, may be changed while it runs; default: none reported).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ class FakeStage:
         fingerprint: str | None = None,
         max_context: int = 0,
         die_on_start: bool = False,
+        kv: tuple[int, int, int] = (0, 0, 0),
     ):
         self.gateway, self.level, self.script = gateway, level, script
         self.piece, self.delay_s, self.die_on_start = piece, delay_s, die_on_start
         self.fingerprint, self.max_context = fingerprint, max_context
+        self.kv = kv
         self.replica = f"fake-L{level}-{uuid.uuid4().hex[:6]}"
         self.received: list[Message] = []
         self.silent = threading.Event()
@@ -64,6 +67,7 @@ class FakeStage:
         self._thread.join(timeout=5)
 
     def _heartbeat(self) -> Heartbeat:
+        used, capacity, waiting = self.kv
         return Heartbeat(
             replica=self.replica,
             incarnation=self.replica,
@@ -74,6 +78,9 @@ class FakeStage:
             can_verify=self.level > 0,
             tokenizer_fingerprint=self.fingerprint,
             max_context=self.max_context,
+            kv_used_tokens=used,
+            kv_capacity_tokens=capacity,
+            waiting_requests=waiting,
         )
 
     def _run(self) -> None:

@@ -360,3 +360,33 @@ def test_http_client_disconnect_cancels_the_request(tokenizer, stream):
         system.stop_stages()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_kv_usage_on_health_and_metrics_and_a_request_no_pool_can_hold(tokenizer):
+    """The target reports 48 of 192 KV positions reserved and 2 requests waiting for room."""
+    with running(tokenizer, {"route_wait_s": 0.1}, kv=(48, 192, 2)) as system:
+        levels = system.http.get("/health").json()["levels"]
+        target, drafter = levels[1][0], levels[0][0]
+        assert (target["kv_used_tokens"], target["kv_capacity_tokens"]) == (48, 192)
+        assert (target["kv_cache_usage_perc"], target["waiting_requests"]) == (0.25, 2)
+        assert (drafter["kv_capacity_tokens"], drafter["kv_cache_usage_perc"]) == (0, 0.0)
+        wait_until(
+            lambda: (
+                'pipespec:kv_cache_usage_perc{level="1"} 0.25' in system.http.get("/metrics").text
+            )
+        )
+        assert 'pipespec:kv_cache_usage_perc{level="0"} 0.0' in system.http.get("/metrics").text
+        # Short of free KV now (144 free) is no refusal: the stage queues it until room frees.
+        fits = system.http.post("/v1/completions", json={"prompt": "Le café", "max_tokens": 150})
+        assert fits.status_code == 200, fits.text
+        prompt_ids = tokenizer.encode("Le café")
+        never = system.http.post(
+            "/v1/completions",
+            json={"prompt": prompt_ids, "max_tokens": 193 - len(prompt_ids)},
+        )
+        assert never.status_code == 503
+        assert (
+            "no replica at level 1 can hold this request: it needs 193 KV positions"
+            in never.json()["error"]["message"]
+        )
+        assert [s.max_tokens for s in system.stages[1].starts()] == [150]  # nothing sent

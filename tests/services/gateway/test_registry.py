@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import doctest
+
 import pytest
 
 from common.protocol import Heartbeat
-from services.gateway.registry import NoRoute, ReplicaRegistry
+from services.gateway import registry as registry_module
+from services.gateway.registry import NoRoute, ReplicaRegistry, routing_key
 
 FP = "gateway-vocab"
 TIMEOUT = 3.0
@@ -177,3 +180,87 @@ def test_refusals_expire_with_their_heartbeats(registry, clock):
     clock.now += TIMEOUT
     registry.reap()
     assert registry.refusals == {}
+
+
+# -- KV memory ---------------------------------------------------------------------------------
+
+
+def test_the_worked_examples_in_the_docstrings_hold():
+    result = doctest.testmod(registry_module)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    "a, b, need, better",
+    [
+        ((1, 100), (1, 50), None, "a"),  # same load: more free KV
+        ((0, 50), (1, 900), None, "a"),  # least loaded first, as before KV was reported
+        ((0, 50), (2, 900), 64, "b"),  # room for the request now beats a lighter load
+        ((1, 100), (1, 900), 64, "b"),  # both have room: same load, more free KV
+        ((1, 10), (3, 20), 64, "a"),  # neither has room now: least loaded
+        ((1, None), (1, 10**9), 64, "a"),  # an unbounded pool always has the most room
+    ],
+)
+def test_routing_key_prefers_room_now_then_load_then_free_kv(a, b, need, better):
+    keys = {"a": routing_key(*a, need=need), "b": routing_key(*b, need=need)}
+    assert min(keys, key=keys.get) == better
+
+
+def kv_beat(replica: str, used: int, capacity: int, **fields) -> Heartbeat:
+    return beat(replica, 1, kv_used_tokens=used, kv_capacity_tokens=capacity, **fields)
+
+
+def test_equal_load_goes_to_the_replica_with_more_free_kv(registry):
+    register_full(registry)
+    registry.apply(kv_beat("draft", 900, 1000))
+    registry.apply(kv_beat("draft-b", 100, 1000))
+    assert registry.pick_route()[1].replica == "draft-b"  # need unknown: free KV breaks the tie
+    registry.apply(kv_beat("draft-b", 100, 1000, active_requests=2))
+    assert registry.pick_route()[1].replica == "draft"  # less loaded, and still has room
+
+
+def test_what_was_routed_since_the_heartbeat_counts_against_free_kv(registry):
+    register_full(registry)
+    registry.apply(kv_beat("draft", 900, 1000))  # 100 free, idle
+    registry.apply(kv_beat("draft-b", 0, 1000, active_requests=5))  # 1000 free, busy
+    picks = [registry.pick_route(need=80)[1].replica for _ in range(3)]
+    # the first takes draft's room (100 -> 20 free); then only draft-b has room for 80 more
+    assert picks == ["draft", "draft-b", "draft-b"]
+    assert registry.replicas["draft"].kv_free == 20
+    registry.apply(kv_beat("draft", 980, 1000))  # the stage reports it: assignments reset
+    assert registry.replicas["draft"].kv_free == 20 and registry.replicas["draft"].assigned == 0
+
+
+def test_a_replica_whose_pool_is_too_small_is_never_chosen(registry):
+    register_full(registry)
+    registry.apply(kv_beat("draft", 0, 100))  # idle but small
+    registry.apply(kv_beat("draft-b", 1900, 2000, active_requests=9))  # busy and full, but big
+    assert registry.pick_route(need=200)[1].replica == "draft-b"  # waits at draft-b for room
+    assert registry.pick_route(need=100)[1].replica == "draft"  # fits exactly
+    assert registry.pick_route()[1].replica == "draft"  # need unknown: capacity not checked
+
+
+def test_no_route_when_no_pool_of_a_level_could_ever_hold_the_request(registry):
+    register_full(registry)
+    registry.apply(kv_beat("draft", 0, 1000))
+    registry.apply(kv_beat("draft-b", 0, 1500))
+    with pytest.raises(NoRoute) as info:
+        registry.pick_route(need=2000)
+    assert str(info.value) == (
+        "no replica at level 1 can hold this request: it needs 2000 KV positions "
+        "(prompt + max_tokens) and the largest KV pool there holds 1500; lower max_tokens or "
+        "shorten the prompt"
+    )
+    assert registry.unavailable_reason() is None  # /health: the system itself is fine
+    assert [r.assigned for r in registry.replicas.values()] == [0] * 4  # nothing half-assigned
+    registry.apply(kv_beat("draft-c", 0, 0))  # an unbounded pool holds anything
+    assert registry.pick_route(need=2000)[1].replica == "draft-c"
+
+
+def test_describe_reports_kv_usage_and_waiting_requests(registry):
+    registry.apply(kv_beat("draft", 48, 192, waiting_requests=2))
+    registry.apply(beat("plain", 1))
+    described = {d["replica"]: d for d in (r.describe() for r in registry.live(1))}
+    kv_keys = ("kv_used_tokens", "kv_capacity_tokens", "kv_cache_usage_perc", "waiting_requests")
+    assert [described["draft"][k] for k in kv_keys] == [48, 192, 0.25, 2]
+    assert [described["plain"][k] for k in kv_keys] == [0, 0, 0.0, 0]
