@@ -80,7 +80,12 @@ def measure_fixed_window(
         costs=[0.01, 1.0],
         seed=seed,
         jitter=0.0,
-        config=replace(default_engine(), max_lead=4 * gamma + 4, max_verify_tokens=gamma),
+        config=replace(
+            default_engine(),
+            max_lead=4 * gamma + 4,
+            max_verify_tokens=gamma,
+            draft_policy="all",  # the paper's model: every window holds gamma drafts
+        ),
     )
     req = run_request(h, [1, 2, 3], tokens)
     assert req is not None, "fixed-window run did not finish"

@@ -21,13 +21,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from common.backends.base import Backend
+from common.backends.batched import BatchedBackend, Run
+from common.backends.batched_loop import LoopedBatched
 from common.codec import decode, encode
 from common.decoding import apply_stop
 from common.engine_config import EngineConfig
 from common.protocol import Message, Notice, Output, RequestError, RouteHop, Span
 from common.request_tracker import RequestTracker, TrackedRequest
 from common.sampling import GREEDY, Chooser, SamplingParams
-from common.stage_engine import StageEngine
+from common.stage_engine import PassObserver, StageEngine
 
 GATEWAY = "gateway"
 
@@ -137,8 +139,20 @@ class FakeOutbox:
                 subs.discard(self.node)
 
 
+class PassLog(PassObserver):
+    """What a node's batched passes carried: passes, requests summed over them, the largest."""
+
+    def __init__(self):
+        self.passes = self.requests = self.most_requests = 0
+
+    def on_batch(self, requests: int, tokens: int) -> None:
+        self.passes += 1
+        self.requests += requests
+        self.most_requests = max(self.most_requests, requests)
+
+
 class StageNode:
-    """Runs one engine on the network: drain, one pass, repeat."""
+    """Runs one engine on the network: drain, one pass, repeat. ``passes``: what they carried."""
 
     def __init__(
         self,
@@ -147,8 +161,10 @@ class StageNode:
         outbox: FakeOutbox,
         cost: Callable[[], float],
         tick_every: float,
+        passes: PassLog,
     ):
         self.net, self.engine, self.outbox, self.cost = net, engine, outbox, cost
+        self.passes = passes
         self.busy = False
         self.busy_s = 0.0  # virtual seconds spent in passes
         self.tick_every = tick_every
@@ -229,28 +245,40 @@ class Hierarchy:
 
 
 def reference_decode(
-    backend: Backend,
+    backend: Backend | BatchedBackend,
     prompt: list[int],
     max_tokens: int,
     eos: Sequence[int],
     sampling: SamplingParams = GREEDY,
 ) -> list[int]:
-    """The reference decoder: the target alone, one token per step, with the same processors and
-    noise as every level (``common.sampling``). What every run must reproduce exactly."""
-    session = backend.new_session(prompt[:-1])
-    tokens: list[int] = []
-    last = prompt[-1]
-    while True:
-        chooser = None if sampling.greedy else Chooser(sampling, first_position=len(tokens))
-        last = session.forward([last], chooser)[0]
-        tokens.append(last)
-        tokens, finish = apply_stop(tokens, eos, max_tokens)
-        if finish:
-            return tokens
+    """The reference decoder: the target alone, one token per pass, with the same processors and
+    noise as every level (``common.sampling``). What every run must reproduce exactly. A batched
+    backend decodes the request alone in its own pool (padded as in every pass): the oracle of
+    batched serving."""
+    b = backend if isinstance(backend, BatchedBackend) else LoopedBatched(backend)
+    rid = ("reference", id(prompt))
+    b.open(rid, len(prompt) + max_tokens)
+    try:
+        if len(prompt) > 1:
+            b.step([Run(rid, prompt[:-1], rows=0)])
+        tokens: list[int] = []
+        last = prompt[-1]
+        while True:
+            got = b.step([Run(rid, [last])])[rid]
+            if sampling.greedy or got.logits is None:
+                last = got.greedy[0]
+            else:
+                last = Chooser(sampling, first_position=len(tokens))(got.logits)[0]
+            tokens.append(last)
+            tokens, finish = apply_stop(tokens, eos, max_tokens)
+            if finish:
+                return tokens
+    finally:
+        b.close(rid)
 
 
 def greedy_reference(
-    backend: Backend, prompt: list[int], max_tokens: int, eos: Sequence[int]
+    backend: Backend | BatchedBackend, prompt: list[int], max_tokens: int, eos: Sequence[int]
 ) -> list[int]:
     """The target's greedy output, one token per step."""
     return reference_decode(backend, prompt, max_tokens, eos)
@@ -269,7 +297,7 @@ def default_engine(resend_after: float = 40.0) -> EngineConfig:
 
 
 def build(
-    backends: Sequence[Backend | Callable[[Sleep], Backend]],
+    backends: Sequence[Backend | BatchedBackend | Callable[[Sleep], Backend | BatchedBackend]],
     costs: Sequence[float] | None = None,
     seed: int = 0,
     faults: Faults = Faults(),
@@ -280,8 +308,9 @@ def build(
 ) -> Hierarchy:
     """One engine per backend (level = index) on one network.
 
-    ``backends``: a backend, or a function that makes one given the network's virtual ``sleep``
-    (a simulated backend made so spends virtual time, and its passes last that long).
+    ``backends``: a backend (batched, or per-request: then served one request after another),
+    or a function that makes one given the network's virtual ``sleep`` (a simulated backend made
+    so spends virtual time, and its passes last that long).
     ``costs``: virtual seconds per pass for each level, varied by +-``jitter`` at random, on top
     of what the backend sleeps; each engine's republish interval is then its level's pass.
     Without ``costs``, a pass lasts only what its backend sleeps: the ideal schedule.
@@ -303,7 +332,7 @@ def build(
         raise ValueError(f"{len(configs)} engine configs for {len(backends)} levels")
     tick = resend_after if tick_every is None else tick_every
     for level, (made, level_config) in enumerate(zip(backends, configs)):
-        backend = made if isinstance(made, Backend) else made(net.spend)
+        backend = made if isinstance(made, (Backend, BatchedBackend)) else made(net.spend)
         level_config = replace(level_config, level=level)
         if costs is None:
             cost: Callable[[], float] = lambda: 0.0  # noqa: E731
@@ -313,8 +342,11 @@ def build(
             level_config = replace(level_config, republish_interval_s=c)
         replica = f"L{level}"
         outbox = FakeOutbox(net, replica)
-        engine = StageEngine(level_config, backend, outbox, replica, clock=lambda: net.now)
-        h.nodes.append(StageNode(net, engine, outbox, cost=cost, tick_every=tick))
+        passes = PassLog()
+        engine = StageEngine(
+            level_config, backend, outbox, replica, clock=lambda: net.now, observer=passes
+        )
+        h.nodes.append(StageNode(net, engine, outbox, cost=cost, tick_every=tick, passes=passes))
     return h
 
 
@@ -328,16 +360,42 @@ def run_request(
     sampling: SamplingParams = GREEDY,
 ) -> TrackedRequest | None:
     """Submit one request and run the network until it is done; None if it hangs."""
-    req = TrackedRequest(
-        request_id=request_id,
-        prompt=list(prompt),
-        max_tokens=max_tokens,
-        eos_ids=list(eos),
-        route=h.route,
-        reply_to=GATEWAY,
-        created=h.net.now,
-        sampling=sampling,
+    done = run_requests(
+        h, [RequestSpec(prompt, max_tokens, eos, sampling)], max_time, ids=[request_id]
     )
-    h.gateway.submit(req)
-    ok = h.net.run_until(lambda: req.done, max_time=max_time)
-    return req if ok else None
+    return done[0]
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    prompt: list[int]
+    max_tokens: int
+    eos: Sequence[int] = ()
+    sampling: SamplingParams = GREEDY
+
+
+def run_requests(
+    h: Hierarchy,
+    specs: Sequence[RequestSpec],
+    max_time: float = 1e6,
+    ids: Sequence[str] | None = None,
+) -> list[TrackedRequest | None]:
+    """Submit every request at once (ids ``r0``, ``r1``, ... unless given) and run the network
+    until all are done; a request that did not finish by ``max_time`` comes back as None."""
+    reqs = [
+        TrackedRequest(
+            request_id=ids[i] if ids else f"r{i}",
+            prompt=list(spec.prompt),
+            max_tokens=spec.max_tokens,
+            eos_ids=list(spec.eos),
+            route=h.route,
+            reply_to=GATEWAY,
+            created=h.net.now,
+            sampling=spec.sampling,
+        )
+        for i, spec in enumerate(specs)
+    ]
+    for req in reqs:
+        h.gateway.submit(req)
+    h.net.run_until(lambda: all(req.done for req in reqs), max_time=max_time)
+    return [req if req.done else None for req in reqs]

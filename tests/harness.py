@@ -1,6 +1,7 @@
 """What the multi-process tests share on top of ``deploy.harness`` (which starts and stops the
 systems, the launcher's own path): their config, the oracle every output is checked against
-(the target's own ``generate``), SSE parsing, stage metrics and leftover-process checks."""
+(the target decoding the request alone on the runner the stages serve with), SSE parsing, stage
+metrics and leftover-process checks."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from common.backends.batched_hf import HFBatchedBackend
+from common.simnet import reference_decode
 from deploy import harness
 from deploy.launch import Plan, System
 
@@ -58,23 +60,23 @@ def complete_all(plan: Plan, prompts: list[str], max_tokens: int, concurrency: i
 
 
 class GreedyOracle:
-    """The target model's own ``generate(do_sample=False)``: the output every run must equal."""
+    """The target decoding each request alone, greedily, one token per pass, on the batched
+    runner the stages serve with (rows padded the same way, fp32, one thread): the output every
+    run must equal, bit for bit, whatever batches served it. (How often that equals transformers'
+    ``generate``, and why it may not at a near-tie: ``tests/common/backends``' SmolLM2 test.)"""
 
     def __init__(self, model_dir: str | Path, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.backend = HFBatchedBackend(str(model_dir), threads=threads or 1)
+        self._done: dict[tuple, list[int]] = {}
 
     def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
-        with torch.inference_mode():
-            out = self.model.generate(
-                torch.tensor([prompt_ids]),
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                max_new_tokens=max_tokens,
-                do_sample=False,
+        key = (tuple(prompt_ids), max_tokens)
+        if key not in self._done:
+            self._done[key] = reference_decode(
+                self.backend, list(prompt_ids), max_tokens, self.backend.eos_token_ids
             )
-        return out[0, len(prompt_ids) :].tolist()
+        return self._done[key]
 
     def ids(self, prompt: str, max_tokens: int) -> list[int]:
         return self.generate(self.tokenizer.encode(prompt), max_tokens)

@@ -4,7 +4,8 @@
 (rows every matrix product gets; 4 keeps logits batch-invariant) come from the settings.
 The transformers runner gets one intra-op thread unless ``threads`` says otherwise; more than
 one voids the row invariance (at 2 threads a 7-row product differs; batching-sampling.md §3).
-The n-gram drafter is a loop over per-request sessions (its passes cost nothing worth batching).
+The n-gram drafter is a loop over per-request sessions (its passes cost nothing worth batching)
+and holds no KV, so its pool is unbounded whatever ``kv_pool_tokens`` says.
 The simulator's per-pass cost is ``sim_cost_ms`` times a batch curve: the measured one, or, with
 ``sim_cost_per_token_ms``, a line (each token of the whole batch past the first adds that much).
 
@@ -41,7 +42,7 @@ def load_batched_backend(settings) -> BatchedBackend:
         from common.backends import load_backend
         from common.backends.batched_loop import LoopedBatched
 
-        return LoopedBatched(load_backend(settings), pool)
+        return LoopedBatched(load_backend(settings))  # no KV to bound: its history is the tokens
     if settings.backend == "simulated":
         from common.backends.batched_sim import SimulatedBatched
         from common.draft_policy import DEFAULT_CURVE

@@ -170,10 +170,10 @@ def test_ideal_schedule_reproduces_the_target_and_times_passes(name):
     for r in result.runs:
         assert r.wall_s > 0 and r.ttft_s is not None and 0 < r.ttft_s <= r.wall_s
         assert r.busy_s[-1] <= r.wall_s + 1e-9  # a level is never busy longer than the request
-        if name == "autoregressive":  # prefill (2 tokens, or 1) + 40 one-token passes of 20 ms
+        if name == "autoregressive":  # the prompt's pass gives token 1, then 39 passes of 20 ms
             assert r.target_passes == 40
             assert r.wall_s == pytest.approx(
-                (20.0 + 2.0 * (len(dict(prompts)[r.prompt_id]) - 2) + 40 * 20.0) / 1000
+                (20.0 + 2.0 * (len(dict(prompts)[r.prompt_id]) - 1) + 39 * 20.0) / 1000
             )
         else:
             assert r.target_passes < 40 and r.levels[-1].draft_tokens > 0

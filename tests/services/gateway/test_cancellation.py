@@ -27,6 +27,7 @@ def sim(tmp_path_factory):
     cfg, ports = with_metrics_ports(cfg)
     for stage in cfg["stages"]:
         stage["heartbeat_interval_s"] = GAUGE_INTERVAL_S
+        stage["kv_pool_tokens"] = 1 << 16  # a pool that holds the request's worst case
     with launched(cfg, root / "logs") as system:
         yield system.plan, ports
 
