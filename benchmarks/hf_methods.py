@@ -83,20 +83,38 @@ def level_counts(
 
 
 class FirstToken:
-    """A ``generate`` streamer that notes when the first generated token arrives (the first
-    ``put`` is the prompt)."""
+    """A ``generate`` streamer that notes when each step's tokens arrive (the first ``put`` is
+    the prompt): ``at`` is the first generated token (prefill + first step), ``steps`` every
+    step's, one ``put`` per step for the whole batch."""
 
     def __init__(self):
+        self.steps: list[float] = []
         self.puts = 0
-        self.at: float | None = None
+
+    @property
+    def at(self) -> float | None:
+        return self.steps[0] if self.steps else None
 
     def put(self, value) -> None:
         self.puts += 1
-        if self.puts == 2 and self.at is None:
-            self.at = time.perf_counter()
+        if self.puts > 1:
+            self.steps.append(time.perf_counter())
 
     def end(self) -> None:
         pass
+
+
+def cut_after_eos(tokens: list[int], eos_ids: Sequence[int]) -> list[int]:
+    """A batch row's generated ids up to and including its first EOS (``generate`` pads the
+    rows that finished early).
+
+    >>> cut_after_eos([5, 6, 2, 0, 0], [2]), cut_after_eos([5, 6], [2])
+    ([5, 6, 2], [5, 6])
+    """
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
 
 
 class InProcess:
@@ -191,6 +209,35 @@ class InProcess:
             busy_s=busy,
             passes=passes,
         )
+
+
+@torch.inference_mode()
+def generate_batch(
+    runner: InProcess, prompts: Sequence[list[int]], max_tokens: int
+) -> tuple[list[list[int]], list[float], float]:
+    """One greedy ``generate`` over a static batch, left-padded, every row started together:
+    each row's generated ids, the time from the call to each step's tokens (step 0 is the
+    prefill and the first token, one time per step for the whole batch), and the wall time."""
+    pad = (runner.eos_ids or [0])[0]
+    width = max(len(p) for p in prompts)
+    x = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    runner.log.reset()
+    streamer = FirstToken()
+    t0 = time.perf_counter()
+    out = runner.model.generate(
+        x,
+        attention_mask=mask,
+        max_new_tokens=max_tokens,
+        min_new_tokens=0,
+        do_sample=False,
+        eos_token_id=runner.eos_ids or None,
+        pad_token_id=pad,
+        streamer=streamer,
+    )
+    wall = time.perf_counter() - t0
+    rows = [cut_after_eos(row[width:].tolist(), runner.eos_ids) for row in out]
+    return rows, [t - t0 for t in streamer.steps], wall
 
 
 def run_in_process(

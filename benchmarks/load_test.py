@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.report import percentile
 from deploy.harness import launched, loopback_config
 
 ERROR_PAUSE_S = 0.1  # a client whose request failed waits this long before the next one
@@ -78,6 +78,7 @@ class Result:
     latency_s: float = 0.0
     tokens: int = 0
     error: str | None = None
+    chunks: list[tuple[float, str]] = field(default_factory=list)  # (s since sent, text) per chunk
 
 
 @dataclass
@@ -94,13 +95,6 @@ class Report:
     def tokens(self) -> int:
         return sum(r.tokens for r in self.results if r.error is None)
 
-    def percentile(self, values: list[float], q: float) -> float:
-        return (
-            statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-            if len(values) > 1
-            else values[0]
-        )
-
     def summary(self) -> str:
         ok = [r for r in self.results if r.error is None]
         ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -112,13 +106,13 @@ class Report:
         ]
         if ttfts:
             lines.append(
-                f"time to first token p50 {self.percentile(ttfts, 50) * 1000:.0f} ms, "
-                f"p99 {self.percentile(ttfts, 99) * 1000:.0f} ms"
+                f"time to first token p50 {percentile(ttfts, 50) * 1000:.0f} ms, "
+                f"p99 {percentile(ttfts, 99) * 1000:.0f} ms"
             )
             latencies = [r.latency_s for r in ok]
             lines.append(
-                f"end-to-end latency p50 {self.percentile(latencies, 50):.2f} s, "
-                f"p99 {self.percentile(latencies, 99):.2f} s"
+                f"end-to-end latency p50 {percentile(latencies, 50):.2f} s, "
+                f"p99 {percentile(latencies, 99):.2f} s"
             )
         lines += [f"error: {e}" for e in sorted(set(self.errors))[:5]]
         return "\n".join(lines)
@@ -141,8 +135,10 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> Result:
                 chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     result.error = chunk["error"]["message"]
-                elif chunk["choices"] and chunk["choices"][0]["text"] and result.ttft_s is None:
-                    result.ttft_s = time.monotonic() - started
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    result.chunks.append((time.monotonic() - started, chunk["choices"][0]["text"]))
+                    if result.ttft_s is None:
+                        result.ttft_s = result.chunks[-1][0]
                 elif chunk.get("usage"):
                     result.tokens = chunk["usage"]["completion_tokens"]
             if not done and result.error is None:

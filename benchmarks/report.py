@@ -21,6 +21,7 @@ Vocabulary (the same for every method, so rows compare):
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,6 +210,22 @@ def table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4) if a and b else None
+
+
+def percentile(values: Sequence[float], q: int) -> float | None:
+    """The ``q``-th percentile (1..99) of ``values``, interpolated between the closest ranks;
+    None for no values.
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([5.0], 99), percentile([], 50)
+    (2.5, 5.0, None)
+    >>> round(percentile(list(range(101)), 99), 6)
+    99.0
+    """
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def measured_vs_ideal(measured: dict[str, Any], ideal: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,9 @@ decoder (``common.simnet.reference_decode``: the target alone, one token per ste
 processors and noise), whose row ``reference T=..`` is the target's own sampled decoding; their
 speedup is against greedy autoregressive.
 
+Under load (concurrent streaming clients, batched ``generate`` against the served target alone
+and PipeSpec k=2/k=3): ``python -m benchmarks.serving``.
+
 Autoregressive always runs (every speedup is against it). Every output is compared token for
 token with the target's greedy output (autoregressive ``generate`` for the real suite, the simulated target's own greedy decoding for the simulated one). Results go to
 ``--out`` (default ``results/<date-time>``): ``results.json``, ``benchmark.png``, ``table.txt``
@@ -116,7 +119,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def real_stages(
     models: dict[str, Any], method: str, overrides: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Launcher ``[[stages]]`` for a real-model method (``sync-k2`` ... ``pipespec-k3``)."""
+    """Launcher ``[[stages]]`` for a real-model method (``sync-k2`` ... ``pipespec-k3``;
+    ``pipespec-k1`` is the target alone, served)."""
     from common.model_catalog import model_dir
 
     schedule, k = method.split("-k")
@@ -124,7 +128,7 @@ def real_stages(
     mid = {"backend": "hf", "model": str(model_dir(models["mid"])), "threads": 1}
     if models["mid_layers"]:
         mid |= {"backend": "early-exit", "early_exit_layers": models["mid_layers"]}
-    levels = [mid, target] if k == "2" else [{"backend": "ngram"}, mid, target]
+    levels = {"1": [target], "2": [mid, target], "3": [{"backend": "ngram"}, mid, target]}[k]
     shared = (
         {"schedule": "sync", "lookahead": LOOKAHEAD}
         if schedule == "sync"
@@ -145,7 +149,7 @@ def real_stages(
 
 def level_names(models: dict[str, Any], method: str) -> list[str]:
     ngram, mid, target = models["names"]
-    if method in ("autoregressive",):
+    if method in ("autoregressive", "pipespec-k1"):
         return [target]
     if method == "assisted":
         return [mid, target]

@@ -29,17 +29,21 @@ BUSY_METRIC = "pipespec:stage_pass_seconds_sum"
 PASSES_METRIC = "pipespec:stage_forward_passes_total"
 
 
-def scrape(text: str, name: str) -> float:
-    """Sum of the samples of ``name`` in a Prometheus text exposition.
+def scrape(text: str, name: str, missing: float | None = 0.0) -> float | None:
+    """Sum of the samples of ``name`` in a Prometheus text exposition; ``missing`` when it has
+    none (a metric this build of the stage does not export).
 
     >>> scrape('x_sum{level="1"} 2.5\\nx_sum_other 9\\nx_sum{level="2"} 1.0\\n', "x_sum")
     3.5
+    >>> scrape("y 1\\n", "x_sum", missing=None) is None
+    True
     """
-    total = 0.0
+    total, found = 0.0, False
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
-    return total
+            found = True
+    return total if found else missing
 
 
 class StageProbe:

@@ -222,6 +222,10 @@ def test_real_stage_configs():
     )
     smol = run.real_stages(run.MODEL_SETS["smollm2"], "pipespec-k3", {})
     assert smol[1]["backend"] == "early-exit" and smol[1]["early_exit_layers"] == 25
+    alone = run.real_stages(models, "pipespec-k1", {})  # the serving benchmark's (b)
+    assert [(s["level"], s["backend"]) for s in alone] == [(0, "hf")]
+    assert alone[0]["model"].endswith("qwen2.5-coder-1.5b")
+    assert run.level_names(models, "pipespec-k1") == [models["names"][2]]
 
 
 def test_overrides_and_prompt_sets():
