@@ -59,8 +59,8 @@ from deploy.harness import complete, launched, with_metrics_ports
 
 SYSTEMS = ("generate", "target", "pipespec-k2", "pipespec-k3")
 SERVED = {"target": "pipespec-k1", "pipespec-k2": "pipespec-k2", "pipespec-k3": "pipespec-k3"}
-BATCHED_PASSES = "pipespec:batched_passes_total"
-BATCHED_REQUESTS = "pipespec:batched_pass_requests_total"
+BATCHED_PASSES = "pipespec:stage_batched_passes_total"
+BATCHED_REQUESTS = "pipespec:stage_batched_pass_requests_total"
 STATS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "req_per_pass")
 
 
