@@ -17,7 +17,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from common.backends.batched_hf import HFBatchedBackend
-from common.simnet import reference_decode
+from common.simnet import reference_decode, reference_decode_together
 from deploy import harness
 from deploy.launch import Plan, System
 
@@ -81,6 +81,17 @@ class GreedyOracle:
     def ids(self, prompt: str, max_tokens: int) -> list[int]:
         return self.generate(self.tokenizer.encode(prompt), max_tokens)
 
+    def ids_many(self, prompts: list[str], max_tokens: int) -> list[list[int]]:
+        """``ids`` of every prompt, decoded in shared passes (equal by the runner's batch
+        invariance; ``reference_decode_together``) and remembered like ``generate``'s."""
+        encoded = [tuple(self.tokenizer.encode(p)) for p in prompts]
+        todo = sorted({e for e in encoded if (e, max_tokens) not in self._done})
+        if todo:
+            eos = self.backend.eos_token_ids
+            done = reference_decode_together(self.backend, [list(e) for e in todo], max_tokens, eos)
+            self._done |= {(e, max_tokens): ids for e, ids in zip(todo, done)}
+        return [self._done[(e, max_tokens)] for e in encoded]
+
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -89,8 +100,7 @@ def assert_same_as_oracle(
     oracle: GreedyOracle, prompts: list[str], results: list[dict], max_tokens: int
 ) -> None:
     wrong = []
-    for prompt, res in zip(prompts, results):
-        ids = oracle.ids(prompt, max_tokens)
+    for prompt, res, ids in zip(prompts, results, oracle.ids_many(prompts, max_tokens)):
         got = res["choices"][0]["text"], res["usage"]["completion_tokens"]
         if got != (oracle.text(ids), len(ids)):
             wrong.append((prompt, got, (oracle.text(ids), len(ids))))

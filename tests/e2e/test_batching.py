@@ -14,7 +14,7 @@ import pytest
 
 from common import model_catalog
 from deploy import harness
-from tests.e2e.test_lossless_tiny import prompts
+from tests.e2e.test_lossless_tiny import prompts, stage
 from tests.harness import GreedyOracle, config, launched, stage_gauge
 from tests.tiny_models import noisy_copy, tiny_llama
 
@@ -58,7 +58,9 @@ def test_sixteen_concurrent_requests_tiny_rollback_heavy(tmp_path):
     far = noisy_copy(target, tmp_path / "far", noise=0.08, seed=3)
     close = noisy_copy(target, tmp_path / "close", noise=0.02)
     stages = [
-        {"level": i, "backend": "hf", "model": str(m)} for i, m in enumerate((far, close, target))
+        stage(0, "early-exit", str(far)),
+        stage(1, "early-exit", str(close)),
+        stage(2, "hf", str(target)),
     ]
     cfg, ports = harness.with_metrics_ports(config(str(target), stages))
     texts, max_tokens = prompts(16, seed=16), lengths(16)
@@ -94,8 +96,8 @@ def test_smollm2_k3_sixteen_concurrent_and_a_pool_of_four(tmp_path):
         {"level": 1, "backend": "early-exit", "model": SMOLLM2, "early_exit_layers": 25},
         {"level": 2, "backend": "hf", "model": SMOLLM2},
     ]
-    for stage in stages:
-        stage["heartbeat_interval_s"] = 0.1
+    for table in stages:
+        table["heartbeat_interval_s"] = 0.1
     texts = [
         "def fibonacci(n):",
         "The capital of France is",

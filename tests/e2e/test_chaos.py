@@ -199,7 +199,8 @@ def pick_victim(system: System, url: str, rng: random.Random) -> Child | None:
 
 
 def test_every_target_replica_killed_fails_in_flight_requests_clearly_then_recovers(tmp_path):
-    target = str(tiny_llama(tmp_path / "target", hidden=192, layers=6))  # requests last seconds
+    # requests last seconds, even batched four to a pass
+    target = str(tiny_llama(tmp_path / "target", hidden=384, layers=8))
     stages = [
         {"level": 0, "backend": "ngram"},
         {"level": 1, "backend": "hf", "model": target, "replicas": 2},

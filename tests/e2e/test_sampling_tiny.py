@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from benchmarks.coupling import Agreement, agreement
-from common.backends.hf import HFBackend
+from common.backends.batched_hf import HFBatchedBackend
 from common.sampling import SamplingParams
 from common.simnet import reference_decode
-from tests.e2e.test_lossless_tiny import prompts
+from tests.e2e.test_lossless_tiny import DRAFTER_LAYERS, prompts, stage
 from tests.harness import config as e2e_config
 from tests.harness import launched
 from tests.tiny_models import EOS, noisy_copy, tiny_llama
@@ -65,7 +65,8 @@ def run_all(plan, todo: list[tuple[str, SamplingParams]], max_tokens: int) -> li
 
 
 def references(model: str, todo, max_tokens: int) -> list[list[int]]:
-    backend = HFBackend(model)
+    """The target alone on the runner the stages serve with, one token per pass."""
+    backend = HFBatchedBackend(model)
     tokenizer = _tokenizer(model)
     return [
         reference_decode(backend, tokenizer.encode(prompt), max_tokens, [EOS], p)
@@ -83,7 +84,7 @@ HIERARCHIES = {
     "k1": ["target"],
     "k2": ["far", "target"],
     "k3": ["far", "close", "target"],
-}
+}  # every level below the target is an early-exit drafter (test_lossless_tiny.stage)
 
 
 def test_sampled_output_equals_the_reference_decoder_at_every_k(tiny, tmp_path):
@@ -93,7 +94,9 @@ def test_sampled_output_equals_the_reference_decoder_at_every_k(tiny, tmp_path):
     expected = [(tokenizer.decode(r, skip_special_tokens=True), len(r)) for r in refs]
     texts = {}
     for name, models in HIERARCHIES.items():
-        stages = [{"level": i, "backend": "hf", "model": tiny[m]} for i, m in enumerate(models)]
+        stages = [
+            stage(i, "hf" if m == "target" else "early-exit", tiny[m]) for i, m in enumerate(models)
+        ]
         with launched(e2e_config(tiny["target"], stages), tmp_path / name) as system:
             results = run_all(system.plan, todo, MAX_TOKENS)
         got = [(r["choices"][0]["text"], r["usage"]["completion_tokens"]) for r in results]
@@ -116,10 +119,11 @@ def test_acceptance_under_sampling_matches_offline_coupling(tiny, tmp_path):
     pipeline against the drafter's coupled agreement with the target, teacher-forced on the
     same sampled text. Drafter-state or noise-keying bugs lower the first only."""
     todo, max_tokens = cases(10), 24
-    stages = [
-        {"level": 0, "backend": "hf", "model": tiny["close"]},
-        {"level": 1, "backend": "hf", "model": tiny["target"]},
-    ]
+    # Lockstep windows of 4 drafts: a target that serves every request in one pass leaves an
+    # asynchronous drafter few drafts that arrive in time; every window's verdicts are
+    # teacher-forced checks all the same.
+    sync = {"schedule": "sync", "lookahead": 4}
+    stages = [stage(0, "early-exit", tiny["close"]) | sync, stage(1, "hf", tiny["target"]) | sync]
     with launched(e2e_config(tiny["target"], stages), tmp_path / "logs") as system:
         results = run_all(system.plan, todo, max_tokens)
     level1 = [r["spec_decode_stats"]["acceptance"][0] for r in results]
@@ -127,7 +131,8 @@ def test_acceptance_under_sampling_matches_offline_coupling(tiny, tmp_path):
     checked = accepted + sum(a["rollbacks"] for a in level1)
     from common.backends.hf import load_causal_lm
 
-    drafter, target = load_causal_lm(tiny["close"]), load_causal_lm(tiny["target"])
+    drafter = load_causal_lm(tiny["close"], layers=DRAFTER_LAYERS)
+    target = load_causal_lm(tiny["target"])
     tokenizer, offline = _tokenizer(tiny["target"]), Agreement()
     refs = references(tiny["target"], todo, max_tokens)
     for (prompt, p), text in zip(todo, refs):
