@@ -150,10 +150,18 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> Result:
 
 
 async def run_load(
-    url: str, clients: int, duration_s: float, max_tokens: int, model: str | None
+    url: str,
+    clients: int,
+    duration_s: float,
+    max_tokens: int,
+    model: str | None,
+    prompt: str | None = None,
+    report: Report | None = None,
 ) -> Report:
-    """``clients`` loops, each streaming requests back to back until ``duration_s`` has passed."""
-    report = Report(clients)
+    """``clients`` loops, each streaming requests back to back until ``duration_s`` has passed.
+    ``prompt``: every request's (default: 16 random simulated words). ``report``: the one to fill,
+    for a caller that watches the results arrive."""
+    report = Report(clients) if report is None else report
     started = time.monotonic()
     deadline = started + duration_s
     timeout = httpx.Timeout(10.0, read=300.0)
@@ -162,8 +170,8 @@ async def run_load(
     async def client(index: int) -> None:
         rng = random.Random(index)
         while time.monotonic() < deadline:
-            prompt = " ".join(f"w{rng.randrange(3, SIM_VOCAB)}" for _ in range(16))
-            body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
+            text = prompt or " ".join(f"w{rng.randrange(3, SIM_VOCAB)}" for _ in range(16))
+            body = {"prompt": text, "max_tokens": max_tokens, "stream": True}
             body |= {"stream_options": {"include_usage": True}} | (
                 {"model": model} if model else {}
             )

@@ -31,6 +31,8 @@ from deploy.launch import (
 )
 
 MODEL_BACKENDS = ("hf", "early-exit")  # the backends that run torch (and so use ``threads``)
+LOOPBACK_HOSTS = ("http_host", "bind_host")  # the gateway's listening hosts
+STAGE_PORT_FIELDS = ("inbox_port", "notices_port")  # a stage's listening ports (0: ephemeral)
 
 
 def loopback_config(
@@ -52,6 +54,30 @@ def loopback_config(
             for s in stages
         ]
     return {"gateway": table, "stages": stages}
+
+
+def on_loopback(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a launcher config (a shipped TOML, say) whose gateway and stages listen on
+    127.0.0.1 and free ports, so it runs beside anything already on its fixed ports; stages
+    find the gateway's registry from the plan (``plan_from_config``), and serve no /metrics.
+
+    >>> cfg = {"gateway": {"http_port": 8000, "bind_host": "0.0.0.0", "tokenizer": "t"},
+    ...        "stages": [{"level": 0, "inbox_port": 6000, "metrics_port": 9100}]}
+    >>> out = on_loopback(cfg)
+    >>> out["gateway"]["http_port"], out["gateway"]["client_port"], out["gateway"]["bind_host"]
+    (0, 0, '127.0.0.1')
+    >>> out["stages"][0], cfg["stages"][0]["inbox_port"]
+    ({'level': 0, 'inbox_port': 0, 'notices_port': 0, 'bind_host': '127.0.0.1'}, 6000)
+    """
+    config = copy.deepcopy(config)
+    gateway = config.setdefault("gateway", {})
+    gateway |= dict.fromkeys(PORT_FIELDS, 0) | dict.fromkeys(LOOPBACK_HOSTS, "127.0.0.1")
+    gateway.pop("advertise_host", None)
+    for stage in config.get("stages", []):
+        for key in ("metrics_port", "advertise_host", "gateway"):  # the registry's is new too
+            stage.pop(key, None)
+        stage |= dict.fromkeys(STAGE_PORT_FIELDS, 0) | {"bind_host": "127.0.0.1"}
+    return config
 
 
 def with_metrics_ports(config: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:

@@ -209,12 +209,16 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
     return Plan(gateway, children, target=target)
 
 
-def load_plan(path: Path) -> Plan:
+def read_config(path: Path) -> dict[str, Any]:
+    """A launcher config file (TOML), parsed; LaunchError if it cannot be read."""
     try:
-        config = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise LaunchError(f"cannot read {path}: {exc}") from None
-    return plan_from_config(config)
+
+
+def load_plan(path: Path) -> Plan:
+    return plan_from_config(read_config(path))
 
 
 @dataclass

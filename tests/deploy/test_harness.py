@@ -50,3 +50,22 @@ def test_with_metrics_ports_copies_and_sorts_by_level():
     assert [s["level"] for s in copy["stages"]] == [0, 1]
     assert [s["metrics_port"] for s in copy["stages"]] == ports and len(set(ports)) == 2
     assert all("metrics_port" not in s for s in config["stages"])  # the original is untouched
+
+
+def test_a_shipped_config_on_loopback_moves_off_its_fixed_ports(monkeypatch):
+    from pathlib import Path
+
+    from common import model_catalog
+    from deploy.launch import read_config
+
+    monkeypatch.setattr(model_catalog, "is_prepared", lambda name, root=None: True)
+    path = Path(__file__).parents[2] / "deploy" / "configs" / "smollm2-k3.toml"
+    shipped = read_config(path)
+    plan = plan_from_config(harness.on_loopback(shipped))
+    gateway = plan.gateway
+    ports = {gateway.http_port, gateway.registry_port, gateway.client_port}
+    assert len(ports) == 3 and not ports & {8000, 5550, 5551, 0}
+    assert plan.http_url.startswith("http://127.0.0.1:")
+    registry = f"tcp://127.0.0.1:{gateway.registry_port}"
+    assert all(c.env["PIPESPEC_STAGE_GATEWAY"] == registry for c in plan.children[1:])
+    assert shipped["gateway"]["http_port"] == 8000  # the file's own config is left alone
