@@ -277,34 +277,6 @@ def reference_decode(
         b.close(rid)
 
 
-def reference_decode_together(
-    backend: BatchedBackend, prompts: Sequence[list[int]], max_tokens: int, eos: Sequence[int]
-) -> list[list[int]]:
-    """:func:`reference_decode` (greedy) of every prompt, in shared passes: one prefill pass,
-    then one pass per token for the requests not yet ended. On a backend whose logits do not
-    depend on the batch (the transformers runner with its rows padded to 4: tested bit for bit in
-    ``tests/common/backends``) each result equals that prompt's decoding alone, at a fraction of
-    the passes; what the multi-prompt tests check against."""
-    names = [("together", i) for i in range(len(prompts))]
-    for name, prompt in zip(names, prompts):
-        backend.open(name, len(prompt) + max_tokens)
-    try:
-        out = backend.step([Run(name, list(p), rows=1) for name, p in zip(names, prompts)])
-        tokens = {name: [] for name in names}
-        live = list(names)
-        while live:
-            for name in live:
-                tokens[name].append(out[name].greedy[0])
-                tokens[name], _ = apply_stop(tokens[name], eos, max_tokens)
-            live = [n for n in live if not apply_stop(tokens[n], eos, max_tokens)[1]]
-            if live:
-                out = backend.step([Run(n, tokens[n][-1:]) for n in live])
-        return [tokens[name] for name in names]
-    finally:
-        for name in names:
-            backend.close(name)
-
-
 def greedy_reference(
     backend: Backend | BatchedBackend, prompt: list[int], max_tokens: int, eos: Sequence[int]
 ) -> list[int]:

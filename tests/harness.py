@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 from transformers import AutoTokenizer
 
+from common.backends.batched import greedy_decode
 from common.backends.batched_hf import HFBatchedBackend
-from common.simnet import reference_decode, reference_decode_together
+from common.simnet import reference_decode
 from deploy import harness
 from deploy.launch import Plan, System
 
@@ -83,12 +84,12 @@ class GreedyOracle:
 
     def ids_many(self, prompts: list[str], max_tokens: int) -> list[list[int]]:
         """``ids`` of every prompt, decoded in shared passes (equal by the runner's batch
-        invariance; ``reference_decode_together``) and remembered like ``generate``'s."""
+        invariance; ``greedy_decode``) and remembered like ``generate``'s."""
         encoded = [tuple(self.tokenizer.encode(p)) for p in prompts]
         todo = sorted({e for e in encoded if (e, max_tokens) not in self._done})
         if todo:
             eos = self.backend.eos_token_ids
-            done = reference_decode_together(self.backend, [list(e) for e in todo], max_tokens, eos)
+            done = greedy_decode(self.backend, [list(e) for e in todo], max_tokens, eos)
             self._done |= {(e, max_tokens): ids for e, ids in zip(todo, done)}
         return [self._done[(e, max_tokens)] for e in encoded]
 

@@ -37,6 +37,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.decoding import apply_stop
 from common.draft_policy import DEFAULT_CURVE
 
 
@@ -181,20 +182,29 @@ def one_at_a_time(backend: BatchedBackend, tokens: Sequence[int], request="oracl
 
 
 def greedy_decode(
-    backend: BatchedBackend, prompts: Sequence[Sequence[int]], n: int
+    backend: BatchedBackend, prompts: Sequence[Sequence[int]], n: int, eos: Sequence[int] = ()
 ) -> list[list[int]]:
     """Greedy decoding of every prompt together: one pass prefills all, then one pass per token
-    decodes one token for each (``n`` tokens each, never stopping at EOS)."""
+    decodes one token for each request not yet ended (``n`` tokens each, or fewer for a request
+    that produced one of ``eos``: it ends with it). On a backend whose logits do not depend on
+    the batch (the transformers runner, rows padded to 4) each result equals that prompt's
+    decoding alone."""
     names = [("greedy", i) for i in range(len(prompts))]
     for name, prompt in zip(names, prompts):
         backend.open(name, len(prompt) + n)
     try:
         out = backend.step([Run(name, p, rows=1) for name, p in zip(names, prompts)])
-        tokens = {name: [out[name].greedy[0]] for name in names}
-        while len(tokens[names[0]]) < n:
-            out = backend.step([Run(name, tokens[name][-1:]) for name in names])
-            for name in names:
-                tokens[name].append(out[name].greedy[0])
+        tokens: dict = {name: [] for name in names}
+        live = list(names)
+        while live:
+            ended = set()
+            for name in live:
+                tokens[name], finish = apply_stop(tokens[name] + out[name].greedy[:1], eos, n)
+                if finish:
+                    ended.add(name)
+            live = [name for name in live if name not in ended]
+            if live:
+                out = backend.step([Run(name, tokens[name][-1:]) for name in live])
         return [tokens[name] for name in names]
     finally:
         for name in names:
