@@ -90,10 +90,11 @@ class StageSettings(TransportSettings):
         "prompt + max_tokens, and waits when the pool is full",
     )
     min_rows: int = Field(
-        4,
-        ge=1,
-        description="rows every matrix product gets: 4 keeps logits independent of batch and "
-        "window (exact); 1 is faster for lone one-token steps, exact only almost always",
+        0,
+        ge=0,
+        description="rows every matrix product gets: 0 probes this machine at load for the fewest "
+        "that keep logits independent of batch and window (exact: 4 or 16 on the CPUs tried); "
+        "1 is faster for lone one-token steps, exact only almost always",
     )
     heartbeat_interval_s: float = Field(0.5, gt=0)
     request_ttl_s: float = Field(60.0, gt=0, description="drafter drops a silent request after")

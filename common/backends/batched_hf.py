@@ -9,10 +9,12 @@ one set of attention ops (batched products, one product per request and kv head)
 
 **Logits independent of window and batch, by construction** (research: batching-sampling.md §3):
 
-* every matrix product gets at least ``min_rows`` (4) rows: the flat batch, each request's queries
-  in attention and the rows given to the head are padded with dummy rows, because MKL's fp32
-  products give a row bit-identical results for any row count M >= 4 at one thread, but not for
-  M = 1..3; run one intra-op thread (``threads=1``, the default of :class:`HFBatchedBackend`);
+* every matrix product gets at least ``min_rows`` rows: the flat batch, each request's queries
+  in attention and the rows given to the head are padded with dummy rows, because a BLAS gives a
+  row bit-identical results only within one kernel regime of the row count M (MKL fp32 at one
+  thread: M >= 4 on one test bed, M >= 16 on another; ``common.backends.row_invariance`` probes
+  this machine at load when ``min_rows`` is 0, the default); run one intra-op thread
+  (``threads=1``, the default of :class:`HFBatchedBackend`);
 * a request's attention always spans its whole reservation (``capacity`` rounded up to a block),
   masked beyond each query's position, so the reductions over keys have the same length whatever
   the request's window, length, or neighbours;
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+import structlog
 import torch
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -43,21 +46,11 @@ from common.backends.batched import (
     check_runs,
 )
 from common.backends.kv_pool import BlockPool
+from common.backends.row_invariance import invariant_min_rows, pad_rows
+
+log = structlog.get_logger()
 
 SUPPORTED = ("llama", "qwen2")
-
-
-def pad_rows(x: torch.Tensor, min_rows: int) -> torch.Tensor:
-    """``x`` with zero rows appended up to ``min_rows`` rows (dim 0); ``x`` itself if it has enough.
-
-    >>> pad_rows(torch.ones(1, 2), 4).tolist()
-    [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
-    >>> pad_rows(torch.ones(5, 2), 4).shape
-    torch.Size([5, 2])
-    """
-    if x.shape[0] >= min_rows:
-        return x
-    return torch.cat([x, x.new_zeros((min_rows - x.shape[0], *x.shape[1:]))])
 
 
 def causal_span_mask(positions: torch.Tensor, span: int, dtype: torch.dtype) -> torch.Tensor:
@@ -96,7 +89,8 @@ class BatchedRunner(BatchedBackend):
     """Batched forward passes of ``lm`` (a loaded Llama / Qwen2 causal LM) over a static KV pool.
 
     ``kv_pool_tokens``: positions the pool holds for all requests together (a stage setting);
-    ``min_rows``: rows every matrix product gets (4 makes logits batch-invariant; 1 disables it).
+    ``min_rows``: rows every matrix product gets (0: the fewest that make logits batch-invariant on
+    this machine, probed at load; 1: no padding).
     """
 
     kind = "hf-batched"
@@ -107,10 +101,10 @@ class BatchedRunner(BatchedBackend):
         *,
         kv_pool_tokens: int = 4096,
         block_size: int = 16,
-        min_rows: int = 4,
+        min_rows: int = 0,
     ):
         _check_architecture(lm)
-        self.lm, self.min_rows = lm, max(1, min_rows)
+        self.lm = lm
         decoder = lm.model
         config = lm.config
         first = decoder.layers[0].self_attn
@@ -132,6 +126,7 @@ class BatchedRunner(BatchedBackend):
             positions = torch.arange(table, device=self.device)[None, :]
             cos, sin = decoder.rotary_emb(weight[:1][None], positions)
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
+        self.min_rows = min_rows if min_rows > 0 else self._probe_min_rows()
         self._slots: dict[Hashable, _Slot] = {}
 
     # -- the pool ---------------------------------------------------------------------------------
@@ -255,6 +250,31 @@ class BatchedRunner(BatchedBackend):
             results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
 
+    def _probe_min_rows(self) -> int:
+        """The fewest rows that make this model's products row-invariant here (row_invariance)."""
+        decoder, config = self.lm.model, self.lm.config
+        layer = decoder.layers[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        hidden, head = config.hidden_size, self.lm.lm_head.weight
+        g = torch.Generator().manual_seed(1)
+        keys = torch.randn(256, self.head_dim, generator=g).to(self.device, self.dtype)
+        ops = [
+            (attn.q_proj, hidden),
+            (attn.k_proj, hidden),
+            (attn.o_proj, attn.o_proj.in_features),
+            (mlp.gate_proj, hidden),
+            (mlp.down_proj, mlp.down_proj.in_features),
+            # the head's first 8192 rows stand for it (the whole vocabulary takes seconds)
+            (lambda x: torch.nn.functional.linear(x, head[:8192]), hidden),
+            # attention's products: queries x keys, then weights x values (a 256-position span)
+            (lambda q: q @ keys.T, self.head_dim),
+            (lambda w: w @ keys, 256),
+        ]
+        with torch.inference_mode():
+            rows = invariant_min_rows(ops, self.device, self.dtype)
+        log.info("min_rows_probed", min_rows=rows, threads=torch.get_num_threads())
+        return rows
+
     def _groups(self, runs: list[Run], starts: list[int]) -> list[_Group]:
         """Requests whose padded query rows and key span match share one set of attention ops."""
         by_shape: dict[tuple[int, int], list] = {}
@@ -325,7 +345,7 @@ class HFBatchedBackend(BatchedRunner):
         early_exit_layers: int | None = None,
         kv_pool_tokens: int = 4096,
         block_size: int = 16,
-        min_rows: int = 4,
+        min_rows: int = 0,
     ):
         from common.backends.hf import _ids, load_causal_lm
 

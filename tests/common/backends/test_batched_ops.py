@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from common.backends import batched, batched_hf, kv_pool
+from common.backends import batched, batched_hf, kv_pool, row_invariance
 from common.backends.batched import Run
-from common.backends.batched_hf import pad_rows
+from common.backends.row_invariance import invariant_min_rows, pad_rows
 
-ROW_COUNTS = (4, 5, 7, 8, 13, 16, 33, 64)
+ROW_COUNTS = (*range(1, 71), 100, 200, 256, 257, 300, 511, 512, 513)
 
 
 @pytest.fixture(autouse=True)
@@ -26,20 +26,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("module", [batched, kv_pool, batched_hf])
+@pytest.mark.parametrize("module", [batched, kv_pool, batched_hf, row_invariance])
 def test_worked_examples(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 
 
 def rows_are_invariant(op, width: int, generator: torch.Generator) -> None:
-    """``op`` on M rows gives each row exactly what it gives that row padded to 4 rows."""
+    """``op`` on M rows gives each row exactly what it gives that row padded to the rows the
+    runner would pad to on this machine (``invariant_min_rows``, probed on fewer row counts), for
+    every M from there to 70 and some far beyond."""
+    rows = invariant_min_rows([(op, width)])
     big = torch.randn(max(ROW_COUNTS), width, generator=generator)
-    for m in ROW_COUNTS:
+    for m in [m for m in ROW_COUNTS if m >= rows]:
         together = op(big[:m])
         for i in (0, m // 2, m - 1):
-            alone = op(pad_rows(big[i : i + 1], 4))[0]
-            assert torch.equal(together[i], alone), (m, i)
+            alone = op(pad_rows(big[i : i + 1], rows))[0]
+            assert torch.equal(together[i], alone), (rows, m, i)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +85,7 @@ def test_attention_rows_are_invariant_across_windows_and_groups(tmp_path):
         flat = torch.cat([q[name][first - 18 : first - 18 + t] for name in names])
         rows = [runner._slots[name].rows for name in names]
         members = [(i * t, t, first, r) for i, r in enumerate(rows)]
-        out = runner._attend(0, flat, _Group(max(t, 4), members, runner.dtype))
+        out = runner._attend(0, flat, _Group(max(t, runner.min_rows), members, runner.dtype))
         return list(out.split(t))
 
     with torch.inference_mode():

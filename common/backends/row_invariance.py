@@ -1,0 +1,92 @@
+"""The fewest rows a matrix product needs, on this machine, for each row's result not to depend on how
+many rows share the call: what the batched runner pads every product to (``min_rows``).
+
+A BLAS library picks its kernel by the shapes, and kernels sum in different orders, so row ``i`` of
+``x @ W.T`` can change in its last bits with the number of rows ``M``. Padding every product to ``R``
+rows makes a request's logits independent of the batch and of the window it is fed in, if every
+``M >= R`` falls in one kernel regime. Where that threshold lies is the machine's business, so the
+runner asks this module at load time (``min_rows = 0``, the default) instead of assuming it:
+
+* test bed of 2026-11-30 (x86, MKL, fp32, one thread): rows bit-identical for every ``M >= 4``;
+* test bed of 2026-12-01 (Xeon with AVX-512 and AMX, MKL 2024.2, fp32, one thread): two regimes,
+  ``M`` = 2..15 and ``M >= 16``, so 4 rows no longer suffice and 16 do.
+
+>>> torch.manual_seed(0) and None
+>>> ops = [(torch.nn.Linear(32, 48, bias=False), 32)]
+>>> with torch.inference_mode():
+...     r = invariant_min_rows(ops)
+>>> r in CANDIDATES
+True
+>>> pad_rows(torch.ones(1, 2), 3).tolist()
+[[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import structlog
+import torch
+
+log = structlog.get_logger()
+
+CANDIDATES = (1, 2, 4, 8, 16, 32, 64)  # row counts tried, smallest first
+# row counts a probe computes together: around every power of two up to 129 (the tests go further)
+PROBE_ROWS = tuple(sorted({m for p in range(8) for m in (2**p - 1, 2**p, 2**p + 1)} - {0}))
+
+Op = tuple[Callable[[torch.Tensor], torch.Tensor], int]  # (row-wise op, input width)
+
+
+def pad_rows(x: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``min_rows`` rows (dim 0); ``x`` itself if it has enough."""
+    if x.shape[0] >= min_rows:
+        return x
+    return torch.cat([x, x.new_zeros((min_rows - x.shape[0], *x.shape[1:]))])
+
+
+def rows_agree(
+    op: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    min_rows: int,
+    probe_rows: Sequence[int] = PROBE_ROWS,
+) -> bool:
+    """Whether ``op`` gives rows 0, M/2 and M-1 of ``x[:M]`` exactly what it gives each of them
+    alone padded to ``min_rows`` rows, for every ``M`` in ``probe_rows`` from ``min_rows`` up to
+    ``len(x)``."""
+    alone: dict[int, torch.Tensor] = {}
+    for m in probe_rows:
+        if m < min_rows or m > len(x):
+            continue
+        together = op(x[:m])
+        for i in sorted({0, m // 2, m - 1}):
+            if i not in alone:
+                alone[i] = op(pad_rows(x[i : i + 1], min_rows))[0]
+            if not torch.equal(together[i], alone[i]):
+                return False
+    return True
+
+
+def invariant_min_rows(
+    ops: Sequence[Op],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    candidates: Sequence[int] = CANDIDATES,
+    probe_rows: Sequence[int] = PROBE_ROWS,
+    seed: int = 0,
+) -> int:
+    """The smallest candidate row count that makes every op in ``ops`` row-invariant (for the
+    ``probe_rows`` tried) on inputs of ``device`` and ``dtype``; 1 (no padding, which would buy
+    nothing) if none does, with a warning: logits then depend on the batch."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = [
+        torch.randn(max(probe_rows), width, generator=g).to(device, dtype) for _, width in ops
+    ]
+    for rows in candidates:
+        if all(rows_agree(op, x, rows, probe_rows) for (op, _), x in zip(ops, inputs)):
+            return rows
+    log.warning(
+        "rows_not_invariant",
+        detail="no row padding makes matrix products batch-invariant on this device: "
+        "outputs equal the target's own decoding almost always, not by construction",
+    )
+    return 1
