@@ -36,6 +36,15 @@ A cost curve that is flat (a GPU pass far from compute-bound) keeps every draft:
 
 >>> draft_lengths([1, 1], [0.5, 0.5], [4, 4], curve=((1, 1.0), (64, 1.0)))
 [4, 4]
+
+Drafters get the same signal (``drafter_lead``): a verifier tells the level below how far past the
+target's committed length to draft, from the drafts its policy would check if it had them. A lone
+request wanting 7 drafts lets its drafter run the full lead; sixteen wanting 1 each keep their
+drafters 4 tokens ahead, so the drafters stop spending passes on drafts that would never be checked
+and leave the machine to the target:
+
+>>> drafter_lead(7, max_lead=16), drafter_lead(1, max_lead=16), drafter_lead(0, max_lead=16)
+(16, 4, 0)
 """
 
 from __future__ import annotations
@@ -120,3 +129,21 @@ def draft_lengths(
         best, expected, tokens = goodput, expected + chance[pick], tokens + 1
         k[pick] += 1
         chance[pick] *= max(0.0, min(1.0, acceptance[pick]))
+
+
+def drafter_lead(wanted: int, max_lead: int, above: int = 0) -> int:
+    """The lead (tokens past the target's committed length) to advise the level below, when this
+    verifier would check ``wanted`` drafts per pass and runs ``above`` tokens past the target
+    itself (0 at the target). At most ``max_lead``.
+
+    A pass checks ``wanted`` drafts and commits up to ``wanted + 1`` tokens; the drafter must already
+    hold the next pass's drafts when it ends (the verifier plans right after it commits), so it
+    runs two passes' worth ahead: ``2 * wanted + 2``. A verifier that wants no drafts asks for none:
+    its drafter idles until the load falls and the policy wants drafts again.
+
+    >>> drafter_lead(2, max_lead=16), drafter_lead(2, max_lead=16, above=4), drafter_lead(9, 16)
+    (6, 10, 16)
+    """
+    if wanted <= 0:
+        return min(max_lead, above)
+    return min(max_lead, above + 2 * wanted + 2)

@@ -35,10 +35,11 @@ Every message is one msgpack map with ``v`` (protocol version) and ``t`` (type t
 ``common.codec``. Fields are checked strictly on decode.
 
 Versioning: a new *optional* field (one with a default) keeps the version, as Heartbeat's
-``restarts`` and ``kv_*`` did: a new receiver reads an old sender's message (the field takes its
-default), but an old receiver refuses the new field (unknown fields are rejected), so upgrade the
-receiver first (the gateway before the stages). Anything else (a new required field, a changed
-meaning or unit) bumps ``PROTOCOL_VERSION``.
+``restarts`` and ``kv_*`` and Notice's ``drafter_lead`` did: a new receiver reads an old sender's
+message (the field takes its default), but an old receiver refuses the new field (unknown fields
+are rejected), so upgrade the receiver first (the gateway before the stages, the lower levels
+before the higher). Anything else (a new required field, a changed meaning or unit) bumps
+``PROTOCOL_VERSION``.
 
 Units
 -----
@@ -160,6 +161,9 @@ class Notice(Message):
     epoch: int = Field(ge=0)  # issuer's epoch after this change
     rollback: bool = False  # this notice follows a rejection of drafts
     final: bool = False  # the request is finished at the target: free its state
+    drafter_lead: int | None = Field(default=None, ge=0)  # tokens past the target's committed
+    #   length that the level below should draft at most: the issuer's draft-length policy
+    #   (common.draft_policy.drafter_lead); None = no advice (the drafter's own max_lead)
 
 
 class Cancel(Message):

@@ -35,7 +35,7 @@ from common.backends.base import Backend
 from common.backends.batched import BatchedBackend, PoolUsage, Run, RunResult
 from common.backends.batched_loop import LoopedBatched
 from common.decoding import accept_greedy, anchor_drafts, apply_stop, reconcile
-from common.draft_policy import acceptance_estimate, draft_lengths
+from common.draft_policy import acceptance_estimate, draft_lengths, drafter_lead
 from common.engine_config import EngineConfig
 from common.protocol import (
     Cancel,
@@ -109,6 +109,8 @@ class LevelRequest:
     sampling: SamplingParams = SamplingParams()
     top_logprobs: int = -1  # target only: -1 no logprobs, else alternatives per token
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # target: per token
+    wanted_drafts: int | None = None  # verifier: drafts its policy would check now (tokens)
+    lead_hint: int | None = None  # drafter: the lead the level above advises (drafter_lead)
 
 
 @dataclass
@@ -161,15 +163,24 @@ class Schedule:
 
 
 class AsyncSchedule(Schedule):
-    """PipeSpec: the target always runs; a drafter runs while it is less than ``max_lead``
-    tokens past the target's committed length."""
+    """PipeSpec: the target always runs; a drafter runs while it is less than its lead past the
+    target's committed length: ``max_lead``, or less when the level above advises less (its
+    draft-length policy checks fewer drafts under load: ``common.draft_policy.drafter_lead``)."""
+
+    def lead(self, r: LevelRequest) -> int:
+        """Tokens past the target's committed length this level drafts at most (0: target)."""
+        if _is_target(self.level, r):
+            return 0
+        if r.lead_hint is None:
+            return self.config.max_lead
+        return min(self.config.max_lead, r.lead_hint)
 
     def wants_pass(self, r: LevelRequest, now: float) -> bool:
         if _is_target(self.level, r):
             return r.finish_reason is None
         if r.stalled or _ended(r):
             return False
-        return len(r.tokens) < r.target_len + self.config.max_lead
+        return len(r.tokens) < r.target_len + self.lead(r)
 
 
 class SyncSchedule(Schedule):
@@ -433,6 +444,8 @@ class StageEngine:
             return  # older state of that level
         r.seen[n.level] = SeenNotice(n.replica, n.epoch, end)
         r.last_heard = self.clock()
+        if n.level == self.level + 1 and n.drafter_lead is not None:
+            r.lead_hint = n.drafter_lead
         if n.level == len(r.route) - 1:
             r.target_len = max(r.target_len, end)
         if n.final:
@@ -533,19 +546,21 @@ class StageEngine:
     def _choose_drafts(self, plan: list[PlannedRun], room: int) -> None:
         """Trim each planned request's drafts to what the policy keeps and the batch has room
         for (``room``: tokens left under ``max_batch_tokens``)."""
+        goodput = self.config.draft_policy == "goodput" and self.level > 0
+        fed = [len(p.pending) for p in plan]
+        rates = [
+            acceptance_estimate(p.r.stats.accepted_tokens, p.r.stats.draft_tokens) for p in plan
+        ]
+        if goodput and isinstance(self.schedule, AsyncSchedule):
+            # what the policy would check if every request had drafts: the drafters' lead
+            cap = [self.config.draft_cap] * len(plan)
+            for p, w in zip(plan, draft_lengths(fed, rates, cap, curve=self.backend.cost_curve)):
+                p.r.wanted_drafts = w
         if not any(p.drafts for p in plan):
             return
         offered = [len(p.drafts) for p in plan]
-        if self.config.draft_policy == "goodput":
-            offered = draft_lengths(
-                [len(p.pending) for p in plan],
-                [
-                    acceptance_estimate(p.r.stats.accepted_tokens, p.r.stats.draft_tokens)
-                    for p in plan
-                ],
-                offered,
-                curve=self.backend.cost_curve,
-            )
+        if goodput:
+            offered = draft_lengths(fed, rates, offered, curve=self.backend.cost_curve)
         for p, k in zip(plan, offered):
             k = max(0, min(k, room))
             room -= k
@@ -708,8 +723,16 @@ class StageEngine:
                 epoch=r.epoch,
                 rollback=rollback,
                 final=final,
+                drafter_lead=self._advised_lead(r),
             )
         )
+
+    def _advised_lead(self, r: LevelRequest) -> int | None:
+        """The lead the level below should keep (None: no advice, it uses its ``max_lead``)."""
+        if r.wanted_drafts is None or not isinstance(self.schedule, AsyncSchedule):
+            return None
+        above = self.schedule.lead(r)
+        return drafter_lead(r.wanted_drafts, self.config.max_lead, above=above)
 
     def _maybe_republish(self, r: LevelRequest) -> None:
         """A drafter is behind on our rollbacks (its notice may be lost): repeat our state."""

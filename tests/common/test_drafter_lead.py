@@ -1,0 +1,129 @@
+"""Drafters get the draft-length policy's signal: a verifier advises the level below how far to run
+ahead (Notice.drafter_lead), and a drafter keeps within it."""
+
+from common.backends.simulated import SimulatedBackend
+from common.engine_config import EngineConfig
+from common.protocol import Notice, RouteHop, Span, Start
+from common.stage_engine import StageEngine
+
+
+class RecordingOutbox:
+    def __init__(self):
+        self.notices: list[Notice] = []
+        self.spans: list[Span] = []
+
+    def send_span(self, hop, span):
+        self.spans.append(span)
+
+    def publish(self, notice):
+        self.notices.append(notice)
+
+    def send_reply(self, endpoint, msg):
+        pass
+
+    def subscribe(self, request_id, hops):
+        pass
+
+    def unsubscribe(self, request_id):
+        pass
+
+
+ROUTE = [
+    RouteHop(level=i, replica=f"r{i}", inbox="inproc://x", notices="inproc://y") for i in (0, 1)
+]
+
+
+def engine(level: int, **config) -> tuple[StageEngine, RecordingOutbox]:
+    outbox = RecordingOutbox()
+    backend = SimulatedBackend(agreement=0.8, seed=1, vocab=50, sleep=lambda s: None)
+    cfg = EngineConfig(level=level, **config)
+    return StageEngine(cfg, backend, outbox, replica=f"r{level}", clock=lambda: 0.0), outbox
+
+
+def start(e: StageEngine, n: int, max_tokens: int = 64) -> None:
+    for i in range(n):
+        e.handle(
+            Start(
+                request_id=f"q{i}",
+                prompt=[1, 2, 3],
+                max_tokens=max_tokens,
+                route=ROUTE,
+                reply_to="gw",
+            )
+        )
+
+
+def advised(outbox: RecordingOutbox) -> dict[str, int | None]:
+    return {n.request_id: n.drafter_lead for n in outbox.notices}
+
+
+def test_a_lone_request_lets_its_drafter_run_the_full_lead_and_a_full_batch_reins_it_in():
+    alone, out_alone = engine(level=1, max_lead=16)
+    start(alone, 1)
+    assert alone.step()
+    lone = advised(out_alone)["q0"]
+    assert lone is not None and lone >= 8  # with no verdicts yet, acceptance is taken as 0.5
+
+    busy, out_busy = engine(level=1, max_lead=16)
+    start(busy, 16)
+    assert busy.step()
+    leads = advised(out_busy)
+    assert len(leads) == 16 and all(
+        lead is not None and 0 < lead <= 4 < lone for lead in leads.values()
+    )
+
+
+def test_no_advice_from_a_verifier_that_checks_every_draft_or_runs_in_lockstep():
+    for config in ({"draft_policy": "all"}, {"schedule": "sync", "sync_wait_s": 0.0}):
+        e, out = engine(level=1, **config)
+        start(e, 1)
+        assert e.step()
+        assert advised(out) == {"q0": None}
+
+
+def notice(tokens: list[int], lead: int | None, epoch: int = 0) -> Notice:
+    return Notice(
+        request_id="q0",
+        level=1,
+        replica="r1",
+        start=0,
+        tokens=tokens,
+        epoch=epoch,
+        drafter_lead=lead,
+    )
+
+
+def drafted_ahead(e: StageEngine) -> int:
+    """Run the drafter until it stops wanting passes; how far past the target it got."""
+    for _ in range(100):
+        if not e.step():
+            break
+    r = e.requests["q0"]
+    return len(r.tokens) - r.target_len
+
+
+def test_a_drafter_stops_at_the_advised_lead_and_resumes_when_it_grows():
+    e, _ = engine(level=0, max_lead=16)
+    start(e, 1)
+    assert drafted_ahead(e) == 16  # no advice yet: max_lead
+    target = list(e.requests["q0"].tokens[:2])
+    e.handle(notice(target, lead=3))  # the target committed 2 (adopted) and advises 3
+    assert drafted_ahead(e) == 16 - 2  # already ahead: it waits, it does not discard drafts
+    e.handle(notice(target + e.requests["q0"].tokens[2:14], lead=3))
+    assert drafted_ahead(e) == 3  # 14 committed: it drafts 3 past them, and stops
+    e.handle(notice(target + e.requests["q0"].tokens[2:14], lead=9, epoch=1))
+    assert drafted_ahead(e) == 9  # the load fell: it runs further ahead again
+    e.handle(notice(e.requests["q0"].tokens[:14], lead=0, epoch=1))
+    assert drafted_ahead(e) == 9  # 0: the verifier wants no drafts, the drafter idles
+    e.handle(notice(e.requests["q0"].tokens[:20], lead=0, epoch=1))
+    assert drafted_ahead(e) <= 3 and not e.has_work()
+
+
+def test_advice_from_another_level_is_ignored():
+    e, _ = engine(level=0, max_lead=8)
+    start(e, 1)
+    drafted_ahead(e)
+    e.handle(
+        Notice(request_id="q0", level=2, replica="r2", start=0, tokens=[], epoch=0, drafter_lead=1)
+    )
+    assert e.requests["q0"].lead_hint is None
