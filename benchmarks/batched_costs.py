@@ -1,12 +1,12 @@
 """What a batched pass costs: the numbers behind docs/batched-runner.md.
 
-    python -m benchmarks.batched_costs padding            # lone 1-token step, 4-row padding on/off
+    python -m benchmarks.batched_costs padding            # lone 1-token step, row padding on/off
     python -m benchmarks.batched_costs curve              # pass cost vs requests x tokens
     python -m benchmarks.batched_costs cb                 # transformers' continuous batching
     python -m benchmarks.batched_costs agree --model qwen2.5-coder-0.5b   # vs generate
 
-``padding``: min and median ms (runs interleaved) of one 1-token step of one request (64-token context) through the batched
-runner with ``min_rows`` 4 and 1, and through the transformers model with a ``DynamicCache``.
+``padding``: min and median ms (runs interleaved) of one 1-token step of one request (64-token
+context) through the batched runner with ``min_rows`` as probed on this machine, 4 and 1, and through the transformers model with a ``DynamicCache``.
 
 ``curve``: min and median ms of one runner pass in which R requests (64-token contexts) each feed T tokens,
 for R in 1, 2, 4, 8, 16 and T in 1, 4, against R separate transformers passes of T tokens each
@@ -86,6 +86,7 @@ def _hf_passes(lm, requests: int, tokens: int):
 
 def padding(model: str, repeats: int) -> None:
     runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=2048)
+    probed = runner.min_rows  # what this machine needs for batch-invariant products
     once, close = _runner_pass(runner, 1, 1)
 
     def rows(n):
@@ -98,6 +99,7 @@ def padding(model: str, repeats: int) -> None:
     with torch.inference_mode():
         got = timed_ms(
             {
+                f"min_rows={probed} (probed)": rows(probed),
                 "min_rows=4": rows(4),
                 "min_rows=1": rows(1),
                 "transformers": _hf_passes(runner.lm, 1, 1),

@@ -89,6 +89,21 @@ def relative_cost(tokens: int, curve: Sequence[tuple[int, float]] = DEFAULT_CURV
     return round(y0 + (tokens - x0) * (y1 - y0) / (x1 - x0), 9)
 
 
+def padded_curve(curve: Sequence[tuple[int, float]], rows: int) -> tuple[tuple[int, float], ...]:
+    """``curve`` for a runner that pads every product to ``rows`` rows: a pass of 1 to ``rows``
+    tokens costs what ``rows`` tokens cost, and costs are relative to that padded one-token pass.
+    With 16-row padding, up to 15 drafts ride along a lone decode step for free.
+
+    >>> padded_curve(DEFAULT_CURVE, 16)
+    ((1, 1.0), (16, 1.0), (32, 1.2), (64, 2.333333333))
+    >>> padded_curve(DEFAULT_CURVE, 4) == padded_curve(DEFAULT_CURVE, 1) == DEFAULT_CURVE
+    True
+    """
+    base = relative_cost(rows, curve)
+    tail = tuple((x, round(y / base, 9)) for x, y in curve if x > rows)
+    return ((1, 1.0), (rows, 1.0), *tail) if rows > 1 else ((1, 1.0), *tail)
+
+
 def acceptance_estimate(accepted: int, checked: int) -> float:
     """A request's acceptance rate so far, pulled toward the prior while few drafts were checked.
 

@@ -47,6 +47,7 @@ from common.backends.batched import (
 )
 from common.backends.kv_pool import BlockPool
 from common.backends.row_invariance import invariant_min_rows, pad_rows
+from common.draft_policy import DEFAULT_CURVE, padded_curve
 
 log = structlog.get_logger()
 
@@ -127,6 +128,7 @@ class BatchedRunner(BatchedBackend):
             cos, sin = decoder.rotary_emb(weight[:1][None], positions)
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
         self.min_rows = min_rows if min_rows > 0 else self._probe_min_rows()
+        self.cost_curve = padded_curve(DEFAULT_CURVE, self.min_rows)
         self._slots: dict[Hashable, _Slot] = {}
 
     # -- the pool ---------------------------------------------------------------------------------
