@@ -3,41 +3,16 @@ ahead (Notice.drafter_lead), and a drafter keeps within it."""
 
 from common.backends.simulated import SimulatedBackend
 from common.engine_config import EngineConfig
-from common.protocol import Notice, RouteHop, Span, Start
+from common.protocol import Notice, Start
 from common.stage_engine import StageEngine
+from tests.common.test_engine_config import ROUTE, Recorder
 
 
-class RecordingOutbox:
-    def __init__(self):
-        self.notices: list[Notice] = []
-        self.spans: list[Span] = []
-
-    def send_span(self, hop, span):
-        self.spans.append(span)
-
-    def publish(self, notice):
-        self.notices.append(notice)
-
-    def send_reply(self, endpoint, msg):
-        pass
-
-    def subscribe(self, request_id, hops):
-        pass
-
-    def unsubscribe(self, request_id):
-        pass
-
-
-ROUTE = [
-    RouteHop(level=i, replica=f"r{i}", inbox="inproc://x", notices="inproc://y") for i in (0, 1)
-]
-
-
-def engine(level: int, **config) -> tuple[StageEngine, RecordingOutbox]:
-    outbox = RecordingOutbox()
+def engine(level: int, **config) -> tuple[StageEngine, Recorder]:
+    outbox = Recorder()
     backend = SimulatedBackend(agreement=0.8, seed=1, vocab=50, sleep=lambda s: None)
     cfg = EngineConfig(level=level, **config)
-    return StageEngine(cfg, backend, outbox, replica=f"r{level}", clock=lambda: 0.0), outbox
+    return StageEngine(cfg, backend, outbox, replica=f"L{level}", clock=lambda: 0.0), outbox
 
 
 def start(e: StageEngine, n: int, max_tokens: int = 64) -> None:
@@ -53,8 +28,8 @@ def start(e: StageEngine, n: int, max_tokens: int = 64) -> None:
         )
 
 
-def advised(outbox: RecordingOutbox) -> dict[str, int | None]:
-    return {n.request_id: n.drafter_lead for n in outbox.notices}
+def advised(outbox: Recorder) -> dict[str, int | None]:
+    return {n.request_id: n.drafter_lead for n in outbox.sent if isinstance(n, Notice)}
 
 
 def test_a_lone_request_lets_its_drafter_run_the_full_lead_and_a_full_batch_reins_it_in():
@@ -85,7 +60,7 @@ def notice(tokens: list[int], lead: int | None, epoch: int = 0) -> Notice:
     return Notice(
         request_id="q0",
         level=1,
-        replica="r1",
+        replica="L1",
         start=0,
         tokens=tokens,
         epoch=epoch,
@@ -124,6 +99,6 @@ def test_advice_from_another_level_is_ignored():
     start(e, 1)
     drafted_ahead(e)
     e.handle(
-        Notice(request_id="q0", level=2, replica="r2", start=0, tokens=[], epoch=0, drafter_lead=1)
+        Notice(request_id="q0", level=2, replica="L2", start=0, tokens=[], epoch=0, drafter_lead=1)
     )
     assert e.requests["q0"].lead_hint is None
