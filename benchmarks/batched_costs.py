@@ -6,7 +6,8 @@
     python -m benchmarks.batched_costs agree --model qwen2.5-coder-0.5b   # vs generate
 
 ``padding``: min and median ms (runs interleaved) of one 1-token step of one request (64-token
-context) through the batched runner with ``min_rows`` as probed on this machine, 4 and 1, and through the transformers model with a ``DynamicCache``.
+context) through the batched runner with ``min_rows`` as probed on this machine, 4 and 1, and
+through the transformers model with a ``DynamicCache``.
 
 ``curve``: min and median ms of one runner pass in which R requests (64-token contexts) each feed T tokens,
 for R in 1, 2, 4, 8, 16 and T in 1, 4, against R separate transformers passes of T tokens each
