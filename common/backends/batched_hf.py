@@ -9,12 +9,14 @@ one set of attention ops (batched products, one product per request and kv head)
 
 **Logits independent of window and batch, by construction** (research: batching-sampling.md §3):
 
-* every matrix product gets at least ``min_rows`` rows: the flat batch, each request's queries
-  in attention and the rows given to the head are padded with dummy rows, because a BLAS gives a
-  row bit-identical results only within one kernel regime of the row count M (MKL fp32 at one
-  thread: M >= 4 on one test bed, M >= 16 on another; ``common.backends.row_invariance`` probes
-  this machine at load when ``min_rows`` is 0, the default); run one intra-op thread
-  (``threads=1``, the default of :class:`HFBatchedBackend`);
+* every matrix product gets at least ``min_rows`` and at most ``row_invariance.MAX_ROWS`` rows: the flat batch
+  and the rows given to the head are padded with dummy rows (and a long prefill is split into
+  slices), each request's queries in attention to ``query_rows``, because a BLAS gives a row
+  bit-identical results only within one kernel regime of the row count M
+  (``common.backends.row_invariance`` probes this machine at load when ``min_rows`` is 0, the
+  default); on the CPU the weights are stored column-major, whose products have one regime from
+  2 rows where the usual layout needs 16 on the 12-01 bed (and are faster); run one intra-op
+  thread (``threads=1``, the default of :class:`HFBatchedBackend`);
 * a request's attention always spans its whole reservation (``capacity`` rounded up to a block),
   masked beyond each query's position, so the reductions over keys have the same length whatever
   the request's window, length, or neighbours;
@@ -46,7 +48,12 @@ from common.backends.batched import (
     check_runs,
 )
 from common.backends.kv_pool import BlockPool
-from common.backends.row_invariance import invariant_min_rows, pad_rows
+from common.backends.row_invariance import (
+    invariant_min_rows,
+    pad_rows,
+    rowwise,
+    store_column_major,
+)
 from common.draft_policy import DEFAULT_CURVE, padded_curve
 
 log = structlog.get_logger()
@@ -91,7 +98,10 @@ class BatchedRunner(BatchedBackend):
 
     ``kv_pool_tokens``: positions the pool holds for all requests together (a stage setting);
     ``min_rows``: rows every matrix product gets (0: the fewest that make logits batch-invariant on
-    this machine, probed at load; 1: no padding).
+    this machine, probed at load, for the linear layers and the head and, separately, for
+    attention's products, whose ``query_rows`` per request follow; 1: no padding). On the CPU the
+    model's linear weights are re-stored column-major in place (``store_column_major``): the
+    runner owns ``lm``.
     """
 
     kind = "hf-batched"
@@ -127,7 +137,14 @@ class BatchedRunner(BatchedBackend):
             positions = torch.arange(table, device=self.device)[None, :]
             cos, sin = decoder.rotary_emb(weight[:1][None], positions)
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
-        self.min_rows = min_rows if min_rows > 0 else self._probe_min_rows()
+        if self.device.type == "cpu":
+            self._store_column_major()
+        if min_rows > 0:
+            self.min_rows, self.query_rows = min_rows, min_rows
+        else:
+            self.min_rows, attention_rows = self._probe_min_rows()
+            # a request's queries meet its keys in products of groups x query_rows rows
+            self.query_rows = max(self.min_rows, -(-attention_rows // self.groups))
         self.cost_curve = padded_curve(DEFAULT_CURVE, self.min_rows)
         self._slots: dict[Hashable, _Slot] = {}
 
@@ -219,20 +236,24 @@ class BatchedRunner(BatchedBackend):
         x = pad_rows(decoder.embed_tokens(ids), self.min_rows)
         padded_pos = pad_rows(positions, self.min_rows)
         cos, sin = self.cos[padded_pos], self.sin[padded_pos]  # [N, d]
+
+        def rows(op, h: torch.Tensor) -> torch.Tensor:
+            return rowwise(op, h, self.min_rows)
+
         for i, layer in enumerate(decoder.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(-1, self.n_heads, self.head_dim)
-            k = attn.k_proj(h).view(-1, self.n_kv, self.head_dim)
-            v = attn.v_proj(h).view(-1, self.n_kv, self.head_dim)
+            q = rows(attn.q_proj, h).view(-1, self.n_heads, self.head_dim)
+            k = rows(attn.k_proj, h).view(-1, self.n_kv, self.head_dim)
+            v = rows(attn.v_proj, h).view(-1, self.n_kv, self.head_dim)
             q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
             self.k_pool[i].index_copy_(1, write, k[:n].transpose(0, 1))
             self.v_pool[i].index_copy_(1, write, v[:n].transpose(0, 1))
             out = x.new_zeros((x.shape[0], self.n_heads * self.head_dim))
             for group in groups:
                 out.index_copy_(0, group.dest, self._attend(i, q, group))
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + rows(attn.o_proj, out)
+            x = x + rows(layer.mlp, layer.post_attention_layernorm(x))
 
         # one head call for every request's wanted rows (rows are independent: padding suffices)
         keep, offset = [], 0
@@ -242,7 +263,7 @@ class BatchedRunner(BatchedBackend):
             offset += t
         wanted = torch.cat(keep)
         if len(wanted):
-            logits = self.lm.lm_head(decoder.norm(pad_rows(x[wanted], self.min_rows)))
+            logits = rowwise(self.lm.lm_head, decoder.norm(x[wanted]), self.min_rows)
         else:
             logits = x.new_zeros((0, self.lm.config.vocab_size))
         logits = logits[: len(wanted)].split([len(k) for k in keep])
@@ -252,8 +273,19 @@ class BatchedRunner(BatchedBackend):
             results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
 
-    def _probe_min_rows(self) -> int:
-        """The fewest rows that make this model's products row-invariant here (row_invariance)."""
+    def _store_column_major(self) -> None:
+        """Every linear weight (and a tied embedding) column-major: one kernel regime from 2
+        rows on MKL, faster from 4 (row_invariance)."""
+        decoder = self.lm.model
+        modules = [m for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear)]
+        modules.append(self.lm.lm_head)
+        if decoder.embed_tokens.weight is self.lm.lm_head.weight:
+            modules.append(decoder.embed_tokens)
+        store_column_major(modules)
+
+    def _probe_min_rows(self) -> tuple[int, int]:
+        """The fewest rows that make this model's products row-invariant here (row_invariance):
+        (for the linear layers and the head, for attention's two products)."""
         decoder, config = self.lm.model, self.lm.config
         layer = decoder.layers[0]
         attn, mlp = layer.self_attn, layer.mlp
@@ -268,14 +300,19 @@ class BatchedRunner(BatchedBackend):
             (mlp.down_proj, mlp.down_proj.in_features),
             # the head's first 8192 rows stand for it (the whole vocabulary takes seconds)
             (lambda x: torch.nn.functional.linear(x, head[:8192]), hidden),
-            # attention's products: queries x keys, then weights x values (a 256-position span)
-            (lambda q: q @ keys.T, self.head_dim),
-            (lambda w: w @ keys, 256),
         ]
+        # attention's products: queries x keys, then weights x values (a 256-position span)
+        attention = [(lambda q: q @ keys.T, self.head_dim), (lambda w: w @ keys, 256)]
         with torch.inference_mode():
             rows = invariant_min_rows(ops, self.device, self.dtype)
-        log.info("min_rows_probed", min_rows=rows, threads=torch.get_num_threads())
-        return rows
+            attention_rows = invariant_min_rows(attention, self.device, self.dtype)
+        log.info(
+            "min_rows_probed",
+            min_rows=rows,
+            attention_rows=attention_rows,
+            threads=torch.get_num_threads(),
+        )
+        return rows, attention_rows
 
     def _groups(self, runs: list[Run], starts: list[int]) -> list[_Group]:
         """Requests whose padded query rows and key span match share one set of attention ops."""
@@ -284,7 +321,9 @@ class BatchedRunner(BatchedBackend):
         for r, s in zip(runs, starts):
             t = len(r.tokens)
             rows = self._slots[r.request].rows
-            by_shape.setdefault((max(t, self.min_rows), len(rows)), []).append((offset, t, s, rows))
+            by_shape.setdefault((max(t, self.query_rows), len(rows)), []).append(
+                (offset, t, s, rows)
+            )
             offset += t
         return [_Group(tp, members, self.dtype) for (tp, _), members in by_shape.items()]
 

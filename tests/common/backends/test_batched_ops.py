@@ -1,8 +1,10 @@
 """Row invariance of each operation the batched runner uses, bit for bit, at one thread.
 
-A row computed among M rows (M >= 4, the runner's padding) must equal the same row computed in a
-4-row call, for every M tried: linear layers (with and without bias, SmolLM2's and Qwen's shapes),
-RMSNorm, the head, and attention over ragged requests. Also runs the modules' worked examples.
+A row computed among M rows must equal the same row computed alone, padded to the rows this
+machine needs (probed), for every M tried up to 513, called the way the runner calls it (weights
+column-major, ``rowwise`` slices of at most ``MAX_ROWS``): linear layers (with and without bias,
+SmolLM2's and Qwen's shapes), RMSNorm, the head, and attention over ragged requests. Also runs the
+modules' worked examples.
 """
 
 import doctest
@@ -13,7 +15,12 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from common.backends import batched, batched_hf, kv_pool, row_invariance
 from common.backends.batched import Run
-from common.backends.row_invariance import invariant_min_rows, pad_rows
+from common.backends.row_invariance import (
+    invariant_min_rows,
+    pad_rows,
+    rowwise,
+    store_column_major,
+)
 
 ROW_COUNTS = (*range(1, 71), 100, 200, 256, 257, 300, 511, 512, 513)
 
@@ -33,13 +40,14 @@ def test_worked_examples(module):
 
 
 def rows_are_invariant(op, width: int, generator: torch.Generator) -> None:
-    """``op`` on M rows gives each row exactly what it gives that row padded to the rows the
-    runner would pad to on this machine (``invariant_min_rows``, probed on fewer row counts), for
-    every M from there to 70 and some far beyond."""
+    """``op`` on M rows (through ``rowwise``, as the runner calls it) gives each row exactly what it
+    gives that row padded to the rows the runner would pad to on this machine
+    (``invariant_min_rows``, probed on fewer row counts), for every M from 1 to 70 and some far
+    beyond ``MAX_ROWS``."""
     rows = invariant_min_rows([(op, width)])
     big = torch.randn(max(ROW_COUNTS), width, generator=generator)
-    for m in [m for m in ROW_COUNTS if m >= rows]:
-        together = op(big[:m])
+    for m in ROW_COUNTS:
+        together = rowwise(op, big[:m], rows)
         for i in (0, m // 2, m - 1):
             alone = op(pad_rows(big[i : i + 1], rows))[0]
             assert torch.equal(together[i], alone), (rows, m, i)
@@ -47,7 +55,14 @@ def rows_are_invariant(op, width: int, generator: torch.Generator) -> None:
 
 @pytest.mark.parametrize(
     "d_in, d_out, bias",
-    [(576, 1536, False), (1536, 576, False), (576, 192, False), (896, 128, True), (32, 96, False)],
+    [
+        (576, 1536, False),
+        (1536, 576, False),
+        (576, 192, False),
+        (896, 128, True),
+        (32, 96, False),
+        (8960, 1536, False),  # Qwen2.5-1.5B's down_proj: a third kernel regime from 192 rows on MKL
+    ],
 )
 def test_linear_rows_are_invariant(d_in, d_out, bias):
     g = torch.Generator().manual_seed(d_in + d_out)
@@ -56,6 +71,8 @@ def test_linear_rows_are_invariant(d_in, d_out, bias):
         linear.weight.copy_(torch.randn(d_out, d_in, generator=g) * 0.05)
         if bias:
             linear.bias.copy_(torch.randn(d_out, generator=g))
+    store_column_major([linear])
+    assert linear.weight.t().is_contiguous()
     with torch.inference_mode():
         rows_are_invariant(linear, d_in, g)
 
@@ -85,7 +102,7 @@ def test_attention_rows_are_invariant_across_windows_and_groups(tmp_path):
         flat = torch.cat([q[name][first - 18 : first - 18 + t] for name in names])
         rows = [runner._slots[name].rows for name in names]
         members = [(i * t, t, first, r) for i, r in enumerate(rows)]
-        out = runner._attend(0, flat, _Group(max(t, runner.min_rows), members, runner.dtype))
+        out = runner._attend(0, flat, _Group(max(t, runner.query_rows), members, runner.dtype))
         return list(out.split(t))
 
     with torch.inference_mode():
@@ -105,5 +122,18 @@ def test_head_rows_are_invariant():
     head = torch.nn.Linear(576, 4096, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.randn(4096, 576, generator=g) * 0.05)
+    store_column_major([head])
     with torch.inference_mode():
         rows_are_invariant(head, 576, g)
+
+
+def test_column_major_storage_keeps_values_and_tied_weights():
+    embed, head = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50, bias=False)
+    head.weight = embed.weight  # tied, as SmolLM2 and Qwen2.5 ship
+    before = embed.weight.detach().clone()
+    store_column_major([head, embed])
+    assert head.weight is embed.weight and head.weight.t().is_contiguous()
+    assert torch.equal(head.weight, before)
+    with torch.inference_mode():
+        ids = torch.tensor([3, 49, 0])
+        assert torch.equal(embed(ids), before[ids])
