@@ -96,6 +96,12 @@ class StageSettings(TransportSettings):
         "that keep logits independent of batch and window (exact: 4 or 16 on the CPUs tried); "
         "1 is faster for lone one-token steps, exact only almost always",
     )
+    weight_layout: Literal["auto", "row", "column"] = Field(
+        "auto",
+        description="how a transformers stage stores its linear weights: auto probes row- and "
+        "column-major at load and keeps column-major only where it needs fewer padded rows "
+        "(row-major with an explicit min_rows)",
+    )
     heartbeat_interval_s: float = Field(0.5, gt=0)
     request_ttl_s: float = Field(60.0, gt=0, description="drafter drops a silent request after")
     done_retention_s: float = Field(60.0, gt=0, description="target keeps finished output for")

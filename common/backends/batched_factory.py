@@ -1,7 +1,8 @@
 """The batched backend a stage's settings describe: what a stage service serves with.
 
-``kv_pool_tokens`` (positions in the stage's KV pool, all requests together) and ``min_rows``
-(rows every matrix product gets; 4 keeps logits batch-invariant) come from the settings.
+``kv_pool_tokens`` (positions in the stage's KV pool, all requests together), ``min_rows``
+(rows every matrix product gets; 0 probes the fewest that keep logits batch-invariant) and
+``weight_layout`` (row- or column-major linear weights; ``auto`` probes) come from the settings.
 The transformers runner gets one intra-op thread unless ``threads`` says otherwise; more than
 one voids the row invariance (at 2 threads a 7-row product differs; batching-sampling.md §3).
 The n-gram drafter is a loop over per-request sessions (its passes cost nothing worth batching)
@@ -37,6 +38,7 @@ def load_batched_backend(settings) -> BatchedBackend:
             early_exit_layers=settings.early_exit_layers,
             kv_pool_tokens=pool,
             min_rows=settings.min_rows,
+            weight_layout=settings.weight_layout,
         )
     if settings.backend == "ngram":
         from common.backends import load_backend

@@ -14,9 +14,10 @@ one set of attention ops (batched products, one product per request and kv head)
   slices), each request's queries in attention to ``query_rows``, because a BLAS gives a row
   bit-identical results only within one kernel regime of the row count M
   (``common.backends.row_invariance`` probes this machine at load when ``min_rows`` is 0, the
-  default); on the CPU the weights are stored column-major, whose products have one regime from
-  2 rows where the usual layout needs 16 on the 12-01 bed (and are faster); run one intra-op
-  thread (``threads=1``, the default of :class:`HFBatchedBackend`);
+  default), in the weight layout that needs fewer rows (``weight_layout``: column-major
+  products have one regime from 2 rows where the usual layout needs 16 on the 12-01 bed; on the
+  12-02 bed both need 4); run one intra-op thread (``threads=1``, the default of
+  :class:`HFBatchedBackend`);
 * a request's attention always spans its whole reservation (``capacity`` rounded up to a block),
   masked beyond each query's position, so the reductions over keys have the same length whatever
   the request's window, length, or neighbours;
@@ -49,16 +50,20 @@ from common.backends.batched import (
 )
 from common.backends.kv_pool import BlockPool
 from common.backends.row_invariance import (
+    column_major,
+    fewest_rows,
     invariant_min_rows,
     pad_rows,
     rowwise,
     store_column_major,
+    warn_not_invariant,
 )
 from common.draft_policy import DEFAULT_CURVE, padded_curve
 
 log = structlog.get_logger()
 
 SUPPORTED = ("llama", "qwen2")
+WEIGHT_LAYOUTS = ("auto", "row", "column")
 
 
 def causal_span_mask(positions: torch.Tensor, span: int, dtype: torch.dtype) -> torch.Tensor:
@@ -84,6 +89,11 @@ def _check_architecture(lm: PreTrainedModel) -> None:
         raise ValueError("the batched runner does not support sliding-window attention layers")
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None):
+    """``x -> F.linear(x, weight, bias)``."""
+    return lambda x: torch.nn.functional.linear(x, weight, bias)
+
+
 class _Slot:
     """One open request: its pool rows (reservation order) and how many positions it holds."""
 
@@ -99,9 +109,11 @@ class BatchedRunner(BatchedBackend):
     ``kv_pool_tokens``: positions the pool holds for all requests together (a stage setting);
     ``min_rows``: rows every matrix product gets (0: the fewest that make logits batch-invariant on
     this machine, probed at load, for the linear layers and the head and, separately, for
-    attention's products, whose ``query_rows`` per request follow; 1: no padding). On the CPU the
-    model's linear weights are re-stored column-major in place (``store_column_major``): the
-    runner owns ``lm``.
+    attention's products, whose ``query_rows`` per request follow; 1: no padding).
+    ``weight_layout``: how the linear weights are stored: ``row`` as loaded, ``column`` re-stored
+    column-major in place (``store_column_major``: the runner owns ``lm``), ``auto`` (the default)
+    probes both and keeps column-major only where it needs fewer rows (row-major with an explicit
+    ``min_rows``).
     """
 
     kind = "hf-batched"
@@ -113,8 +125,13 @@ class BatchedRunner(BatchedBackend):
         kv_pool_tokens: int = 4096,
         block_size: int = 16,
         min_rows: int = 0,
+        weight_layout: str = "auto",
     ):
         _check_architecture(lm)
+        if weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(
+                f"weight_layout must be one of {WEIGHT_LAYOUTS}, not {weight_layout!r}"
+            )
         self.lm = lm
         decoder = lm.model
         config = lm.config
@@ -137,14 +154,15 @@ class BatchedRunner(BatchedBackend):
             positions = torch.arange(table, device=self.device)[None, :]
             cos, sin = decoder.rotary_emb(weight[:1][None], positions)
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
-        if self.device.type == "cpu":
-            self._store_column_major()
         if min_rows > 0:
             self.min_rows, self.query_rows = min_rows, min_rows
+            self.weight_layout = "column" if weight_layout == "column" else "row"
         else:
-            self.min_rows, attention_rows = self._probe_min_rows()
+            self.min_rows, self.weight_layout, attention_rows = self._probe_min_rows(weight_layout)
             # a request's queries meet its keys in products of groups x query_rows rows
             self.query_rows = max(self.min_rows, -(-attention_rows // self.groups))
+        if self.weight_layout == "column":
+            self._store_column_major()
         self.cost_curve = padded_curve(DEFAULT_CURVE, self.min_rows)
         self._slots: dict[Hashable, _Slot] = {}
 
@@ -273,46 +291,69 @@ class BatchedRunner(BatchedBackend):
             results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
 
-    def _store_column_major(self) -> None:
-        """Every linear weight (and a tied embedding) column-major: one kernel regime from 2
-        rows on MKL, faster from 4 (row_invariance)."""
+    def _linears(self) -> list[torch.nn.Module]:
+        """Every linear of the decoder layers, the head, and the embedding if the head shares it."""
         decoder = self.lm.model
         modules = [m for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear)]
         modules.append(self.lm.lm_head)
         if decoder.embed_tokens.weight is self.lm.lm_head.weight:
             modules.append(decoder.embed_tokens)
-        store_column_major(modules)
+        return modules
 
-    def _probe_min_rows(self) -> tuple[int, int]:
+    def _store_column_major(self) -> None:
+        """Every linear weight (and a tied embedding) column-major (row_invariance)."""
+        store_column_major(self._linears())
+
+    def _probe_min_rows(self, weight_layout: str) -> tuple[int, str, int]:
         """The fewest rows that make this model's products row-invariant here (row_invariance):
-        (for the linear layers and the head, for attention's two products)."""
+        for the linear layers and the head, in the layout that needs fewest (``auto``: both
+        tried, a tie keeps the row-major layout as loaded), and for attention's two products:
+        (rows, layout, attention rows)."""
         decoder, config = self.lm.model, self.lm.config
         layer = decoder.layers[0]
         attn, mlp = layer.self_attn, layer.mlp
-        hidden, head = config.hidden_size, self.lm.lm_head.weight
+        hidden = config.hidden_size
         g = torch.Generator().manual_seed(1)
         keys = torch.randn(256, self.head_dim, generator=g).to(self.device, self.dtype)
-        ops = [
+        # the head's first 8192 rows stand for it (the whole vocabulary takes seconds)
+        head = torch.nn.Linear(hidden, 8192, bias=False, device=self.device, dtype=self.dtype)
+        head.weight = torch.nn.Parameter(self.lm.lm_head.weight[:8192].clone(), False)
+        modules = [
             (attn.q_proj, hidden),
             (attn.k_proj, hidden),
             (attn.o_proj, attn.o_proj.in_features),
             (mlp.gate_proj, hidden),
             (mlp.down_proj, mlp.down_proj.in_features),
-            # the head's first 8192 rows stand for it (the whole vocabulary takes seconds)
-            (lambda x: torch.nn.functional.linear(x, head[:8192]), hidden),
+            (head, hidden),
         ]
+
+        def ops(layout: str) -> list:
+            if layout == "row":
+                return [(m, width) for m, width in modules]
+            return [(_linear(column_major(m.weight), m.bias), width) for m, width in modules]
+
         # attention's products: queries x keys, then weights x values (a 256-position span)
         attention = [(lambda q: q @ keys.T, self.head_dim), (lambda w: w @ keys, 256)]
+        layouts = ("row", "column") if weight_layout == "auto" else (weight_layout,)
         with torch.inference_mode():
-            rows = invariant_min_rows(ops, self.device, self.dtype)
+            found = {
+                layout: fewest_rows(ops(layout), self.device, self.dtype) for layout in layouts
+            }
             attention_rows = invariant_min_rows(attention, self.device, self.dtype)
+        usable = [(rows, layout != "row", layout) for layout, rows in found.items() if rows]
+        if usable:
+            rows, _, layout = min(usable)
+        else:
+            rows, layout = warn_not_invariant(), layouts[0]
         log.info(
             "min_rows_probed",
             min_rows=rows,
+            weight_layout=layout,
+            rows_by_layout=found,
             attention_rows=attention_rows,
             threads=torch.get_num_threads(),
         )
-        return rows, attention_rows
+        return rows, layout, attention_rows
 
     def _groups(self, runs: list[Run], starts: list[int]) -> list[_Group]:
         """Requests whose padded query rows and key span match share one set of attention ops."""
@@ -387,6 +428,7 @@ class HFBatchedBackend(BatchedRunner):
         kv_pool_tokens: int = 4096,
         block_size: int = 16,
         min_rows: int = 0,
+        weight_layout: str = "auto",
     ):
         from common.backends.hf import _ids, load_causal_lm
 
@@ -394,7 +436,11 @@ class HFBatchedBackend(BatchedRunner):
             torch.set_num_threads(threads)
         lm = load_causal_lm(model, dtype, early_exit_layers).to(torch.device(device))
         super().__init__(
-            lm, kv_pool_tokens=kv_pool_tokens, block_size=block_size, min_rows=min_rows
+            lm,
+            kv_pool_tokens=kv_pool_tokens,
+            block_size=block_size,
+            min_rows=min_rows,
+            weight_layout=weight_layout,
         )
         self.name = (
             model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"

@@ -12,12 +12,17 @@ runner asks this module at load time (``min_rows = 0``, the default) instead of 
   ``M`` = 2..15 and ``M >= 16``, so 4 rows no longer suffice and 16 do.
 
 The kernel also depends on how the weight is laid out. Stored column-major (``W.t().contiguous()
-.t()``: the same ``[out, in]`` tensor, its transpose contiguous), ``x @ W.T`` is a plain NN product,
-and on the 12-01 bed that has one regime for every ``M`` from 2 up to at least 128 (to 191 for
-inputs of 4864 or 8960 features, a third regime from 192 rows) and is 1.1-1.6x faster from 4 rows
-up. So the runner stores its weights column-major on the CPU (:func:`store_column_major`), pads
-to what the probe finds (2 rows there) and never gives a product more than :data:`MAX_ROWS` rows
-(:func:`rowwise` splits a long prefill into slices).
+.t()``: the same ``[out, in]`` tensor, its transpose contiguous), ``x @ W.T`` is a plain NN product:
+
+* on the 12-01 bed that has one regime for every ``M`` from 2 up to at least 128 (to 191 for inputs
+  of 4864 or 8960 features, a third regime from 192 rows) and is 1.1-1.6x faster from 4 rows up;
+* on the 12-02 bed (AMD EPYC, AVX-512) both layouts need 4 rows, and the row-major (transformers')
+  layout is 10-20 % faster (SmolLM2's head at 4 rows: 31 ms against 43).
+
+So the runner probes both layouts (:func:`fewest_rows` on each, ``weight_layout = "auto"``) and
+stores its weights column-major (:func:`store_column_major`) only where that needs fewer rows. It
+never gives a product more than :data:`MAX_ROWS` rows (:func:`rowwise` splits a long prefill into
+slices).
 
 >>> torch.manual_seed(0) and None
 >>> ops = [(torch.nn.Linear(32, 48, bias=False), 32)]
@@ -72,17 +77,26 @@ def rowwise(
     return torch.cat([op(pad_rows(part, min_rows))[: len(part)] for part in x.split(max_rows)])
 
 
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (``[out, in]``) with the same shape and values, stored so its transpose is
+    contiguous: ``F.linear`` with it runs an NN product.
+
+    >>> w = column_major(torch.arange(6.0).reshape(2, 3))
+    >>> w.tolist(), w.stride(), w.t().is_contiguous()
+    ([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], (1, 2), True)
+    """
+    return weight.detach().t().contiguous().t()
+
+
 def store_column_major(linears: Sequence[torch.nn.Module]) -> None:
-    """Re-store each module's ``weight`` column-major, in place (same shape and values; its
-    transpose becomes contiguous), so ``F.linear`` runs an NN product. Modules sharing a weight
-    (tied embeddings and head) keep sharing it. An embedding still looks rows up (strided)."""
+    """Re-store each module's ``weight`` column-major (:func:`column_major`), in place. Modules
+    sharing a weight (tied embeddings and head) keep sharing it. An embedding still looks rows up
+    (strided)."""
     done: dict[int, torch.nn.Parameter] = {}
     for module in linears:
         weight = module.weight
         if id(weight) not in done:
-            done[id(weight)] = torch.nn.Parameter(
-                weight.detach().t().contiguous().t(), requires_grad=False
-            )
+            done[id(weight)] = torch.nn.Parameter(column_major(weight), requires_grad=False)
         module.weight = done[id(weight)]
 
 
@@ -108,17 +122,16 @@ def rows_agree(
     return True
 
 
-def invariant_min_rows(
+def fewest_rows(
     ops: Sequence[Op],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     candidates: Sequence[int] = CANDIDATES,
     probe_rows: Sequence[int] = PROBE_ROWS,
     seed: int = 0,
-) -> int:
+) -> int | None:
     """The smallest candidate row count that makes every op in ``ops`` row-invariant (for the
-    ``probe_rows`` tried) on inputs of ``device`` and ``dtype``; 1 (no padding, which would buy
-    nothing) if none does, with a warning: logits then depend on the batch."""
+    ``probe_rows`` tried) on inputs of ``device`` and ``dtype``; None if none does."""
     g = torch.Generator().manual_seed(seed)
     inputs = [
         torch.randn(max(probe_rows), width, generator=g).to(device, dtype) for _, width in ops
@@ -126,9 +139,21 @@ def invariant_min_rows(
     for rows in candidates:
         if all(rows_agree(op, x, rows, probe_rows) for (op, _), x in zip(ops, inputs)):
             return rows
+    return None
+
+
+def warn_not_invariant() -> int:
+    """Log that no padding helps here; 1 row (no padding, which would buy nothing)."""
     log.warning(
         "rows_not_invariant",
         detail="no row padding makes matrix products batch-invariant on this device: "
         "outputs equal the target's own decoding almost always, not by construction",
     )
     return 1
+
+
+def invariant_min_rows(ops: Sequence[Op], *args, **kwargs) -> int:
+    """:func:`fewest_rows`, or 1 (no padding) with a warning if none does: logits then depend on
+    the batch."""
+    rows = fewest_rows(ops, *args, **kwargs)
+    return warn_not_invariant() if rows is None else rows

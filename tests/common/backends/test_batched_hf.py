@@ -43,6 +43,39 @@ def test_mixed_ragged_batches_with_rollbacks_equal_the_oracle_bit_for_bit(backen
     """Five requests of different lengths (two of one span: their attention ops are shared when
     their windows match) share passes: prefills, windows of 1-17 tokens, wrong drafts cropped off
     and re-fed; every row for a true position equals the oracle exactly."""
+    mixed_batches_equal_the_oracle(backend)
+
+
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_either_weight_layout_is_exact_with_the_rows_it_probes(model_dir, layout):
+    """``auto`` picks whichever layout needs fewer rows on this machine; each is exact with its
+    own probed rows, and ``column`` really re-stores the weights (its transpose contiguous)."""
+    runner = HFBatchedBackend(
+        str(model_dir), threads=None, kv_pool_tokens=1024, weight_layout=layout
+    )
+    assert runner.weight_layout == layout
+    weight = runner.lm.model.layers[0].mlp.down_proj.weight
+    assert (weight.t() if layout == "column" else weight).is_contiguous()
+    mixed_batches_equal_the_oracle(runner)
+
+
+def test_auto_layout_keeps_row_major_unless_column_needs_fewer_rows(model_dir):
+    auto = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=64)
+    rows = {
+        layout: HFBatchedBackend(
+            str(model_dir), threads=None, kv_pool_tokens=64, weight_layout=layout
+        ).min_rows
+        for layout in ("row", "column")
+    }
+    expected = "column" if rows["column"] < rows["row"] else "row"
+    assert (auto.weight_layout, auto.min_rows) == (expected, rows[expected])
+    explicit = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=64, min_rows=3)
+    assert (explicit.weight_layout, explicit.min_rows, explicit.query_rows) == ("row", 3, 3)
+    with pytest.raises(ValueError, match="weight_layout"):
+        HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=64, weight_layout="diag")
+
+
+def mixed_batches_equal_the_oracle(backend: BatchedRunner) -> None:
     rng = random.Random(0)
     seqs = {
         f"r{i}": [rng.randrange(3, VOCAB_SIZE) for _ in range(n)]

@@ -2,9 +2,9 @@
 
 A row computed among M rows must equal the same row computed alone, padded to the rows this
 machine needs (probed), for every M tried up to 513, called the way the runner calls it (weights
-column-major, ``rowwise`` slices of at most ``MAX_ROWS``): linear layers (with and without bias,
-SmolLM2's and Qwen's shapes), RMSNorm, the head, and attention over ragged requests. Also runs the
-modules' worked examples.
+row- or column-major, whichever the runner's probe picks, so both; ``rowwise`` slices of at most
+``MAX_ROWS``): linear layers (with and without bias, SmolLM2's and Qwen's shapes), RMSNorm, the
+head, and attention over ragged requests. Also runs the modules' worked examples.
 """
 
 import doctest
@@ -53,6 +53,7 @@ def rows_are_invariant(op, width: int, generator: torch.Generator) -> None:
             assert torch.equal(together[i], alone), (rows, m, i)
 
 
+@pytest.mark.parametrize("layout", ["row", "column"])
 @pytest.mark.parametrize(
     "d_in, d_out, bias",
     [
@@ -64,15 +65,16 @@ def rows_are_invariant(op, width: int, generator: torch.Generator) -> None:
         (8960, 1536, False),  # Qwen2.5-1.5B's down_proj: a third kernel regime from 192 rows on MKL
     ],
 )
-def test_linear_rows_are_invariant(d_in, d_out, bias):
+def test_linear_rows_are_invariant(d_in, d_out, bias, layout):
     g = torch.Generator().manual_seed(d_in + d_out)
     linear = torch.nn.Linear(d_in, d_out, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(d_out, d_in, generator=g) * 0.05)
         if bias:
             linear.bias.copy_(torch.randn(d_out, generator=g))
-    store_column_major([linear])
-    assert linear.weight.t().is_contiguous()
+    if layout == "column":
+        store_column_major([linear])
+    assert (linear.weight.t() if layout == "column" else linear.weight).is_contiguous()
     with torch.inference_mode():
         rows_are_invariant(linear, d_in, g)
 
@@ -117,12 +119,14 @@ def test_attention_rows_are_invariant_across_windows_and_groups(tmp_path):
                 )
 
 
-def test_head_rows_are_invariant():
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_head_rows_are_invariant(layout):
     g = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(576, 4096, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.randn(4096, 576, generator=g) * 0.05)
-    store_column_major([head])
+    if layout == "column":
+        store_column_major([head])
     with torch.inference_mode():
         rows_are_invariant(head, 576, g)
 
