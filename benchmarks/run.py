@@ -88,12 +88,14 @@ MODEL_SETS = {
         "target": "qwen2.5-coder-1.5b",
         "mid": "qwen2.5-coder-0.5b",
         "mid_layers": None,
+        "drafter_cost": 0.2,
         "names": ("n-gram", "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B"),
     },
     "smollm2": {
         "target": "smollm2-135m",
         "mid": "smollm2-135m",
         "mid_layers": 25,
+        "drafter_cost": 0.45,
         "names": ("n-gram", "SmolLM2-135M (25/30 layers)", "SmolLM2-135M"),
     },
 }
@@ -130,6 +132,10 @@ def real_stages(
     mid = {"backend": "hf", "model": str(model_dir(models["mid"])), "threads": 1, "min_rows": 1}
     if models["mid_layers"]:
         mid |= {"backend": "early-exit", "early_exit_layers": models["mid_layers"]}
+    if k != "1" and schedule == "pipespec":
+        # the model drafter below the target shares this machine's cores: what its drafts cost
+        # the target (StageSettings.drafter_cost; the draft policy weighs it)
+        target = target | {"drafter_cost": models["drafter_cost"]}
     levels = {"1": [target], "2": [mid, target], "3": [{"backend": "ngram"}, mid, target]}[k]
     shared = (
         {"schedule": "sync", "lookahead": LOOKAHEAD}

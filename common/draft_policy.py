@@ -37,6 +37,17 @@ A cost curve that is flat (a GPU pass far from compute-bound) keeps every draft:
 >>> draft_lengths([1, 1], [0.5, 0.5], [4, 4], curve=((1, 1.0), (64, 1.0)))
 [4, 4]
 
+Drafts are free to check on that curve, but not always free to make. Where the drafter shares
+this level's compute (every level on one CPU, as on the test bed), each draft token it makes slows
+this level by ``draft_cost`` (relative to a one-token pass; 0, the default, for a drafter on its
+own device). A drafter costing 0.45 pays at acceptance 0.8 (2 drafts: 2.44 / (1 + 2 x 0.45) =
+1.28 tokens per unit, against 1.0 without; a third lowers it to 1.26), but not at 0.3 (1.3 / 1.45
+= 0.9 for one draft): then it gets none and, through ``drafter_lead``, idles, and the level
+decodes as if alone:
+
+>>> draft_lengths([1], [0.8], [8], draft_cost=0.45), draft_lengths([1], [0.3], [8], draft_cost=0.45)
+([2], [0])
+
 Drafters get the same signal (``drafter_lead``): a verifier tells the level below how far past the
 target's committed length to draft, from the drafts its policy would check if it had them. A lone
 request wanting 7 drafts lets its drafter run the full lead; sixteen wanting 1 each keep their
@@ -118,10 +129,12 @@ def draft_lengths(
     acceptance: Sequence[float],
     offered: Sequence[int],
     curve: Sequence[tuple[int, float]] = DEFAULT_CURVE,
+    draft_cost: float = 0.0,
 ) -> list[int]:
     """Drafts to check per request: ``fed[i]`` tokens request ``i`` feeds anyway (what its cache
     lacks), ``acceptance[i]`` its per-draft acceptance rate, ``offered[i]`` the drafts it has. The
-    ``k`` that maximise the batch's expected tokens per pass cost (module docstring)."""
+    ``k`` that maximise the batch's expected tokens per pass cost, the pass's own (``curve``) plus
+    ``draft_cost`` per draft for making it (module docstring)."""
     k = [0] * len(fed)
     tokens = sum(fed)
     if not tokens:
@@ -129,7 +142,12 @@ def draft_lengths(
     expected = float(len(fed))  # every request emits its correction/bonus token
     # the chance that request i's next draft is accepted (all earlier ones being accepted)
     chance = [max(0.0, min(1.0, a)) for a in acceptance]
-    best = expected / relative_cost(tokens, curve)
+    drafts = 0
+
+    def cost(tokens: int, drafts: int) -> float:
+        return relative_cost(tokens, curve) + draft_cost * drafts
+
+    best = expected / cost(tokens, drafts)
     while True:
         pick = max(
             (i for i in range(len(fed)) if k[i] < offered[i] and chance[i] > 0),
@@ -138,10 +156,10 @@ def draft_lengths(
         )
         if pick is None:
             return k
-        goodput = (expected + chance[pick]) / relative_cost(tokens + 1, curve)
+        goodput = (expected + chance[pick]) / cost(tokens + 1, drafts + 1)
         if goodput < best:
             return k
-        best, expected, tokens = goodput, expected + chance[pick], tokens + 1
+        best, expected, tokens, drafts = goodput, expected + chance[pick], tokens + 1, drafts + 1
         k[pick] += 1
         chance[pick] *= max(0.0, min(1.0, acceptance[pick]))
 

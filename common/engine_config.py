@@ -37,6 +37,8 @@ class EngineConfig:
     #   request's prefill may exceed it alone); requests past it wait for the next pass
     draft_policy: DraftPolicy = "goodput"  # goodput: common.draft_policy weighs drafts against
     #   the pass's cost; all: check every draft on offer (up to draft_cap)
+    drafter_cost: float = 0.0  # goodput: what one token the level below drafts costs this level,
+    #   relative to its one-token pass, where they share compute (0: the drafter has its own device)
 
     @property
     def draft_cap(self) -> int:

@@ -83,6 +83,14 @@ class StageSettings(TransportSettings):
         description="goodput: check the drafts worth their cost in the batch (shrinks under "
         "load); all: every draft on offer",
     )
+    drafter_cost: float = Field(
+        0.0,
+        ge=0,
+        description="goodput policy: what a token drafted by the level below costs this level, "
+        "relative to its one-token pass, where the levels share compute (one CPU); 0 when the "
+        "drafter has its own device. A costly drafter with low acceptance then gets no drafts "
+        "and idles",
+    )
     kv_pool_tokens: int = Field(
         4096,
         ge=16,
@@ -139,6 +147,7 @@ class StageSettings(TransportSettings):
             max_verify_tokens=self.max_verify_tokens,
             max_batch_tokens=self.max_batch_tokens,
             draft_policy=self.draft_policy,
+            drafter_cost=self.drafter_cost,
             request_ttl_s=self.request_ttl_s,
             done_retention_s=self.done_retention_s,
         )

@@ -551,16 +551,19 @@ class StageEngine:
         rates = [
             acceptance_estimate(p.r.stats.accepted_tokens, p.r.stats.draft_tokens) for p in plan
         ]
+        curve = self.backend.cost_curve
         if goodput and isinstance(self.schedule, AsyncSchedule):
-            # what the policy would check if every request had drafts: the drafters' lead
+            # what the policy would check if every request had drafts, counting what making them
+            # costs where the drafter shares our compute: the drafters' lead
             cap = [self.config.draft_cap] * len(plan)
-            for p, w in zip(plan, draft_lengths(fed, rates, cap, curve=self.backend.cost_curve)):
+            wanted = draft_lengths(fed, rates, cap, curve, draft_cost=self.config.drafter_cost)
+            for p, w in zip(plan, wanted):
                 p.r.wanted_drafts = w
         if not any(p.drafts for p in plan):
             return
         offered = [len(p.drafts) for p in plan]
         if goodput:
-            offered = draft_lengths(fed, rates, offered, curve=self.backend.cost_curve)
+            offered = draft_lengths(fed, rates, offered, curve)  # made: only checking costs
         for p, k in zip(plan, offered):
             k = max(0, min(k, room))
             room -= k

@@ -102,3 +102,17 @@ def test_advice_from_another_level_is_ignored():
         Notice(request_id="q0", level=2, replica="L2", start=0, tokens=[], epoch=0, drafter_lead=1)
     )
     assert e.requests["q0"].lead_hint is None
+
+
+def test_a_costly_drafter_with_poor_drafts_is_told_to_idle_and_a_free_one_is_not():
+    """drafter_cost: where the drafter shares the verifier's compute, its drafts are worth making
+    only at good acceptance; at 1 of 12 accepted the verifier advises a lead of 0 (idle)."""
+    leads = {}
+    for cost in (0.0, 0.45):
+        e, out = engine(level=1, max_lead=16, drafter_cost=cost)
+        start(e, 1)
+        stats = e.requests["q0"].stats
+        stats.draft_tokens, stats.accepted_tokens = 12, 1
+        assert e.step()
+        leads[cost] = advised(out)["q0"]
+    assert leads[0.45] == 0 and leads[0.0] is not None and leads[0.0] >= 4
