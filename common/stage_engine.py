@@ -735,6 +735,8 @@ class StageEngine:
         if r.wanted_drafts is None or not isinstance(self.schedule, AsyncSchedule):
             return None
         above = self.schedule.lead(r)
+        if above == 0 and not self.is_target(r):
+            return 0  # the level above wants no drafts from us: we idle, and so does our drafter
         return drafter_lead(r.wanted_drafts, self.config.max_lead, above=above)
 
     def _maybe_republish(self, r: LevelRequest) -> None:

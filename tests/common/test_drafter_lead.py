@@ -3,7 +3,7 @@ ahead (Notice.drafter_lead), and a drafter keeps within it."""
 
 from common.backends.simulated import SimulatedBackend
 from common.engine_config import EngineConfig
-from common.protocol import Notice, Start
+from common.protocol import Notice, RouteHop, Start
 from common.stage_engine import StageEngine
 from tests.common.test_engine_config import ROUTE, Recorder
 
@@ -116,3 +116,25 @@ def test_a_costly_drafter_with_poor_drafts_is_told_to_idle_and_a_free_one_is_not
         assert e.step()
         leads[cost] = advised(out)["q0"]
     assert leads[0.45] == 0 and leads[0.0] is not None and leads[0.0] >= 4
+
+
+def test_a_middle_level_told_to_idle_tells_its_own_drafter_to_idle():
+    route = [RouteHop(level=i, replica=f"L{i}", inbox="-", notices="-") for i in range(3)]
+    e, out = engine(level=1, max_lead=16)
+    e.handle(Start(request_id="q0", prompt=[1, 2, 3], max_tokens=64, route=route, reply_to="gw"))
+    assert e.step()  # drafts past the target, advising its drafter a lead
+    assert advised(out)["q0"] > 0
+    out.sent.clear()
+    committed = e.requests["q0"].tokens + [7]  # the target accepted all and added one: adopted
+    e.handle(
+        Notice(
+            request_id="q0",
+            level=2,
+            replica="L2",
+            start=0,
+            tokens=committed,
+            epoch=0,
+            drafter_lead=0,
+        )
+    )
+    assert not e.has_work() and advised(out) == {"q0": 0}
