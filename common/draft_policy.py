@@ -142,12 +142,12 @@ def draft_lengths(
     expected = float(len(fed))  # every request emits its correction/bonus token
     # the chance that request i's next draft is accepted (all earlier ones being accepted)
     chance = [max(0.0, min(1.0, a)) for a in acceptance]
-    drafts = 0
+    fed_tokens = tokens
 
-    def cost(tokens: int, drafts: int) -> float:
-        return relative_cost(tokens, curve) + draft_cost * drafts
+    def cost(tokens: int) -> float:  # the pass, plus making its drafts (tokens past those fed)
+        return relative_cost(tokens, curve) + draft_cost * (tokens - fed_tokens)
 
-    best = expected / cost(tokens, drafts)
+    best = expected / cost(tokens)
     while True:
         pick = max(
             (i for i in range(len(fed)) if k[i] < offered[i] and chance[i] > 0),
@@ -156,10 +156,10 @@ def draft_lengths(
         )
         if pick is None:
             return k
-        goodput = (expected + chance[pick]) / cost(tokens + 1, drafts + 1)
+        goodput = (expected + chance[pick]) / cost(tokens + 1)
         if goodput < best:
             return k
-        best, expected, tokens, drafts = goodput, expected + chance[pick], tokens + 1, drafts + 1
+        best, expected, tokens = goodput, expected + chance[pick], tokens + 1
         k[pick] += 1
         chance[pick] *= max(0.0, min(1.0, acceptance[pick]))
 

@@ -291,18 +291,14 @@ class BatchedRunner(BatchedBackend):
             results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
 
-    def _linears(self) -> list[torch.nn.Module]:
-        """Every linear of the decoder layers, the head, and the embedding if the head shares it."""
+    def _store_column_major(self) -> None:
+        """Every linear weight (and a tied embedding) column-major (row_invariance)."""
         decoder = self.lm.model
         modules = [m for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear)]
         modules.append(self.lm.lm_head)
         if decoder.embed_tokens.weight is self.lm.lm_head.weight:
             modules.append(decoder.embed_tokens)
-        return modules
-
-    def _store_column_major(self) -> None:
-        """Every linear weight (and a tied embedding) column-major (row_invariance)."""
-        store_column_major(self._linears())
+        store_column_major(modules)
 
     def _probe_min_rows(self, weight_layout: str) -> tuple[int, str, int]:
         """The fewest rows that make this model's products row-invariant here (row_invariance):
@@ -315,22 +311,17 @@ class BatchedRunner(BatchedBackend):
         hidden = config.hidden_size
         g = torch.Generator().manual_seed(1)
         keys = torch.randn(256, self.head_dim, generator=g).to(self.device, self.dtype)
-        # the head's first 8192 rows stand for it (the whole vocabulary takes seconds)
-        head = torch.nn.Linear(hidden, 8192, bias=False, device=self.device, dtype=self.dtype)
-        head.weight = torch.nn.Parameter(self.lm.lm_head.weight[:8192].clone(), False)
-        modules = [
-            (attn.q_proj, hidden),
-            (attn.k_proj, hidden),
-            (attn.o_proj, attn.o_proj.in_features),
-            (mlp.gate_proj, hidden),
-            (mlp.down_proj, mlp.down_proj.in_features),
-            (head, hidden),
+        # (weight, bias, input width); the head's first 8192 rows stand for it (the whole
+        # vocabulary takes seconds)
+        products = [
+            *((m.weight, m.bias, m.in_features) for m in (attn.q_proj, attn.k_proj, attn.o_proj)),
+            *((m.weight, m.bias, m.in_features) for m in (mlp.gate_proj, mlp.down_proj)),
+            (self.lm.lm_head.weight[:8192], None, hidden),
         ]
 
         def ops(layout: str) -> list:
-            if layout == "row":
-                return [(m, width) for m, width in modules]
-            return [(_linear(column_major(m.weight), m.bias), width) for m, width in modules]
+            store = column_major if layout == "column" else (lambda w: w)
+            return [(_linear(store(w), b), width) for w, b, width in products]
 
         # attention's products: queries x keys, then weights x values (a 256-position span)
         attention = [(lambda q: q @ keys.T, self.head_dim), (lambda w: w @ keys, 256)]
