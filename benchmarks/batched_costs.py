@@ -85,8 +85,8 @@ def _hf_passes(lm, requests: int, tokens: int):
     return once
 
 
-def padding(model: str, repeats: int) -> None:
-    runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=2048)
+def padding(model: str, repeats: int, weight_layout: str = "auto") -> None:
+    runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=2048, weight_layout=weight_layout)
     probed = runner.min_rows  # what this machine needs for batch-invariant products
     once, close = _runner_pass(runner, 1, 1)
 
@@ -111,8 +111,10 @@ def padding(model: str, repeats: int) -> None:
     print(json.dumps({"what": "lone 1-token step, ms (min, median)"} | got))
 
 
-def curve(model: str, repeats: int) -> None:
-    runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=16 * (CONTEXT + 16))
+def curve(model: str, repeats: int, weight_layout: str = "auto") -> None:
+    runner = HFBatchedBackend(
+        model, threads=1, kv_pool_tokens=16 * (CONTEXT + 16), weight_layout=weight_layout
+    )
     for tokens in (1, 4):
         for requests in (1, 2, 4, 8, 16):
             once, close = _runner_pass(runner, requests, tokens)
@@ -214,12 +216,18 @@ def main() -> None:
     parser.add_argument("what", choices=("padding", "curve", "cb", "agree"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--weight-layout",
+        choices=("auto", "row", "column"),
+        default="auto",
+        help="padding, curve: how the runner stores its weights (auto: probe both)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "padding":
-        padding(args.model, args.repeats)
+        padding(args.model, args.repeats, args.weight_layout)
     elif args.what == "curve":
-        curve(args.model, args.repeats)
+        curve(args.model, args.repeats, args.weight_layout)
     elif args.what == "agree":
         agree(args.model)
     else:

@@ -17,7 +17,8 @@ The kernel also depends on how the weight is laid out. Stored column-major (``W.
 * on the 12-01 bed that has one regime for every ``M`` from 2 up to at least 128 (to 191 for inputs
   of 4864 or 8960 features, a third regime from 192 rows) and is 1.1-1.6x faster from 4 rows up;
 * on the 12-02 bed (AMD EPYC, AVX-512) both layouts need 4 rows, and the row-major (transformers')
-  layout is 10-20 % faster (SmolLM2's head at 4 rows: 31 ms against 43).
+  layout is 10-20 % faster (a lone SmolLM2 step 152 ms against 177: ``python -m
+  benchmarks.batched_costs padding --weight-layout row|column``).
 
 So the runner probes both layouts (:func:`fewest_rows` on each, ``weight_layout = "auto"``) and
 stores its weights column-major (:func:`store_column_major`) only where that needs fewer rows. It
