@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from common.backends import batched_hf
 from common.backends.batched import PoolExhausted, Run, greedy_decode, one_at_a_time
 from common.backends.batched_hf import BatchedRunner, HFBatchedBackend
 from tests.common.backends.batched_fixtures import BUILDERS
@@ -44,6 +45,23 @@ def test_mixed_ragged_batches_with_rollbacks_equal_the_oracle_bit_for_bit(backen
     their windows match) share passes: prefills, windows of 1-17 tokens, wrong drafts cropped off
     and re-fed; every row for a true position equals the oracle exactly."""
     mixed_batches_equal_the_oracle(backend)
+
+
+def test_a_second_runner_of_the_same_shapes_reuses_the_probe_and_other_threads_probe_again(
+    model_dir, monkeypatch
+):
+    """The probe's answer depends on shapes, strides, type, device and threads, not on values:
+    a second runner over the same model takes it from the process's record; one at another
+    thread count probes (and, given rows no product agrees on, pads nothing)."""
+    monkeypatch.setattr(batched_hf, "_PROBED", {})  # a record of its own, empty
+    first = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=64)
+    monkeypatch.setattr(batched_hf, "fewest_rows", lambda *a, **k: pytest.fail("probed again"))
+    again = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=64)
+    assert (again.min_rows, again.weight_layout) == (first.min_rows, first.weight_layout)
+    monkeypatch.setattr(batched_hf, "fewest_rows", lambda *a, **k: None)
+    torch.set_num_threads(2)
+    other = HFBatchedBackend(str(model_dir), threads=None, kv_pool_tokens=64)
+    assert other.min_rows == 1
 
 
 @pytest.mark.parametrize("layout", ["row", "column"])
