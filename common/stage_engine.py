@@ -264,6 +264,9 @@ class StageEngine:
         self._order: deque[str] = deque()  # round-robin over requests
         self.draining = False
         self.counters: dict[str, int] = {}
+        # the level above advises leads (its draft policy weighs load): a new request waits for
+        # its advice before we spend a pass on it (a prefill, drafts it may never check)
+        self._above_advises = False
 
     # ------------------------------------------------------------------ messages in
     def handle(self, msg: Message) -> None:
@@ -352,6 +355,8 @@ class StageEngine:
         )
         r.sent = msg.have
         r.target_len = len(msg.committed)
+        if self._above_advises and not self.is_target(r):
+            r.lead_hint = 0  # no pass for it until the level above advises a lead
         self.requests[r.request_id] = r
         self._order.append(r.request_id)
         self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
@@ -446,6 +451,7 @@ class StageEngine:
         r.last_heard = self.clock()
         if n.level == self.level + 1 and n.drafter_lead is not None:
             r.lead_hint = n.drafter_lead
+            self._above_advises = True
         if n.level == len(r.route) - 1:
             r.target_len = max(r.target_len, end)
         if n.final:

@@ -138,3 +138,19 @@ def test_a_middle_level_told_to_idle_tells_its_own_drafter_to_idle():
         )
     )
     assert not e.has_work() and advised(out) == {"q0": 0}
+
+
+def test_once_the_level_above_advises_a_new_request_waits_for_its_own_advice():
+    """The first request ever drafts at once (max_lead: nothing says the level above advises);
+    after advice has come, a new request gets no pass, not even its prefill, until the level
+    above advises a lead for it: under load that advice is often 0."""
+    e, _ = engine(level=0, max_lead=8)
+    start(e, 1)
+    assert drafted_ahead(e) == 8
+    e.handle(notice(e.requests["q0"].tokens[:2], lead=0))
+    e.handle(Start(request_id="q1", prompt=[4, 5], max_tokens=64, route=ROUTE, reply_to="gw"))
+    assert not e.step() and not e.requests["q1"].tokens  # q0 is 6 ahead of a lead of 0, q1 waits
+    e.handle(
+        Notice(request_id="q1", level=1, replica="L1", start=0, tokens=[], epoch=0, drafter_lead=3)
+    )
+    assert e.step() and len(e.requests["q1"].tokens) == 1
