@@ -264,8 +264,10 @@ class StageEngine:
         self._order: deque[str] = deque()  # round-robin over requests
         self.draining = False
         self.counters: dict[str, int] = {}
-        # the level above advises leads (its draft policy weighs load): a new request waits for
-        # its advice before we spend a pass on it (a prefill, drafts it may never check)
+        # the level above advises leads (its draft policy weighs load): a new request that finds
+        # others in flight waits for its advice before we spend a pass on it (a prefill, drafts
+        # the level above may never check); one that finds us idle starts at once (waiting
+        # would only delay its drafts by the target's first pass)
         self._above_advises = False
 
     # ------------------------------------------------------------------ messages in
@@ -355,8 +357,8 @@ class StageEngine:
         )
         r.sent = msg.have
         r.target_len = len(msg.committed)
-        if self._above_advises and not self.is_target(r):
-            r.lead_hint = 0  # no pass for it until the level above advises a lead
+        if self._above_advises and self.requests and not self.is_target(r):
+            r.lead_hint = 0  # others in flight: no pass for it until the level above advises
         self.requests[r.request_id] = r
         self._order.append(r.request_id)
         self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])

@@ -140,10 +140,11 @@ def test_a_middle_level_told_to_idle_tells_its_own_drafter_to_idle():
     assert not e.has_work() and advised(out) == {"q0": 0}
 
 
-def test_once_the_level_above_advises_a_new_request_waits_for_its_own_advice():
-    """The first request ever drafts at once (max_lead: nothing says the level above advises);
-    after advice has come, a new request gets no pass, not even its prefill, until the level
-    above advises a lead for it: under load that advice is often 0."""
+def test_once_the_level_above_advises_a_new_request_among_others_waits_for_its_own_advice():
+    """The first request ever drafts at once (max_lead: nothing says the level above advises).
+    After advice has come, a new request that finds others in flight gets no pass, not even its
+    prefill, until the level above advises a lead for it (under load that advice is often 0);
+    one that finds the drafter holding nothing starts at once."""
     e, _ = engine(level=0, max_lead=8)
     start(e, 1)
     assert drafted_ahead(e) == 8
@@ -154,3 +155,10 @@ def test_once_the_level_above_advises_a_new_request_waits_for_its_own_advice():
         Notice(request_id="q1", level=1, replica="L1", start=0, tokens=[], epoch=0, drafter_lead=3)
     )
     assert e.step() and len(e.requests["q1"].tokens) == 1
+    for rid in ("q0", "q1"):  # both end
+        e.handle(
+            Notice(request_id=rid, level=2, replica="L2", start=0, tokens=[], epoch=9, final=True)
+        )
+    assert not e.requests
+    e.handle(Start(request_id="q2", prompt=[6, 7], max_tokens=64, route=ROUTE, reply_to="gw"))
+    assert e.step() and len(e.requests["q2"].tokens) == 1  # alone: it drafts at once
