@@ -24,6 +24,7 @@ from services.gateway.events import InvalidRequest
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n
 INT64 = 2**63
+MAX_TOP_K = 2**31 - 1  # past any vocabulary (the same as off); bounded so it fits the wire
 
 
 class Strict(BaseModel):
@@ -41,7 +42,7 @@ class RequestFields(Strict):
     max_tokens: int | None = None  # absent: GatewaySettings.default_max_tokens, within the context
     temperature: float | None = Field(None, ge=0, le=2)  # 0 or absent: greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: off
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)  # vLLM's extension; 0 or -1: off
     min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extension
     stop: str | list[str] | None = None  # up to MAX_STOP_STRINGS, never part of the output
     seed: int | None = Field(None, ge=-INT64, lt=INT64)

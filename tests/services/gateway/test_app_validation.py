@@ -65,6 +65,7 @@ def error_of(response, status: int) -> dict:
         ({"prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
         ({"prompt": "hi", "temperature": 2.5}, "temperature", "less than or equal to 2"),
         ({"prompt": "hi", "top_k": -2}, "top_k", "greater than or equal to -1"),
+        ({"prompt": "hi", "top_k": 2**105}, "top_k", "less than or equal to 2147483647"),
         ({"prompt": "hi", "min_p": 1.5}, "min_p", "less than or equal to 1"),
         ({"prompt": "hi", "temperature": -1}, "temperature", "greater than or equal to 0"),
         ({"prompt": "hi", "top_p": 0}, "top_p", "greater than 0"),
