@@ -107,10 +107,20 @@ def connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "*", "::", "") else host
 
 
+_HANDED_OUT: set[int] = set()  # every port free_port has returned in this process
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing on 127.0.0.1 is bound to now, and one this process has not handed out
+    before: the OS may give a port it just closed again at once, and a plan asks for several
+    before any child binds them (two endpoints of one gateway once got the same port in CI)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def resolve_model(value: Any) -> Any:

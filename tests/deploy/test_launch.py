@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from common import model_catalog
+from deploy import launch
 from deploy.demo import format_stats
 from deploy.launch import LaunchError, load_plan, plan_from_config
 
@@ -44,6 +45,31 @@ def test_port_zero_means_a_free_port():
     ports = [plan.gateway.http_port, plan.gateway.registry_port, plan.gateway.client_port]
     assert 0 not in ports
     assert plan.children[1].env["PIPESPEC_STAGE_GATEWAY"].endswith(f":{plan.gateway.registry_port}")
+
+
+def test_free_ports_are_never_handed_out_twice_even_when_the_os_offers_one_again(monkeypatch):
+    """The OS may offer a port it has just closed again at once: free_port skips it."""
+    offers = iter([41001, 41001, 41002, 41001, 41003])
+
+    class Offering:
+        def __init__(self):
+            self.port = next(offers)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(launch, "_HANDED_OUT", set())
+    monkeypatch.setattr(launch.socket, "socket", Offering)
+    assert [launch.free_port() for _ in range(3)] == [41001, 41002, 41003]
 
 
 @pytest.mark.parametrize(
