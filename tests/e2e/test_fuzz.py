@@ -84,6 +84,10 @@ small = st.integers(0, 40)
 token = st.integers(0, 2**31 - 1)  # far beyond the tiny vocabulary, too
 rid = st.text("abcdef0123456789", min_size=1, max_size=8).map(lambda s: f"fuzz-{s}")
 SINKS = ["tcp://127.0.0.1:9", "tcp://127.0.0.1:11"]
+# level 0, sent with level 1's key: the registry must refuse it
+WRONG_LEVEL_HEARTBEAT = Heartbeat(
+    replica="fuzz-L0", incarnation="fuzz", level=0, inbox=SINKS[0], notices=SINKS[1], ready=True
+)
 
 
 def hops(real: dict[int, str], sink: str) -> st.SearchStrategy[list[RouteHop]]:
@@ -221,7 +225,7 @@ def test_fuzz_every_socket_while_good_requests_run(tmp_path):
             t.start()
         try:
             for authenticated in (False, True):
-                for _name, endpoint, kind, server, key in targets:
+                for name, endpoint, kind, server, key in targets:
                     peers = [key] if authenticated else [None, stranger(key.peers)]
                     for peer in peers:
                         sock = open_socket(
@@ -229,6 +233,9 @@ def test_fuzz_every_socket_while_good_requests_run(tmp_path):
                             server=server if peer else None,
                         )  # fmt: skip
                         fuzz(sock, frames(real, sink_ep, authenticated))
+                        if authenticated and name == "registry":
+                            # whether the fuzz drew a heartbeat is chance: send one for sure
+                            sock.send(encode(WRONG_LEVEL_HEARTBEAT))
                         time.sleep(0.3)
                         sock.close(linger=0)
                 if not authenticated:
