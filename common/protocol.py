@@ -54,6 +54,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 PROTOCOL_VERSION = 2  # 2: sampling fields in Start, logprobs in Output
+MAX_TOP_K = 2**31 - 1  # past any vocabulary (the same as off); bounded so msgpack can carry it
 
 
 class Message(BaseModel):
@@ -129,7 +130,7 @@ class Start(Message):
     # Sampling (common.sampling): every level applies the same; temperature 0 is greedy.
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0, le=2**31 - 1)  # 0: off
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # 0: off
     min_p: float = Field(default=0.0, ge=0, le=1)
     seed: int = Field(default=0, ge=-(2**63), lt=2**63)
     logprobs: int = Field(default=-1, ge=-1, le=20)  # target: -1 none, else top alternatives

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.protocol import MAX_TOP_K
+
 
 class ClientRequest(BaseModel):
     """A completion request from a ZMQ client (client-facing schema, not a stage message).
@@ -26,7 +28,7 @@ class ClientRequest(BaseModel):
     request_id: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=2**31 - 1)  # past any vocabulary: off
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
 

@@ -18,13 +18,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.protocol import MAX_TOP_K
 from common.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from services.gateway.events import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n
 INT64 = 2**63
-MAX_TOP_K = 2**31 - 1  # past any vocabulary (the same as off); bounded so it fits the wire
 
 
 class Strict(BaseModel):
