@@ -110,6 +110,13 @@ class StageSettings(TransportSettings):
         "column-major at load and keeps column-major only where it needs fewer padded rows "
         "(row-major with an explicit min_rows)",
     )
+    cuda_graph_max_tokens: int = Field(
+        128,
+        ge=0,
+        description="on a CUDA device, passes of up to this many tokens (all requests together) "
+        "replay piecewise CUDA graphs captured at load, one set per power-of-two bucket, "
+        "attention eager between them; longer passes and 0 run eager",
+    )
     heartbeat_interval_s: float = Field(0.5, gt=0)
     request_ttl_s: float = Field(60.0, gt=0, description="drafter drops a silent request after")
     done_retention_s: float = Field(60.0, gt=0, description="target keeps finished output for")

@@ -1,8 +1,9 @@
 """The batched backend a stage's settings describe: what a stage service serves with.
 
 ``kv_pool_tokens`` (positions in the stage's KV pool, all requests together), ``min_rows``
-(rows every matrix product gets; 0 probes the fewest that keep logits batch-invariant) and
-``weight_layout`` (row- or column-major linear weights; ``auto`` probes) come from the settings.
+(rows every matrix product gets; 0 probes the fewest that keep logits batch-invariant),
+``weight_layout`` (row- or column-major linear weights; ``auto`` probes) and
+``cuda_graph_max_tokens`` (the largest pass that replays CUDA graphs) come from the settings.
 The transformers runner gets one intra-op thread unless ``threads`` says otherwise; more than
 one voids the row invariance (at 2 threads a 7-row product differs; batching-sampling.md §3).
 The n-gram drafter is a loop over per-request sessions (its passes cost nothing worth batching)
@@ -39,6 +40,7 @@ def load_batched_backend(settings) -> BatchedBackend:
             kv_pool_tokens=pool,
             min_rows=settings.min_rows,
             weight_layout=settings.weight_layout,
+            cuda_graph_max_tokens=settings.cuda_graph_max_tokens,
         )
     if settings.backend == "ngram":
         from common.backends import load_backend

@@ -34,6 +34,7 @@ RMSNorm, rotary tables, tied or untied lm_head, GQA) and loads through
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Sequence
 
 import structlog
@@ -58,6 +59,7 @@ from common.backends.row_invariance import (
     store_column_major,
     warn_not_invariant,
 )
+from common.backends.segment_graphs import SegmentGraphs, graph_buckets
 from common.draft_policy import DEFAULT_CURVE, padded_curve
 
 log = structlog.get_logger()
@@ -116,6 +118,9 @@ class BatchedRunner(BatchedBackend):
     column-major in place (``store_column_major``: the runner owns ``lm``), ``auto`` (the default)
     probes both and keeps column-major only where it needs fewer rows (row-major with an explicit
     ``min_rows``).
+    ``graph_rows``: passes of up to this many flat rows run on static buffers bucketed by
+    ``segment_graphs.graph_buckets`` (0, the default: none); ``capture_graphs`` (default: on a
+    CUDA device) captures each bucket's segments as CUDA graphs at load and replays them.
     """
 
     kind = "hf-batched"
@@ -128,6 +133,8 @@ class BatchedRunner(BatchedBackend):
         block_size: int = 16,
         min_rows: int = 0,
         weight_layout: str = "auto",
+        graph_rows: int = 0,
+        capture_graphs: bool | None = None,
     ):
         _check_architecture(lm)
         if weight_layout not in WEIGHT_LAYOUTS:
@@ -167,6 +174,33 @@ class BatchedRunner(BatchedBackend):
             self._store_column_major()
         self.cost_curve = padded_curve(DEFAULT_CURVE, self.min_rows)
         self._slots: dict[Hashable, _Slot] = {}
+        self.graphs = self._build_graphs(graph_rows, capture_graphs)
+
+    def _build_graphs(self, graph_rows: int, capture: bool | None) -> SegmentGraphs | None:
+        buckets = graph_buckets(graph_rows, self.min_rows)
+        if not buckets:
+            return None
+        capture = self.device.type == "cuda" if capture is None else capture
+        started = time.perf_counter()
+        with torch.inference_mode():
+            graphs = SegmentGraphs(
+                buckets,
+                capture=capture,
+                segment=self._segment,
+                layers=len(self.lm.model.layers),
+                hidden=self.lm.config.hidden_size,
+                attention_width=self.n_heads * self.head_dim,
+                head_dim=self.head_dim,
+                device=self.device,
+                dtype=self.dtype,
+            )
+        log.info(
+            "segment_graphs_ready",
+            buckets=buckets,
+            captured=capture,
+            seconds=round(time.perf_counter() - started, 2),
+        )
+        return graphs
 
     # -- the pool ---------------------------------------------------------------------------------
 
@@ -253,27 +287,28 @@ class BatchedRunner(BatchedBackend):
         )
         groups = self._groups(runs, starts)
         decoder = self.lm.model
-        x = pad_rows(decoder.embed_tokens(ids), self.min_rows)
-        padded_pos = pad_rows(positions, self.min_rows)
-        cos, sin = self.cos[padded_pos], self.sin[padded_pos]  # [N, d]
+        graphs = self.graphs.for_rows(max(n, self.min_rows)) if self.graphs else None
+        if graphs is not None:  # static buffers of a bucket; its segments replay captured graphs
+            graphs.load(decoder.embed_tokens(ids), self.cos[positions], self.sin[positions])
+            segment, x = graphs.run, graphs.x
+            out = graphs.attention_out
+        else:
+            x = pad_rows(decoder.embed_tokens(ids), self.min_rows)
+            padded_pos = pad_rows(positions, self.min_rows)
+            cos, sin = self.cos[padded_pos], self.sin[padded_pos]  # [N, d]
+            out = x.new_zeros((x.shape[0], self.n_heads * self.head_dim))
+            segment = lambda i: self._segment(i, x, out, cos, sin)  # noqa: E731
 
-        def rows(op, h: torch.Tensor) -> torch.Tensor:
-            return rowwise(op, h, self.min_rows)
-
-        for i, layer in enumerate(decoder.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = rows(attn.q_proj, h).view(-1, self.n_heads, self.head_dim)
-            k = rows(attn.k_proj, h).view(-1, self.n_kv, self.head_dim)
-            v = rows(attn.v_proj, h).view(-1, self.n_kv, self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        layers = len(decoder.layers)
+        for i in range(layers + 1):
+            qkv = segment(i)
+            if i == layers:
+                break
+            q, k, v = qkv
             self.k_pool[i].index_copy_(1, write, k[:n].transpose(0, 1))
             self.v_pool[i].index_copy_(1, write, v[:n].transpose(0, 1))
-            out = x.new_zeros((x.shape[0], self.n_heads * self.head_dim))
-            for group in groups:
+            for group in groups:  # every real row is some group's: out's real rows all rewritten
                 out.index_copy_(0, group.dest, self._attend(i, q, group))
-            x = x + rows(attn.o_proj, out)
-            x = x + rows(layer.mlp, layer.post_attention_layernorm(x))
 
         # one head call for every request's wanted rows (rows are independent: padding suffices)
         keep, offset = [], 0
@@ -292,6 +327,32 @@ class BatchedRunner(BatchedBackend):
             self._slots[r.request].length = s + len(r.tokens)
             results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
+
+    def _segment(
+        self,
+        i: int,
+        x: torch.Tensor,
+        attention_out: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The work between attention ops (``segment_graphs``), in place on ``x``: layer i-1 after
+        its attention (``attention_out``), then layer i up to its attention: (q, k, v)."""
+        layers = self.lm.model.layers
+        if i > 0:
+            layer = layers[i - 1]
+            h = x + rowwise(layer.self_attn.o_proj, attention_out, self.min_rows)
+            x.copy_(h + rowwise(layer.mlp, layer.post_attention_layernorm(h), self.min_rows))
+        if i == len(layers):
+            return None
+        layer = layers[i]
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = rowwise(attn.q_proj, h, self.min_rows).view(-1, self.n_heads, self.head_dim)
+        k = rowwise(attn.k_proj, h, self.min_rows).view(-1, self.n_kv, self.head_dim)
+        v = rowwise(attn.v_proj, h, self.min_rows).view(-1, self.n_kv, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        return q, k, v
 
     def _store_column_major(self) -> None:
         """Every linear weight (and a tied embedding) column-major (row_invariance)."""
@@ -421,7 +482,8 @@ class HFBatchedBackend(BatchedRunner):
     """:class:`BatchedRunner` over a model loaded the users' way (:func:`load_causal_lm`: a
     prepared name, a directory, a ``.gguf`` or a cached hub id; ``early_exit_layers`` keeps the
     first N layers). ``threads`` (default 1) sets torch's intra-op threads for the process: one
-    thread is part of what keeps logits batch-invariant."""
+    thread is part of what keeps logits batch-invariant. On a CUDA device, passes of up to
+    ``cuda_graph_max_tokens`` flat tokens replay piecewise CUDA graphs (0: eager)."""
 
     def __init__(
         self,
@@ -436,6 +498,7 @@ class HFBatchedBackend(BatchedRunner):
         block_size: int = 16,
         min_rows: int = 0,
         weight_layout: str = "auto",
+        cuda_graph_max_tokens: int = 128,
     ):
         from common.backends.hf import _ids, load_causal_lm
 
@@ -448,6 +511,7 @@ class HFBatchedBackend(BatchedRunner):
             block_size=block_size,
             min_rows=min_rows,
             weight_layout=weight_layout,
+            graph_rows=cuda_graph_max_tokens if torch.device(device).type == "cuda" else 0,
         )
         self.name = (
             model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"

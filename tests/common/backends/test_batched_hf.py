@@ -13,6 +13,7 @@ import torch
 from common.backends import batched_hf
 from common.backends.batched import PoolExhausted, Run, greedy_decode, one_at_a_time
 from common.backends.batched_hf import BatchedRunner, HFBatchedBackend
+from common.backends.segment_graphs import graph_buckets
 from tests.common.backends.batched_fixtures import BUILDERS
 from tests.tiny_models import VOCAB_SIZE
 
@@ -129,6 +130,36 @@ def mixed_batches_equal_the_oracle(backend: BatchedRunner) -> None:
             backend.close(r)
     assert checked == sum(map(len, seqs.values()))
     assert backend.usage().used_tokens == 0
+
+
+def test_bucketed_static_buffers_change_no_bit(backend):
+    """The CUDA-graph path without the capture (``segment_graphs``): passes of up to 64 rows run
+    layer segments in place on the static buffers of a power-of-two bucket, rows past the pass's
+    zeroed; longer ones (prefills) run the plain path. Mixed ragged batches equal the oracle, and
+    that oracle equals the plain runner's bit for bit."""
+    graphed = BatchedRunner(
+        backend.lm,
+        kv_pool_tokens=1024,
+        min_rows=backend.min_rows,
+        weight_layout=backend.weight_layout,
+        graph_rows=64,
+        capture_graphs=False,
+    )
+    assert graphed.graphs.buckets == graph_buckets(64, backend.min_rows)
+    seen: list[int | None] = []
+    for_rows = graphed.graphs.for_rows
+    graphed.graphs.for_rows = lambda rows: seen.append(b := for_rows(rows)) or b
+    mixed_batches_equal_the_oracle(graphed)
+    assert len({b.rows for b in seen if b}) >= 2, seen
+    seq = [1, 5, 17, 33, 60, 8, 9, 10, 11, 40, 41, 42, 77, 3, 94, 50] * 5
+    assert torch.equal(oracle(graphed, seq[:16]), oracle(backend, seq[:16]))
+    seen.clear()
+    prefills = []
+    for runner in (graphed, backend):  # 80 rows: more than the largest bucket, the plain path
+        runner.open("long", 96)
+        prefills.append(runner.step([Run("long", seq)])["long"].logits)
+        runner.close("long")
+    assert seen == [None] and torch.equal(*prefills)
 
 
 def test_crop_and_refeed_gives_identical_logits(backend):
