@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from common.backends.batched import Run  # noqa: E402
+from common.backends.batched_hf import BatchedRunner  # noqa: E402
 from deploy.harness import complete, exit_codes, loopback_config, running  # noqa: E402
 from deploy.launch import System, plan_from_config  # noqa: E402
 
@@ -160,6 +163,58 @@ def run_ar(model, prompts, max_tokens, device) -> dict:
     return {"outputs": outs, "tokens_per_s": rates, "tokens": sum(map(len, outs))}
 
 
+# ---------------------------------------------------------------- the target's passes
+
+STEP_SHAPES = {"b1x1": (1, 1), "b8x1": (8, 1), "b8x4": (8, 4)}  # requests x tokens per request
+
+
+@torch.inference_mode()
+def time_passes(
+    lm: LlamaForCausalLM, prompts, device: torch.device, graph_rows: int, iters: int
+) -> tuple[dict, dict]:
+    """Median ms of one :class:`BatchedRunner` pass of T for each shape in ``STEP_SHAPES`` (8
+    requests prefilled with the prompts, cropped back after every timed pass), with piecewise
+    CUDA graphs for passes up to ``graph_rows`` rows (0: eager); and each shape's logits."""
+    runner = BatchedRunner(lm, kv_pool_tokens=8 * 256, weight_layout="row", graph_rows=graph_rows)
+    requests = [f"r{i}" for i in range(8)]
+    for r, p in zip(requests, (prompts * 8)[:8]):
+        runner.open(r, 256)
+        runner.step([Run(r, p, rows=1)])
+    timings, logits = {"min_rows": runner.min_rows}, {}
+    for name, (batch, tokens) in STEP_SHAPES.items():
+        times = []
+        for i in range(iters + 3):  # 3 warm-ups
+            lengths = {r: runner.length(r) for r in requests[:batch]}
+            runs = [Run(r, [5 + j for j in range(tokens)]) for r in lengths]
+            sync(device)
+            start = time.perf_counter()
+            out = runner.step(runs)
+            sync(device)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+            for r, n in lengths.items():
+                runner.crop(r, n)
+        times.sort()
+        timings[name] = round(1000 * times[len(times) // 2], 3)
+        logits[name] = torch.cat([out[r].logits for r in requests[:batch]]).float().cpu()
+    for r in requests:
+        runner.close(r)
+    return timings, logits
+
+
+def run_passes(lm, prompts, device, graph_rows: int, iters: int) -> dict:
+    """The target's pass time, eager against piecewise CUDA graphs, and how far their logits
+    differ (on a GPU cuBLAS may pick other kernels for a bucket's padded rows)."""
+    eager, eager_logits = time_passes(lm, prompts, device, 0, iters)
+    graphs, graph_logits = time_passes(lm, prompts, device, graph_rows, iters)
+    result = {"eager_ms": eager, "graphs_ms": graphs, "graph_rows": graph_rows}
+    for name in STEP_SHAPES:
+        a, b = eager_logits[name], graph_logits[name]
+        result[f"{name}_max_abs_logit_diff"] = (a - b).abs().max().item()
+        result[f"{name}_argmax_equal"] = f"{int((a.argmax(-1) == b.argmax(-1)).sum())}/{len(a)}"
+    return result
+
+
 # ---------------------------------------------------------------- systems
 
 
@@ -243,6 +298,18 @@ def run_system(
                 body = complete(system.plan, text_of(p), max_tokens, http=http)
                 body["client_wall_s"] = time.perf_counter() - t0
                 responses.append(body)
+            with ThreadPoolExecutor(len(prompts)) as pool:  # every prompt at once
+                t0 = time.perf_counter()
+                together = list(
+                    pool.map(
+                        lambda p: complete(system.plan, text_of(p), max_tokens, http=http), prompts
+                    )
+                )
+                wall = time.perf_counter() - t0
+            result["concurrent_texts"] = [r["choices"][0]["text"] for r in together]
+            result["concurrent_tokens_per_s"] = (
+                sum(r["spec_decode_stats"]["completion_tokens"] for r in together) / wall
+            )
         result["texts"] = [r["choices"][0]["text"] for r in responses]
         result["stats"] = [r["spec_decode_stats"] for r in responses]
         result["client_tokens_per_s"] = [
@@ -271,10 +338,14 @@ def compare(result: dict, reference: list[list[int]], name: str, tokenizer) -> d
     refs = [tokenizer.decode(r, skip_special_tokens=True).split() for r in reference]
     counts = [s["completion_tokens"] for s in result["stats"]]
     exact = sum(w == r and c == len(ids) for w, r, c, ids in zip(words, refs, counts, reference))
-    return {
+    out = {
         f"exact_vs_{name}": exact,
         f"prefix_share_vs_{name}": sum(map(prefix_share, words, refs)) / len(refs),
     }
+    if "concurrent_texts" in result:
+        together = [t.split() for t in result["concurrent_texts"]]
+        out[f"concurrent_exact_vs_{name}"] = sum(w == r for w, r in zip(together, refs))
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -334,6 +405,31 @@ def summarize(report: dict) -> str:
                 f"prefix share {res['prefix_share_vs_ar_bf16']:.3f}, speed-up "
                 f"{mean(rates) / mean(report['ar_bf16']['tokens_per_s']):.2f}"
             )
+    passes = report.get("passes", {})
+    if "error" in passes:
+        lines.append(f"target passes: FAILED {passes['error'][:150]}")
+    elif passes:
+        lines.append(
+            f"target passes (BatchedRunner, median ms; graphs for up to {passes['graph_rows']} rows; "
+            f"min_rows {passes['eager_ms']['min_rows']}):"
+        )
+        for shape in STEP_SHAPES:
+            e, g = passes["eager_ms"][shape], passes["graphs_ms"][shape]
+            lines.append(
+                f"  {shape:<5} eager {e:8.2f}  graphs {g:8.2f}  {e / g:5.2f}x  "
+                f"max|dlogit| {passes[f'{shape}_max_abs_logit_diff']:.2e}  "
+                f"argmax equal {passes[f'{shape}_argmax_equal']}"
+            )
+    k1 = report["systems"].get("k1", {}).get("concurrent_tokens_per_s")
+    lines.append(f"all {report['prompts']} prompts at once (aggregate tokens/s, exact vs ar fp32):")
+    for name, res in report["systems"].items():
+        rate = res.get("concurrent_tokens_per_s")
+        if rate is not None:
+            ratio = f"{rate / k1:5.2f}x k1" if k1 else ""
+            lines.append(
+                f"  {name:<9} {rate:8.1f}  exact {res.get('concurrent_exact_vs_ar_fp32', '-')}"
+                f"/{report['prompts']}  {ratio}"
+            )
     lines.append(
         "placement: configured device / GPU memory per process (nvidia-smi); device memory in use "
         "before start -> while running"
@@ -366,9 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, help="default 128 (16 with --small)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per stage")
     parser.add_argument(
-        "--systems", default="k2,k3", help="fp32 systems, of k2=[N,T], k3=[E,N,T], k2-ee=[E,T]"
+        "--systems",
+        default="k1,k1-eager,k2,k3",
+        help="fp32 systems, of k1=[T], k2=[N,T], k3=[E,N,T], k2-ee=[E,T]; -eager: no CUDA graphs",
     )
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 phase")
+    parser.add_argument(
+        "--graph-rows", type=int, default=128, help="passes phase: largest pass in CUDA graphs"
+    )
+    parser.add_argument("--pass-iters", type=int, default=50, help="timed passes per shape")
     parser.add_argument(
         "--budget-s", type=float, default=220, help="skip bf16 if this many s have passed"
     )
@@ -424,13 +526,28 @@ def main(argv: list[str] | None = None) -> int:
     save()
     if device.type == "cuda":
         report["ar_gpu_memory_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
+    try:
+        report["passes"] = run_passes(target, prompts, device, args.graph_rows, args.pass_iters)
+        log(f"passes: {report['passes']}")
+    except Exception as exc:  # noqa: BLE001 - reported, and the next phase still runs
+        report["passes"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"passes: FAILED {report['passes']['error']}")
+    save()
 
     fp32 = {"dtype": "float32", "device": str(device)}
     N = {"backend": "hf", "model": str(n_dir), **fp32}
     E = {"backend": "early-exit", "model": str(n_dir), "early_exit_layers": size["early"], **fp32}
     T = {"backend": "hf", "model": str(t_dir), **fp32}
     logs = args.work / "logs"
-    hierarchies = {"k2": [N, T], "k3": [E, N, T], "k2-ee": [E, T]}
+    eager = {"cuda_graph_max_tokens": 0}
+    hierarchies = {
+        "k1": [T],
+        "k1-eager": [T | eager],
+        "k2": [N, T],
+        "k3": [E, N, T],
+        "k3-eager": [E | eager, N | eager, T | eager],
+        "k2-ee": [E, T],
+    }
     for name in args.systems.split(","):
         stages = hierarchies[name]
         res = run_system(
