@@ -561,12 +561,26 @@ class StageEngine:
         ]
         curve = self.backend.cost_curve
         if goodput and isinstance(self.schedule, AsyncSchedule):
-            # what the policy would check if every request had drafts, counting what making them
-            # costs where the drafter shares our compute: the drafters' lead
-            cap = [self.config.draft_cap] * len(plan)
-            wanted = draft_lengths(fed, rates, cap, curve, draft_cost=self.config.drafter_cost)
-            for p, w in zip(plan, wanted):
-                p.r.wanted_drafts = w
+            # the drafters' lead: what the policy would check in the passes to come if every
+            # request had drafts, counting what making them costs where the drafter shares our
+            # compute. In those passes every running request feeds one token (its correction or
+            # bonus), whatever this pass feeds: a prefill's many tokens make any draft look cheap
+            # and would send the drafters to prefill for passes that then check none.
+            now = self.clock()
+            running = [r for r in self.requests.values() if self.schedule.wants_pass(r, now)]
+            wanted = draft_lengths(
+                [1] * len(running),
+                [
+                    acceptance_estimate(r.stats.accepted_tokens, r.stats.draft_tokens)
+                    for r in running
+                ],
+                [self.config.draft_cap] * len(running),
+                curve,
+                draft_cost=self.config.drafter_cost,
+            )
+            by_request = {r.request_id: w for r, w in zip(running, wanted)}
+            for p in plan:
+                p.r.wanted_drafts = by_request.get(p.r.request_id, 0)
         if not any(p.drafts for p in plan):
             return
         offered = [len(p.drafts) for p in plan]

@@ -162,3 +162,30 @@ def test_once_the_level_above_advises_a_new_request_among_others_waits_for_its_o
     assert not e.requests
     e.handle(Start(request_id="q2", prompt=[6, 7], max_tokens=64, route=ROUTE, reply_to="gw"))
     assert e.step() and len(e.requests["q2"].tokens) == 1  # alone: it drafts at once
+
+
+def test_a_prefill_pass_advises_what_the_decode_passes_after_it_will_check():
+    """The advice is for the passes to come, where each request feeds one token. A prefill pass
+    of 12 requests x 40 prompt tokens costs so much that any draft looks nearly free beside it;
+    advising from it sent every drafter to prefill for decode passes that then checked none.
+    With a drafter that shares our compute (cost 0.45), 12 requests get no lead, prefill or not,
+    while a lone request still gets one."""
+    busy, out = engine(level=1, max_lead=16, drafter_cost=0.45)
+    for i in range(12):
+        busy.handle(
+            Start(
+                request_id=f"q{i}",
+                prompt=list(range(1, 41)),
+                max_tokens=64,
+                route=ROUTE,
+                reply_to="gw",
+            )
+        )
+    assert busy.step()
+    assert sum(len(r.tokens) for r in busy.requests.values()) == 12  # one pass: the prefills
+    assert advised(out) == {f"q{i}": 0 for i in range(12)}
+
+    alone, out_alone = engine(level=1, max_lead=16, drafter_cost=0.45)
+    start(alone, 1)
+    assert alone.step()
+    assert advised(out_alone)["q0"] > 0
