@@ -85,6 +85,8 @@ class Round:
     wall_s: float
     requests: list[Request]
     req_per_pass: float | None = None
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process this round
+    stages: dict[str, dict] = field(default_factory=dict)  # per stage: round_counters
 
 
 # ---------------------------------------------------------------------------- pure parts
@@ -343,9 +345,47 @@ async def run_clients(
         return time.monotonic() - started, done
 
 
-def target_counters(port: int) -> tuple[float | None, float | None]:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far, from ``/proc`` (Linux); a
+    process that cannot be read is left out. ``"clients"`` is this process (the HTTP clients).
+
+    >>> sorted(cpu_seconds({"me": os.getpid(), "gone": -1}))
+    ['clients', 'me']
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"clients": sum(os.times()[:2])}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+# what each stage did in a round, from its /metrics (differences): passes, requests summed over
+# them, tokens fed, draft tokens checked and accepted (the level below's drafts)
+STAGE_COUNTERS = {
+    "passes": BATCHED_PASSES,
+    "requests": BATCHED_REQUESTS,
+    "tokens": "pipespec:stage_batched_pass_tokens_total",
+    "draft_tokens": "pipespec:spec_decode_num_draft_tokens_total",
+    "accepted": "pipespec:spec_decode_num_accepted_tokens_total",
+}
+
+
+def stage_counters(port: int) -> dict[str, float | None]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0).text
-    return scrape(text, BATCHED_PASSES, None), scrape(text, BATCHED_REQUESTS, None)
+    return {key: scrape(text, name, None) for key, name in STAGE_COUNTERS.items()}
+
+
+def round_counters(before: dict[str, float | None], after: dict[str, float | None]) -> dict:
+    """What a stage did between two readings; a counter it lacks is left out.
+
+    >>> round_counters({"passes": 3, "tokens": None}, {"passes": 7, "tokens": None})
+    {'passes': 4}
+    """
+    return {k: v - before[k] for k, v in after.items() if v is not None and before[k] is not None}
 
 
 def serve_system(
@@ -369,21 +409,34 @@ def serve_system(
     try:
         with launched(config, log_dir / system, startup_timeout_s=300) as running:
             plan = running.plan
+            pids = {c.spec.name: c.process.pid for c in running.children}
             model = plan.gateway.served_model_name
             if warmup:
                 complete(plan, warmup, 4)
             for clients in clients_list:
                 for repeat in range(repeats):
-                    before = target_counters(ports[-1])
+                    before = [stage_counters(port) for port in ports]
+                    cpu_before = cpu_seconds(pids)
                     wall, done = asyncio.run(
                         run_clients(plan.http_url, model, prompts, clients, per_client, max_tokens)
                     )
-                    after = target_counters(ports[-1])
+                    cpu = cpu_seconds(pids)
+                    cpu = {
+                        k: round(v - cpu_before[k], 2) for k, v in cpu.items() if k in cpu_before
+                    }
+                    after = [stage_counters(port) for port in ports]
+                    target = [(c["passes"], c["requests"]) for c in (before[-1], after[-1])]
+                    stages = {
+                        f"stage{i}": round_counters(b, a)
+                        for i, (b, a) in enumerate(zip(before, after))
+                    }
                     requests = [
                         served_request(i, pid, res, encode, reference) for i, pid, res in done
                     ]
                     rounds.append(
-                        Round(system, clients, repeat, wall, requests, per_pass(before, after))
+                        Round(
+                            system, clients, repeat, wall, requests, per_pass(*target), cpu, stages
+                        )
                     )
                     log(f"{system} clients={clients} repeat={repeat}: {summary_line(rounds[-1])}")
     except Exception as exc:
@@ -413,6 +466,16 @@ def summary_line(r: Round) -> str:
         f"{_f(s['tokens_per_s'])} tok/s, TTFT p50 {_f(s['ttft_p50_s'], 1000, '.0f')} ms, "
         f"ITL p50 {_f(s['itl_p50_s'], 1000)} ms, equal {s['equal']}/{s['checked']}, "
         f"req/pass {_f(s['req_per_pass'], spec='.2f')}, errors {s['errors']}"
+        + (", CPU s " + " ".join(f"{k} {v:.1f}" for k, v in r.cpu_s.items()) if r.cpu_s else "")
+        + "".join(
+            f", {name} {c.get('passes', 0):.0f} passes {c.get('tokens', 0):.0f} tokens"
+            + (
+                f" {c['accepted']:.0f}/{c['draft_tokens']:.0f} drafts"
+                if c.get("draft_tokens")
+                else ""
+            )
+            for name, c in r.stages.items()
+        )
     )
 
 
