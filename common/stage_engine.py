@@ -264,11 +264,12 @@ class StageEngine:
         self._order: deque[str] = deque()  # round-robin over requests
         self.draining = False
         self.counters: dict[str, int] = {}
-        # the level above advises leads (its draft policy weighs load): a new request that finds
-        # others in flight waits for its advice before we spend a pass on it (a prefill, drafts
-        # the level above may never check); one that finds us idle starts at once (waiting
-        # would only delay its drafts by the target's first pass)
-        self._above_advises = False
+        # the level above advises leads (its draft policy weighs load): a new request waits for
+        # its advice before we spend a pass on it (a prefill, drafts the level above may never
+        # check) when it finds others in flight or the last advice was to idle; one that finds
+        # us idle after advice to draft starts at once (waiting would only delay its drafts by
+        # the target's first pass). None: no advice yet
+        self._last_advised_lead: int | None = None
 
     # ------------------------------------------------------------------ messages in
     def handle(self, msg: Message) -> None:
@@ -357,8 +358,9 @@ class StageEngine:
         )
         r.sent = msg.have
         r.target_len = len(msg.committed)
-        if self._above_advises and self.requests and not self.is_target(r):
-            r.lead_hint = 0  # others in flight: no pass for it until the level above advises
+        last = self._last_advised_lead
+        if last is not None and (last == 0 or self.requests) and not self.is_target(r):
+            r.lead_hint = 0  # no pass for it until the level above advises
         self.requests[r.request_id] = r
         self._order.append(r.request_id)
         self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
@@ -452,8 +454,7 @@ class StageEngine:
         r.seen[n.level] = SeenNotice(n.replica, n.epoch, end)
         r.last_heard = self.clock()
         if n.level == self.level + 1 and n.drafter_lead is not None:
-            r.lead_hint = n.drafter_lead
-            self._above_advises = True
+            r.lead_hint = self._last_advised_lead = n.drafter_lead
         if n.level == len(r.route) - 1:
             r.target_len = max(r.target_len, end)
         if n.final:

@@ -164,6 +164,29 @@ def test_once_the_level_above_advises_a_new_request_among_others_waits_for_its_o
     assert e.step() and len(e.requests["q2"].tokens) == 1  # alone: it drafts at once
 
 
+def test_after_advice_to_idle_a_new_request_at_an_idle_drafter_waits_for_its_own():
+    """Under load the level above advises 0 (its policy checks no drafts); a request that arrives
+    when we hold nothing then waits for its own advice too (at 2-16 clients on the test bed each
+    round's first request cost the middle level a prefill the target never used), and drafts as
+    soon as that advice is a lead."""
+    e, _ = engine(level=0, max_lead=8)
+    start(e, 1)
+    e.step()
+    e.handle(notice(e.requests["q0"].tokens[:1], lead=0))
+    e.handle(
+        Notice(request_id="q0", level=2, replica="L2", start=0, tokens=[], epoch=9, final=True)
+    )
+    assert not e.requests
+    e.handle(Start(request_id="q1", prompt=[4, 5], max_tokens=64, route=ROUTE, reply_to="gw"))
+    assert not e.step() and not e.requests["q1"].tokens
+    e.handle(
+        Notice(request_id="q1", level=1, replica="L1", start=0, tokens=[], epoch=0, drafter_lead=3)
+    )
+    while e.step():
+        pass
+    assert len(e.requests["q1"].tokens) == 3
+
+
 def test_a_prefill_pass_advises_what_the_decode_passes_after_it_will_check():
     """The advice is for the passes to come, where each request feeds one token. A prefill pass
     of 12 requests x 40 prompt tokens costs so much that any draft looks nearly free beside it;
