@@ -13,8 +13,10 @@ Systems (``--systems``, greedy, ``--max-tokens`` per request, every model fp32 o
     target       (b) our services with the target alone (k=1, one stage)
     pipespec-k2  (c) our services, the hierarchies of ``benchmarks.run`` (``--models``)
     pipespec-k3
-Each served system is launched once; then for each concurrency in ``--clients``, ``--repeats``
-rounds: ``clients`` concurrent clients, each streaming ``--requests-per-client`` completions
+Every served system is launched once, all of them together; then for each concurrency in
+``--clients`` and each of ``--repeats``, one round of every system, interleaved (their order
+rotated by the repeat), so a drift of the machine's speed shifts every system alike. A round:
+``clients`` concurrent clients, each streaming ``--requests-per-client`` completions
 (``/v1/completions``, ``stream``, temperature 0) one after another. Client i's j-th request is the
 round's (j * clients + i)-th, prompts taken in turn, so every system gets the same prompts.
 
@@ -31,6 +33,8 @@ Measures, per round; a cell (system, clients) reports the median over its repeat
             ids for generate, text for the services
     req/pass  mean requests per target forward pass, from the target stage's ``/metrics``
             counters (``BATCHED_PASSES`` / ``BATCHED_REQUESTS``); None where it has none
+    CPU s   (JSON ``cpu_s``) CPU seconds each process used in the round: gateway, stages, clients
+    stages  (JSON) per stage: passes, requests and tokens fed, drafts checked and accepted
 Writes ``--out`` (JSON: every request of every round, the medians, the ratios) and ``--png``
 (throughput against clients, one line per system), and prints the table as markdown.
 """
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import statistics
@@ -388,9 +393,52 @@ def round_counters(before: dict[str, float | None], after: dict[str, float | Non
     return {k: v - before[k] for k, v in after.items() if v is not None and before[k] is not None}
 
 
-def serve_system(
+@dataclass
+class Served:
+    """A launched system of the benchmark: its plan, each stage's /metrics port (level order) and
+    every process's pid."""
+
+    plan: Any
+    ports: list[int]
+    pids: dict[str, int]
+
+
+def serve_round(
     system: str,
-    config: dict[str, Any],
+    served: Served,
+    prompts: Sequence[tuple[str, str]],
+    clients: int,
+    repeat: int,
+    per_client: int,
+    max_tokens: int,
+    encode: Callable[[str], list[int]],
+    reference: dict[str, str] | None = None,
+) -> Round:
+    """One round of ``clients`` streaming clients against ``served``, with what each process and
+    stage did meanwhile (``cpu_seconds``, ``round_counters``)."""
+    model = served.plan.gateway.served_model_name
+    before = [stage_counters(port) for port in served.ports]
+    cpu_before = cpu_seconds(served.pids)
+    wall, done = asyncio.run(
+        run_clients(served.plan.http_url, model, prompts, clients, per_client, max_tokens)
+    )
+    cpu = cpu_seconds(served.pids)
+    after = [stage_counters(port) for port in served.ports]
+    target = [(c["passes"], c["requests"]) for c in (before[-1], after[-1])]
+    return Round(
+        system,
+        clients,
+        repeat,
+        wall,
+        [served_request(i, pid, res, encode, reference) for i, pid, res in done],
+        per_pass(*target),
+        {k: round(v - cpu_before[k], 2) for k, v in cpu.items() if k in cpu_before},
+        {f"stage{i}": round_counters(b, a) for i, (b, a) in enumerate(zip(before, after))},
+    )
+
+
+def serve_interleaved(
+    configs: dict[str, dict[str, Any]],
     prompts: Sequence[tuple[str, str]],
     clients_list: Sequence[int],
     per_client: int,
@@ -401,47 +449,51 @@ def serve_system(
     reference: dict[str, str] | None = None,
     warmup: str | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[list[Round], str | None]:
-    """Launch ``config`` once and run every round on it; the rounds and the error that ended
-    them early, if any (one system failing must not lose the others)."""
-    config, ports = with_metrics_ports(config)
+    in_process: dict[str, Callable[[int, int], Round]] | None = None,
+) -> tuple[list[Round], dict[str, str]]:
+    """Launch every system of ``configs`` (launcher configs by name) at once, then run the rounds
+    interleaved: for each concurrency and repeat, one round of every system (``in_process``
+    ones too: ``(clients, repeat) -> Round``), their order rotated by the repeat. A slow drift of
+    the machine then shifts every system alike instead of whichever ran last. The rounds, and
+    per system the error that ended its rounds (the others go on)."""
     rounds: list[Round] = []
-    try:
-        with launched(config, log_dir / system, startup_timeout_s=300) as running:
-            plan = running.plan
-            pids = {c.spec.name: c.process.pid for c in running.children}
-            model = plan.gateway.served_model_name
-            if warmup:
-                complete(plan, warmup, 4)
-            for clients in clients_list:
-                for repeat in range(repeats):
-                    before = [stage_counters(port) for port in ports]
-                    cpu_before = cpu_seconds(pids)
-                    wall, done = asyncio.run(
-                        run_clients(plan.http_url, model, prompts, clients, per_client, max_tokens)
-                    )
-                    cpu = cpu_seconds(pids)
-                    cpu = {
-                        k: round(v - cpu_before[k], 2) for k, v in cpu.items() if k in cpu_before
-                    }
-                    after = [stage_counters(port) for port in ports]
-                    target = [(c["passes"], c["requests"]) for c in (before[-1], after[-1])]
-                    stages = {
-                        f"stage{i}": round_counters(b, a)
-                        for i, (b, a) in enumerate(zip(before, after))
-                    }
-                    requests = [
-                        served_request(i, pid, res, encode, reference) for i, pid, res in done
-                    ]
-                    rounds.append(
-                        Round(
-                            system, clients, repeat, wall, requests, per_pass(*target), cpu, stages
-                        )
-                    )
+    errors: dict[str, str] = {}
+    runners: dict[str, Callable[[int, int], Round]] = dict(in_process or {})
+    with contextlib.ExitStack() as stack:
+        for system, config in configs.items():
+            config, ports = with_metrics_ports(config)
+            try:
+                running = stack.enter_context(
+                    launched(config, log_dir / system, startup_timeout_s=300)
+                )
+                if warmup:
+                    complete(running.plan, warmup, 4)
+            except Exception as exc:
+                errors[system] = f"{type(exc).__name__}: {exc}"
+                log(f"{system} FAILED to start: {errors[system]}")
+                continue
+            served = Served(
+                running.plan, ports, {c.spec.name: c.process.pid for c in running.children}
+            )
+            runners[system] = lambda clients, repeat, system=system, served=served: serve_round(
+                system, served, prompts, clients, repeat, per_client, max_tokens, encode, reference
+            )
+            log(f"{system}: running, logs in {log_dir / system}")
+        for clients in clients_list:
+            for repeat in range(repeats):
+                names = list(runners)
+                shift = repeat % len(names) if names else 0
+                for system in names[shift:] + names[:shift]:
+                    if system in errors:
+                        continue
+                    try:
+                        rounds.append(runners[system](clients, repeat))
+                    except Exception as exc:
+                        errors[system] = f"{type(exc).__name__}: {exc}"
+                        log(f"{system} FAILED: {errors[system]}")
+                        continue
                     log(f"{system} clients={clients} repeat={repeat}: {summary_line(rounds[-1])}")
-    except Exception as exc:
-        return rounds, f"{type(exc).__name__}: {exc}"
-    return rounds, None
+    return rounds, errors
 
 
 def served_request(client, pid, res, encode, reference: dict[str, str] | None) -> Request:
@@ -548,48 +600,43 @@ def main(argv: list[str] | None = None) -> int:
     if ref.error:
         raise SystemExit(f"the reference failed: {ref.error}")
     reference = {r.prompt_id: r.tokens for r in ref.runs}
-    rounds: list[Round] = []
-    errors: dict[str, str] = {}
-    if "generate" in systems:
-        for clients in clients_list:
-            for repeat in range(args.repeats):
-                r = run_generate(
-                    runner,
-                    ids,
-                    clients,
-                    args.requests_per_client,
-                    args.max_tokens,
-                    repeat,
-                    reference,
-                    decode,
-                )
-                rounds.append(r)
-                log(f"generate clients={clients} repeat={repeat}: {summary_line(r)}")
-    runner.close()
-    del runner
     log_dir = Path(tempfile.mkdtemp(prefix="pipespec-serving-"))
     reference_text = {pid: decode(t) for pid, t in reference.items()}
+    configs = {}
     for system in [s for s in systems if s in SERVED]:
         stages = run.real_stages(models, SERVED[system], {"dtype": "float32"})
-        log(f"{system}: launching {len(stages)} stage(s), logs in {log_dir / system}")
-        got, error = serve_system(
-            system,
-            bench_config(target_dir, stages),
-            texts,
-            clients_list,
+        configs[system] = bench_config(target_dir, stages)
+
+    def generate(clients: int, repeat: int) -> Round:
+        return run_generate(
+            runner,
+            ids,
+            clients,
             args.requests_per_client,
             args.max_tokens,
-            args.repeats,
-            log_dir,
-            encode,
-            reference_text,
-            run.WARMUP_TEXT,
-            log,
+            repeat,
+            reference,
+            decode,
         )
-        rounds += got
-        if error:
-            errors[system] = error
-            log(f"{system} FAILED: {error}")
+
+    log(f"launching {', '.join(configs)}; logs in {log_dir}")
+    rounds, errors = serve_interleaved(
+        configs,
+        texts,
+        clients_list,
+        args.requests_per_client,
+        args.max_tokens,
+        args.repeats,
+        log_dir,
+        encode,
+        reference_text,
+        run.WARMUP_TEXT,
+        log,
+        in_process={"generate": generate} if "generate" in systems else None,
+    )
+    runner.close()
+    for system, error in errors.items():
+        log(f"{system} FAILED: {error}")
 
     table = cells(rounds)
     order = [s for s in systems if s in table]

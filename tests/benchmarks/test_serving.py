@@ -98,30 +98,49 @@ def test_generate_rounds_are_left_padded_static_batches(tmp_path):
 
 
 def test_end_to_end_on_the_simulated_backend(tmp_path):
-    """Every served system the benchmark compares, on the simulated backend: every request
-    completes, every round has its numbers, the JSON holds them."""
+    """Every served system the benchmark compares, on the simulated backend, launched together and
+    run interleaved: every request completes, every round has its numbers (CPU seconds of every
+    process, each stage's counters), the JSON holds them."""
     tok = save_simulation_tokenizer(tmp_path / "tok")
     from common.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(str(tok))
     prompts = [(f"p{i}", " ".join(f"w{3 + (i * 7 + j) % 80}" for j in range(8))) for i in range(3)]
-    rounds = []
-    for system, levels in (("target", 1), ("pipespec-k2", 2), ("pipespec-k3", 3)):
-        got, error = serving.serve_system(
-            system,
-            simulated_config(tok, levels=levels, target_ms=5.0),
-            prompts,
-            [1, 2],
-            per_client=2,
-            max_tokens=4,
-            repeats=1,
-            log_dir=tmp_path / "logs",
-            encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
-            warmup="w3 w4",
-            log=lambda _: None,
-        )
-        assert error is None
-        rounds += got
+    configs = {
+        system: simulated_config(tok, levels=levels, target_ms=5.0)
+        for system, levels in (("target", 1), ("pipespec-k2", 2), ("pipespec-k3", 3))
+    }
+    seen: list[tuple[str, int, int]] = []
+
+    def in_process(clients: int, repeat: int) -> Round:  # stands for generate: order only
+        seen.append(("generate", clients, repeat))
+        return Round("generate", clients, repeat, 1.0, [])
+
+    rounds, errors = serving.serve_interleaved(
+        configs,
+        prompts,
+        [1, 2],
+        per_client=2,
+        max_tokens=4,
+        repeats=2,
+        log_dir=tmp_path / "logs",
+        encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
+        warmup="w3 w4",
+        log=lambda _: None,
+        in_process={"generate": in_process},
+    )
+    assert errors == {}
+    # interleaved: each (clients, repeat) runs every system, in an order rotated by the repeat
+    order = [(r.system, r.clients, r.repeat) for r in rounds]
+    names = ["generate", "target", "pipespec-k2", "pipespec-k3"]
+    assert order == [
+        (name, clients, repeat)
+        for clients in (1, 2)
+        for repeat in (0, 1)
+        for name in names[repeat:] + names[:repeat]
+    ]
+    assert seen == [o for o in order if o[0] == "generate"]
+    rounds = [r for r in rounds if r.system != "generate"]
     table = cells(rounds)
     for system in ("target", "pipespec-k2", "pipespec-k3"):
         for clients in (1, 2):
@@ -131,6 +150,8 @@ def test_end_to_end_on_the_simulated_backend(tmp_path):
     for r in rounds:
         assert len(r.requests) == 2 * r.clients
         assert all(q.tokens == 4 and len(q.itl_s) == 3 for q in r.requests)
+        assert set(r.cpu_s) == {"clients", "gateway", *(f"stage{i}" for i in range(len(r.stages)))}
+        assert r.stages["stage0"]["passes"] > 0
         assert r.req_per_pass is None or r.req_per_pass >= 1  # None until stages export it
     assert set(ratios(table)) == {1, 2}
     json.dumps(to_jsonable({"cells": table, "rounds": rounds}))
