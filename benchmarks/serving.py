@@ -15,7 +15,8 @@ Systems (``--systems``, greedy, ``--max-tokens`` per request, every model fp32 o
     pipespec-k3
 Every served system is launched once, all of them together; then for each concurrency in
 ``--clients`` and each of ``--repeats``, one round of every system, interleaved (their order
-rotated by the repeat), so a drift of the machine's speed shifts every system alike. A round:
+rotated by the repeat), so a drift of the machine's speed shifts every system alike (memory:
+every system's models at once; for large models pass a subset to ``--systems``). A round:
 ``clients`` concurrent clients, each streaming ``--requests-per-client`` completions
 (``/v1/completions``, ``stream``, temperature 0) one after another. Client i's j-th request is the
 round's (j * clients + i)-th, prompts taken in turn, so every system gets the same prompts.
@@ -619,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             decode,
         )
 
+    if "generate" not in systems:
+        runner.close()  # its memory: every served system is loaded at once
     log(f"launching {', '.join(configs)}; logs in {log_dir}")
     rounds, errors = serve_interleaved(
         configs,
@@ -634,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         log,
         in_process={"generate": generate} if "generate" in systems else None,
     )
-    runner.close()
+    if "generate" in systems:
+        runner.close()
     for system, error in errors.items():
         log(f"{system} FAILED: {error}")
 

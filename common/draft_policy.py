@@ -124,6 +124,21 @@ def acceptance_estimate(accepted: int, checked: int) -> float:
     return (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (checked + PRIOR_WEIGHT)
 
 
+ON_TIME_PRIOR_WEIGHT = 4  # passes a drafter is assumed on time for before any is counted
+
+
+def on_time_estimate(supplied: int, awaited: int) -> float:
+    """The share of a request's passes that found drafts waiting, among those whose drafter had
+    been advised a lead in time to make them (``awaited``), pulled toward 1 while few were
+    counted. A drafter too slow to stay ahead of this level makes drafts no pass checks, whatever
+    their acceptance, so the lead advice weighs each draft's chance by it.
+
+    >>> on_time_estimate(0, 0), on_time_estimate(8, 8), on_time_estimate(1, 12)
+    (1.0, 1.0, 0.3125)
+    """
+    return (supplied + ON_TIME_PRIOR_WEIGHT) / (awaited + ON_TIME_PRIOR_WEIGHT)
+
+
 def draft_lengths(
     fed: Sequence[int],
     acceptance: Sequence[float],

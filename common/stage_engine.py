@@ -35,7 +35,12 @@ from common.backends.base import Backend
 from common.backends.batched import BatchedBackend, PoolUsage, Run, RunResult
 from common.backends.batched_loop import LoopedBatched
 from common.decoding import accept_greedy, anchor_drafts, apply_stop, reconcile
-from common.draft_policy import acceptance_estimate, draft_lengths, drafter_lead
+from common.draft_policy import (
+    acceptance_estimate,
+    draft_lengths,
+    drafter_lead,
+    on_time_estimate,
+)
 from common.engine_config import EngineConfig
 from common.protocol import (
     Cancel,
@@ -110,6 +115,9 @@ class LevelRequest:
     top_logprobs: int = -1  # target only: -1 no logprobs, else alternatives per token
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # target: per token
     wanted_drafts: int | None = None  # verifier: drafts its policy would check now (tokens)
+    advised_passes: int = 0  # verifier: passes planned after advising the level below a lead
+    awaited_passes: int = 0  # ... of those, the ones its drafter had time for (all but the first)
+    supplied_passes: int = 0  # ... of those, the ones that found drafts waiting
     lead_hint: int | None = None  # drafter: the lead the level above advises (drafter_lead)
 
 
@@ -556,6 +564,12 @@ class StageEngine:
         """Trim each planned request's drafts to what the policy keeps and the batch has room
         for (``room``: tokens left under ``max_batch_tokens``)."""
         goodput = self.config.draft_policy == "goodput" and self.level > 0
+        for p in plan:  # did the drafts we asked for arrive? (the first pass after advice: no time)
+            if p.r.wanted_drafts:
+                p.r.advised_passes += 1
+                if p.r.advised_passes > 1:
+                    p.r.awaited_passes += 1
+                    p.r.supplied_passes += bool(p.drafts)
         fed = [len(p.pending) for p in plan]
         rates = [
             acceptance_estimate(p.r.stats.accepted_tokens, p.r.stats.draft_tokens) for p in plan
@@ -566,13 +580,15 @@ class StageEngine:
             # request had drafts, counting what making them costs where the drafter shares our
             # compute. In those passes every running request feeds one token (its correction or
             # bonus), whatever this pass feeds: a prefill's many tokens make any draft look cheap
-            # and would send the drafters to prefill for passes that then check none.
+            # and would send the drafters to prefill for passes that then check none. A draft
+            # counts by its chance of being accepted and of arriving in time (on_time_estimate).
             now = self.clock()
             running = [r for r in self.requests.values() if self.schedule.wants_pass(r, now)]
             wanted = draft_lengths(
                 [1] * len(running),
                 [
                     acceptance_estimate(r.stats.accepted_tokens, r.stats.draft_tokens)
+                    * on_time_estimate(r.supplied_passes, r.awaited_passes)
                     for r in running
                 ],
                 [self.config.draft_cap] * len(running),

@@ -3,7 +3,7 @@ ahead (Notice.drafter_lead), and a drafter keeps within it."""
 
 from common.backends.simulated import SimulatedBackend
 from common.engine_config import EngineConfig
-from common.protocol import Notice, RouteHop, Start
+from common.protocol import Notice, RouteHop, Span, Start
 from common.stage_engine import StageEngine
 from tests.common.test_engine_config import ROUTE, Recorder
 
@@ -212,3 +212,45 @@ def test_a_prefill_pass_advises_what_the_decode_passes_after_it_will_check():
     start(alone, 1)
     assert alone.step()
     assert advised(out_alone)["q0"] > 0
+
+
+def test_a_drafter_whose_drafts_never_arrive_in_time_is_told_to_idle_and_a_timely_one_is_not():
+    """The lead advice weighs each draft by its chance of arriving before the pass that would
+    check it (``on_time_estimate``). A drafter that sends nothing while advised a lead (on the
+    test bed: SmolLM2[25/30] at one client, drafting a full core's worth for 1-2 checked drafts
+    in 23 target passes) is told to idle within a few passes; one whose drafts are always waiting
+    keeps its lead. Both verifiers agree with the target, a drafter that shares their compute."""
+
+    def verifier() -> tuple[StageEngine, Recorder]:
+        outbox = Recorder()
+        backend = SimulatedBackend(agreement=1.0, seed=1, vocab=50, sleep=lambda s: None)
+        config = EngineConfig(level=1, max_lead=16, drafter_cost=0.45)
+        return StageEngine(config, backend, outbox, replica="L1", clock=lambda: 0.0), outbox
+
+    oracle = SimulatedBackend(agreement=1.0, seed=1, vocab=50)  # what the verifier will say
+    leads: dict[str, list[int | None]] = {}
+    for name, supplies in (("silent", False), ("timely", True)):
+        e, out = verifier()
+        start(e, 1)
+        r = e.requests["q0"]
+        for epoch in range(8):
+            if supplies and r.tokens:  # the verifier's own next two tokens, from the oracle
+                session = oracle.new_session(r.prompt + r.tokens[:-1])
+                drafts = [session.forward([r.tokens[-1]])[0]]
+                drafts.append(session.forward([drafts[-1]])[0])
+                e.handle(
+                    Span(
+                        request_id="q0",
+                        level=0,
+                        replica="L0",
+                        start=len(r.tokens),
+                        tokens=drafts,
+                        base_epoch=r.epoch,
+                        epoch=epoch,
+                    )
+                )
+            out.sent.clear()
+            assert e.step()
+        leads[name] = [n.drafter_lead for n in out.sent if isinstance(n, Notice)]
+    assert leads["silent"] == [0]  # the last pass's advice
+    assert leads["timely"][0] > 0 and e.requests["q0"].stats.accepted_tokens >= 8
