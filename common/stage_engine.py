@@ -116,8 +116,7 @@ class LevelRequest:
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # target: per token
     wanted_drafts: int | None = None  # verifier: drafts its policy would check now (tokens)
     advised_passes: int = 0  # verifier: passes planned after advising the level below a lead
-    awaited_passes: int = 0  # ... of those, the ones its drafter had time for (all but the first)
-    supplied_passes: int = 0  # ... of those, the ones that found drafts waiting
+    supplied_passes: int = 0  # ... of those but the first (no time), ones that found drafts
     lead_hint: int | None = None  # drafter: the lead the level above advises (drafter_lead)
 
 
@@ -568,7 +567,6 @@ class StageEngine:
             if p.r.wanted_drafts:
                 p.r.advised_passes += 1
                 if p.r.advised_passes > 1:
-                    p.r.awaited_passes += 1
                     p.r.supplied_passes += bool(p.drafts)
         fed = [len(p.pending) for p in plan]
         rates = [
@@ -588,7 +586,7 @@ class StageEngine:
                 [1] * len(running),
                 [
                     acceptance_estimate(r.stats.accepted_tokens, r.stats.draft_tokens)
-                    * on_time_estimate(r.supplied_passes, r.awaited_passes)
+                    * on_time_estimate(r.supplied_passes, max(0, r.advised_passes - 1))
                     for r in running
                 ],
                 [self.config.draft_cap] * len(running),

@@ -103,10 +103,6 @@ class BucketGraphs:
         for buffer in (self.x, self.attention_out, self.cos, self.sin):
             buffer.zero_()
 
-    @property
-    def captured(self) -> bool:
-        return bool(self._graphs)
-
     def load(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """A pass's first ``n`` rows into the static buffers; rows past them zeroed."""
         n = len(x)

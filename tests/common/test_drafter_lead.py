@@ -3,9 +3,9 @@ ahead (Notice.drafter_lead), and a drafter keeps within it."""
 
 from common.backends.simulated import SimulatedBackend
 from common.engine_config import EngineConfig
-from common.protocol import Notice, RouteHop, Span, Start
+from common.protocol import Notice, RouteHop, Start
 from common.stage_engine import StageEngine
-from tests.common.test_engine_config import ROUTE, Recorder
+from tests.common.test_engine_config import ROUTE, Recorder, drafts
 
 
 def engine(level: int, **config) -> tuple[StageEngine, Recorder]:
@@ -236,19 +236,9 @@ def test_a_drafter_whose_drafts_never_arrive_in_time_is_told_to_idle_and_a_timel
         for epoch in range(8):
             if supplies and r.tokens:  # the verifier's own next two tokens, from the oracle
                 session = oracle.new_session(r.prompt + r.tokens[:-1])
-                drafts = [session.forward([r.tokens[-1]])[0]]
-                drafts.append(session.forward([drafts[-1]])[0])
-                e.handle(
-                    Span(
-                        request_id="q0",
-                        level=0,
-                        replica="L0",
-                        start=len(r.tokens),
-                        tokens=drafts,
-                        base_epoch=r.epoch,
-                        epoch=epoch,
-                    )
-                )
+                tokens = [session.forward([r.tokens[-1]])[0]]
+                tokens.append(session.forward([tokens[-1]])[0])
+                drafts(e, tokens, epoch, request="q0")
             out.sent.clear()
             assert e.step()
         leads[name] = [n.drafter_lead for n in out.sent if isinstance(n, Notice)]

@@ -70,12 +70,12 @@ def target(config: EngineConfig, now: list[float]) -> StageEngine:
     return engine
 
 
-def drafts(engine: StageEngine, tokens: list[int], epoch: int = 0) -> None:
+def drafts(engine: StageEngine, tokens: list[int], epoch: int = 0, request: str = "r") -> None:
     """A span from level 0 extending the target's sequence (a later ``epoch`` replaces it)."""
-    r = engine.requests["r"]
+    r = engine.requests[request]
     engine.handle(
         Span(
-            request_id="r",
+            request_id=request,
             level=0,
             replica="L0",
             start=len(r.tokens),
