@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.engine_config import EngineConfig
 
-BackendKind = Literal["hf", "early-exit", "ngram", "simulated"]
+BackendKind = Literal["quantized", "hf", "early-exit", "ngram", "simulated"]
 
 
 class TransportSettings(BaseSettings):
@@ -128,7 +128,7 @@ class StageSettings(TransportSettings):
 
     @model_validator(mode="after")
     def _check(self) -> StageSettings:
-        if self.backend in ("hf", "early-exit") and not self.model:
+        if self.backend in ("quantized", "hf", "early-exit") and not self.model:
             raise ValueError(f"backend {self.backend!r} needs `model`")
         if self.backend == "early-exit" and self.early_exit_layers is None:
             raise ValueError("backend 'early-exit' needs `early_exit_layers`")

@@ -30,7 +30,11 @@ from deploy.launch import (
     plan_from_config,
 )
 
-MODEL_BACKENDS = ("hf", "early-exit")  # the backends that run torch (and so use ``threads``)
+MODEL_BACKENDS = (
+    "quantized",
+    "hf",
+    "early-exit",
+)  # the backends that run torch (and so use ``threads``)
 LOOPBACK_HOSTS = ("http_host", "bind_host")  # the gateway's listening hosts
 STAGE_PORT_FIELDS = ("inbox_port", "notices_port")  # a stage's listening ports (0: ephemeral)
 

@@ -25,6 +25,18 @@ from common.backends.batched import BatchedBackend
 
 def load_batched_backend(settings) -> BatchedBackend:
     pool = settings.kv_pool_tokens
+    if settings.backend == "quantized":
+        from common.backends.quantized import QuantizedRunner
+        from common.model_catalog import locate_gguf
+
+        path, tokenizer = locate_gguf(settings.model)
+        return QuantizedRunner(
+            str(path),
+            kv_pool_tokens=pool,
+            threads=settings.threads,
+            name=settings.model,
+            tokenizer=settings.tokenizer or str(tokenizer),
+        )
     if settings.backend in ("hf", "early-exit"):
         from common.backends.batched_hf import HFBatchedBackend
 
