@@ -17,7 +17,7 @@ def load_tokenizer(source: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    where, gguf_file = model_catalog.locate(source)
+    where, gguf_file = model_catalog.locate_tokenizer(source)
     try:
         return AutoTokenizer.from_pretrained(where, gguf_file=gguf_file)
     except OSError as exc:

@@ -92,14 +92,21 @@ def side_by_side(
 
 
 def target_alone(plan: Plan, prompt: str, max_tokens: int) -> tuple[str, int, float]:
-    """The target's own greedy decoding of ``prompt``: text, tokens, seconds (prefill included,
-    as in the pipeline's wall time)."""
-    from common.backends import load_backend
+    """The target's own greedy decoding of ``prompt`` on the runner its stage serves with, given
+    every core of the machine (the quantized runner's logits do not depend on the thread count;
+    the transformers runner keeps its stage's threads): text, tokens, seconds (prefill
+    included, as in the pipeline's wall time)."""
+    import os
+
+    from common.backends.batched_factory import load_batched_backend
     from common.simnet import reference_decode
     from common.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(plan.gateway.tokenizer)
-    backend = load_backend(plan.target)
+    settings = plan.target
+    if settings.backend == "quantized":
+        settings = settings.model_copy(update={"threads": os.cpu_count()})
+    backend = load_batched_backend(settings)
     prompt_ids = tokenizer.encode(prompt)
     eos = backend.eos_token_ids or [tokenizer.eos_token_id]
     started = time.perf_counter()
@@ -117,7 +124,7 @@ def run_demo(plan: Plan, prompt: str, max_tokens: int) -> bool:
     if got.stats is None:
         return True
     print(format_stats(got.stats))
-    if plan.target is None or plan.target.backend not in ("hf", "early-exit"):
+    if plan.target is None or plan.target.backend not in ("quantized", "hf", "early-exit"):
         return True
     print("\ndecoding the same prompt with the target alone ...", flush=True)
     text, tokens, seconds = target_alone(plan, prompt, max_tokens)

@@ -123,23 +123,27 @@ def free_port() -> int:
             return port
 
 
-def resolve_model(value: Any) -> Any:
-    """``"@name"`` -> the prepared directory of ``name`` (common.model_catalog)."""
+def resolve_model(value: Any, *, key: str = "model", backend: str | None = None) -> Any:
+    """``"@name"`` -> what a service reads for catalog model ``name`` (common.model_catalog):
+    the name itself for a quantized stage's ``model`` (its GGUF and tokenizer, located by the
+    backend), the saved tokenizer (or HF) directory for a ``tokenizer``, else the fp32 HF
+    directory (``prepare --hf``)."""
     if not (isinstance(value, str) and value.startswith("@")):
         return value
     from common import model_catalog  # lazily: only configs that name stored models need it
 
     name = value[1:]
+    if name not in model_catalog.MODELS:
+        raise LaunchError(f"unknown model {name!r}; known: {', '.join(model_catalog.MODELS)}")
     try:
-        path = model_catalog.model_dir(name)
-    except KeyError as exc:
-        raise LaunchError(str(exc.args[0])) from None
-    if not model_catalog.is_prepared(name):
-        raise LaunchError(
-            f"model {name!r} is not prepared (expected in {path}). Prepare it with:\n"
-            f"    {model_catalog.PREPARE_COMMAND} {model_catalog.group_for(name)}"
-        )
-    return str(path)
+        if key == "tokenizer":
+            return model_catalog.locate_tokenizer(name)[0]
+        if backend == "quantized":
+            model_catalog.locate_gguf(name)
+            return name
+        return model_catalog.locate(name)[0]
+    except FileNotFoundError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def env_value(value: Any) -> str:
@@ -162,7 +166,9 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         raise LaunchError(
             f"unknown top-level key(s) {sorted(unknown)}; expected [gateway] and [[stages]]"
         )
-    gateway_table = {key: resolve_model(value) for key, value in config.get("gateway", {}).items()}
+    gateway_table = {
+        key: resolve_model(value, key=key) for key, value in config.get("gateway", {}).items()
+    }
     for port in PORT_FIELDS:
         if gateway_table.get(port, GatewaySettings.model_fields[port].default) == 0:
             gateway_table[port] = free_port()
@@ -186,7 +192,12 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
     if not stages or not all(isinstance(entry, dict) for entry in stages):
         raise LaunchError("the config needs one or more [[stages]] tables")
     for i, entry in enumerate(stages):
-        table = {key: resolve_model(value) for key, value in entry.items() if key != "replicas"}
+        backend = entry.get("backend", StageSettings.model_fields["backend"].default)
+        table = {
+            key: resolve_model(value, key=key, backend=backend)
+            for key, value in entry.items()
+            if key != "replicas"
+        }
         table.setdefault("gateway", registry)
         if gateway.insecure:
             table.setdefault("insecure", True)  # one transport for the whole system

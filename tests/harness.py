@@ -17,7 +17,8 @@ import httpx
 from transformers import AutoTokenizer
 
 from common.backends.batched import greedy_decode
-from common.backends.batched_hf import HFBatchedBackend
+from common.backends.batched_factory import load_batched_backend
+from common.settings import StageSettings
 from common.simnet import reference_decode
 from deploy import harness
 from deploy.launch import Plan, System
@@ -62,13 +63,28 @@ def complete_all(plan: Plan, prompts: list[str], max_tokens: int, concurrency: i
 
 class GreedyOracle:
     """The target decoding each request alone, greedily, one token per pass, on the batched
-    runner the stages serve with (rows padded the same way, fp32, one thread): the output every
-    run must equal, bit for bit, whatever batches served it. (How often that equals transformers'
-    ``generate``, and why it may not at a near-tie: ``tests/common/backends``' SmolLM2 test.)"""
+    runner the stages serve with (built from the same stage settings: ``backend``, ``model``,
+    ``tokenizer``; one thread): the output every run must equal, bit for bit, whatever batches
+    served it. (How often that equals transformers' ``generate``, and why it may not at a
+    near-tie: ``tests/common/backends``' SmolLM2 test.)"""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None):
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.backend = HFBatchedBackend(str(model_dir), threads=threads or 1)
+    def __init__(
+        self,
+        model: str | Path,
+        threads: int | None = None,
+        *,
+        backend: str = "hf",
+        tokenizer: str | Path | None = None,
+    ):
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        settings = StageSettings(
+            level=0,
+            backend=backend,
+            model=str(model),
+            tokenizer=str(tokenizer) if tokenizer else None,
+            threads=threads or 1,
+        )
+        self.backend = load_batched_backend(settings)
         self._done: dict[tuple, list[int]] = {}
 
     def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:

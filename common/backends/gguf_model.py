@@ -44,40 +44,36 @@ class ModelShape:
     eos_token_ids: tuple[int, ...]
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def read_shape(reader) -> ModelShape:
-    """The :class:`ModelShape` of an open ``gguf.GGUFReader``; ``ValueError`` if unsupported."""
-    arch = _field(reader, "general.architecture")
+def read_shape(metadata: dict, embedding_rows: int) -> ModelShape:
+    """The :class:`ModelShape` of a GGUF file's metadata (``gguf_blocks.read_index``) and its
+    embedding table's row count; ``ValueError`` if the runner cannot serve it."""
+    field = metadata.get
+    arch = field("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(
             f"the quantized runner supports {', '.join(ARCHITECTURES)} GGUF models, not {arch!r}"
         )
-    if _field(reader, f"{arch}.rope.scaling.type", "none") not in ("none", None):
+    if field(f"{arch}.rope.scaling.type", "none") not in ("none", None):
         raise ValueError("the quantized runner does not support rope scaling")
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    hidden = int(field(f"{arch}.embedding_length"))
+    heads = int(field(f"{arch}.attention.head_count"))
     eos = {
-        _field(reader, "tokenizer.ggml.eos_token_id"),
-        _field(reader, "tokenizer.ggml.eot_token_id"),
+        field("tokenizer.ggml.eos_token_id"),
+        field("tokenizer.ggml.eot_token_id"),
     }
     return ModelShape(
         architecture=arch,
-        layers=int(_field(reader, f"{arch}.block_count")),
+        layers=int(field(f"{arch}.block_count")),
         hidden=hidden,
-        ffn=int(_field(reader, f"{arch}.feed_forward_length")),
+        ffn=int(field(f"{arch}.feed_forward_length")),
         heads=heads,
-        kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-        rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        kv_heads=int(field(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
+        eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_base=float(field(f"{arch}.rope.freq_base", 10000.0)),
         rope=ARCHITECTURES[arch],
-        context=int(_field(reader, f"{arch}.context_length", 0)),
-        vocab=int(embedding.shape[1]),
+        context=int(field(f"{arch}.context_length", 0)),
+        vocab=int(embedding_rows),
         eos_token_ids=tuple(sorted(int(e) for e in eos if e is not None)),
     )
 
@@ -86,16 +82,17 @@ class GGUFTensors:
     """Reads a GGUF file's tensors one at a time by name."""
 
     def __init__(self, path: str | Path):
-        from gguf import GGUFReader
+        from common.kernels.gguf_blocks import read_index
 
         self.path = str(path)
-        reader = GGUFReader(self.path)  # parses the header; tensor bytes are read below, not mapped
-        self.shape = read_shape(reader)
+        index = read_index(self.path)  # the header only; tensor bytes are read below, not mapped
         self._info = {
-            t.name: (int(t.data_offset), int(t.n_bytes), t.tensor_type, [int(d) for d in t.shape])
-            for t in reader.tensors
+            t.name: (t.offset, t.n_bytes, t.qtype, [int(d) for d in t.shape])
+            for t in index.tensors.values()
         }
-        del reader
+        if "token_embd.weight" not in self._info:
+            raise ValueError(f"{self.path}: no token_embd.weight tensor")
+        self.shape = read_shape(index.metadata, self._info["token_embd.weight"][3][1])
 
     def __contains__(self, name: str) -> bool:
         return name in self._info

@@ -4,11 +4,12 @@ k=3 (asynchronous), the text equals the target's own greedy ``generate``. Also: 
 requests through k=3 with 2 replicas of the middle level."""
 
 import random
+from pathlib import Path
 
 import pytest
 
 from tests.harness import GreedyOracle, assert_same_as_oracle, complete_all, config, launched
-from tests.tiny_models import VOCAB_SIZE, noisy_copy, tiny_llama
+from tests.tiny_models import VOCAB_SIZE, noisy_copy, tiny_llama, to_gguf
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 24
@@ -17,12 +18,16 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-e2e")
-    target = tiny_llama(root / "target")
-    return {
+    target = tiny_llama(root / "target", hidden=64)  # head_dim 16: the quantized kernels' lanes
+    models = {
         "target": str(target),
         "close": str(noisy_copy(target, root / "close", noise=0.02)),  # agrees ~40 %
         "far": str(noisy_copy(target, root / "far", noise=0.08, seed=3)),  # agrees rarely
     }
+    # the same three models as GGUF files for the quantized runner (tokenizer: the HF dirs')
+    for name in list(models):
+        models[f"{name}.gguf"] = str(to_gguf(Path(models[name]), root / f"{name}.gguf"))
+    return models
 
 
 def prompts(n: int, seed: int) -> list[str]:
@@ -44,6 +49,10 @@ HIERARCHIES = {
     "k2-lockstep": [("early-exit", "far"), ("hf", "target")],
     "k3": [("early-exit", "far"), ("early-exit", "close"), ("hf", "target")],
     "k3-ngram": [("ngram", None), ("early-exit", "close"), ("hf", "target")],
+    # the quantized runner at every model level (its drafters are the noisy copies, whole)
+    "quantized-k2-lockstep": [("quantized", "far"), ("quantized", "target")],
+    "quantized-k3": [("quantized", "far"), ("quantized", "close"), ("quantized", "target")],
+    "quantized-k3-ngram": [("ngram", None), ("quantized", "close"), ("quantized", "target")],
 }
 # On models this small a pass costs mostly fixed overhead, so a 2-layer drafter is barely faster
 # than its 4-layer target: asynchronously, after a rejection it seldom gets ahead again before the
@@ -54,14 +63,16 @@ HIERARCHIES = {
 LOCKSTEP = {"schedule": "sync", "lookahead": 4}
 
 
-def stage(level: int, backend: str, model: str | None, lockstep: bool = False) -> dict:
+def stage(level: int, backend: str, model: str | None, lockstep: bool = False, tiny=None) -> dict:
     # Verifiers check every draft on offer ("all"): the goodput policy rightly stops drafting (and
     # idles the drafters) once it has measured drafts this bad, leaving too few rollbacks to test.
     table = {"level": level, "backend": backend, "draft_policy": "all"} | (
         LOCKSTEP if lockstep else {}
     )
-    if model:
-        table["model"] = model
+    if model and backend == "quantized":
+        table |= {"model": tiny[f"{model}.gguf"], "tokenizer": tiny[model]}
+    elif model:
+        table["model"] = tiny[model]
     if backend == "early-exit":
         table["early_exit_layers"] = DRAFTER_LAYERS
     return table
@@ -71,11 +82,14 @@ def stage(level: int, backend: str, model: str | None, lockstep: bool = False) -
 def test_twenty_prompts_equal_target_greedy(tiny, tmp_path, name):
     lockstep = name.endswith("-lockstep")
     route = HIERARCHIES[name]
-    stages = [stage(i, b, tiny[m] if m else None, lockstep) for i, (b, m) in enumerate(route)]
+    stages = [stage(i, b, m, lockstep, tiny) for i, (b, m) in enumerate(route)]
     ps = prompts(20, seed=len(name))
     with launched(config(tiny["target"], stages), tmp_path / "logs") as system:
         results = complete_all(system.plan, ps, MAX_TOKENS, concurrency=4)
-    assert_same_as_oracle(GreedyOracle(tiny["target"]), ps, results, MAX_TOKENS)
+    backend = route[-1][0]
+    model = tiny["target.gguf"] if backend == "quantized" else tiny["target"]
+    oracle = GreedyOracle(model, backend=backend, tokenizer=tiny["target"])
+    assert_same_as_oracle(oracle, ps, results, MAX_TOKENS)
     # The scenario must be rollback-heavy. How many drafts reach a verifier depends on timing,
     # so check the share of verifications that rejected, not only a count.
     levels = [a for r in results for a in r["spec_decode_stats"]["acceptance"]]
@@ -87,7 +101,7 @@ def test_twenty_prompts_equal_target_greedy(tiny, tmp_path, name):
 def test_eight_concurrent_requests_two_replicas_of_a_level(tiny, tmp_path):
     stages = [
         {"level": 0, "backend": "ngram"},
-        stage(1, "early-exit", tiny["close"]) | {"replicas": 2},
+        stage(1, "early-exit", "close", tiny=tiny) | {"replicas": 2},
         {"level": 2, "backend": "hf", "model": tiny["target"]},
     ]
     ps = prompts(8, seed=99)
