@@ -26,6 +26,7 @@ blocks (:class:`~common.backends.kv_pool.BlockPool`).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Hashable, Sequence
@@ -173,13 +174,7 @@ class QuantizedRunner(BatchedBackend):
             self.norm = tensors.vector("output_norm.weight")
             head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
             self.head = _Projection([tensors.weight(head)], [None])
-        self.pool = BlockPool(kv_pool_tokens, block_size)
-        positions = min(shape.context or self.pool.capacity_tokens, self.pool.capacity_tokens)
-        self.cos, self.sin = rope_tables(shape, positions)
-        pool_shape = (shape.layers, self.pool.capacity_tokens, shape.kv_heads, shape.head_dim)
-        self.k_pool = torch.zeros(pool_shape)
-        self.v_pool = torch.zeros(pool_shape)
-        self._slots: dict[Hashable, _Slot] = {}
+        self._new_pool(kv_pool_tokens, block_size)
         log.info(
             "quantized_runner_ready",
             model=self.name,
@@ -189,6 +184,22 @@ class QuantizedRunner(BatchedBackend):
         )
 
     # -- the pool ---------------------------------------------------------------------------------
+
+    def _new_pool(self, kv_pool_tokens: int, block_size: int) -> None:
+        shape = self.shape
+        self.pool = BlockPool(kv_pool_tokens, block_size)
+        positions = min(shape.context or self.pool.capacity_tokens, self.pool.capacity_tokens)
+        self.cos, self.sin = rope_tables(shape, positions)
+        pool_shape = (shape.layers, self.pool.capacity_tokens, shape.kv_heads, shape.head_dim)
+        self.k_pool = torch.zeros(pool_shape)
+        self.v_pool = torch.zeros(pool_shape)
+        self._slots: dict[Hashable, _Slot] = {}
+
+    def with_new_pool(self) -> QuantizedRunner:
+        """A runner sharing these weights, with an empty KV pool of the same size."""
+        other = copy.copy(self)
+        other._new_pool(self.pool.capacity_tokens, self.pool.block_size)
+        return other
 
     def open(self, request: Hashable, capacity: int) -> None:
         if self.max_context and capacity > self.max_context:

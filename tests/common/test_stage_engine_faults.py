@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.backends.batched_hf import BatchedRunner, HFBatchedBackend
+from common.backends.quantized import QuantizedRunner
 from common.sampling import GREEDY, SamplingParams
 from common.simnet import (
     Faults,
@@ -21,28 +22,43 @@ from common.simnet import (
     reference_decode,
     run_requests,
 )
-from tests.tiny_models import EOS, VOCAB_SIZE, noisy_copy, tiny_llama
+from tests.tiny_models import EOS, VOCAB_SIZE, noisy_copy, tiny_llama, to_gguf
 
 RUNS = 500
 POOL_TOKENS = 1024  # per level and run: room for every request of a run
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+@pytest.fixture(scope="module", params=["hf", "quantized"])
+def models(request, tmp_path_factory):
+    """Per level, a function that gives a runner over its loaded weights with a fresh KV pool
+    (every run starts with an empty pool): the transformers runner, or the quantized runner on
+    the same models written as GGUF files."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("fault-models")
-    target = tiny_llama(root / "target", layers=3)
+    target = tiny_llama(root / "target", layers=3, hidden=64)  # head_dim 16 (quantized kernels)
     mid = noisy_copy(target, root / "mid", noise=0.02)
     low = noisy_copy(target, root / "low", noise=0.08, seed=2)
-    return {
+    paths = (("target", target), ("mid", mid), ("low", low))
+    if request.param == "quantized":
+        return {
+            name: QuantizedRunner(
+                str(to_gguf(path, root / f"{name}.gguf")), kv_pool_tokens=POOL_TOKENS, threads=1
+            ).with_new_pool
+            for name, path in paths
+        }
+    lms = {
         name: HFBatchedBackend(str(path), threads=1, kv_pool_tokens=POOL_TOKENS).lm
-        for name, path in (("target", target), ("mid", mid), ("low", low))
+        for name, path in paths
+    }
+    return {
+        name: (lambda lm=lm: BatchedRunner(lm, kv_pool_tokens=POOL_TOKENS))
+        for name, lm in lms.items()
     }
 
 
-def runner(lm) -> BatchedRunner:
+def runner(fresh):
     """A fresh pool over loaded weights: every run starts with an empty KV pool."""
-    return BatchedRunner(lm, kv_pool_tokens=POOL_TOKENS)
+    return fresh()
 
 
 def random_request(rng: random.Random, sampled: bool) -> RequestSpec:

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from deploy.harness import wait_all_registered
 from deploy.launch import Child, System
 from tests.harness import GreedyOracle, launched
 from tests.harness import config as e2e_config
-from tests.tiny_models import VOCAB_SIZE, tiny_llama
+from tests.tiny_models import VOCAB_SIZE, tiny_llama, to_gguf
 
 pytestmark = pytest.mark.slow
 CLIENTS = 16
@@ -88,18 +89,24 @@ def metric_total(url: str, name: str) -> float:
     )
 
 
-def test_chaos_kill_9_replicas_while_16_clients_stream(tmp_path):
+@pytest.mark.parametrize("backend", ["hf", "quantized"])
+def test_chaos_kill_9_replicas_while_16_clients_stream(tmp_path, backend):
     root = tmp_path
-    target = str(tiny_llama(root / "target"))
-    verifier = str(tiny_llama(root / "verifier", seed=7))
+    target = str(tiny_llama(root / "target", hidden=64))  # head_dim 16 (quantized kernels)
+    verifier = str(tiny_llama(root / "verifier", seed=7, hidden=64))
+    models = {"target": target, "verifier": verifier}
+    tokenizer = {}
+    if backend == "quantized":  # the same models as GGUF files; the tokenizer stays in the dirs
+        models = {k: str(to_gguf(Path(v), root / f"{k}.gguf")) for k, v in models.items()}
+        tokenizer = {"tokenizer": target}
     stages = [
         {"level": 0, "backend": "ngram", "replicas": 2},
-        {"level": 1, "backend": "hf", "model": verifier, "replicas": 2},
-        {"level": 2, "backend": "hf", "model": target, "replicas": 2},
+        {"level": 1, "backend": backend, "model": models["verifier"], "replicas": 2} | tokenizer,
+        {"level": 2, "backend": backend, "model": models["target"], "replicas": 2} | tokenizer,
     ]
     config = e2e_config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=1.0)
     pool = prompts(12, seed=11)
-    oracle = GreedyOracle(target)
+    oracle = GreedyOracle(models["target"], backend=backend, tokenizer=target)
     want = {p: oracle.text(oracle.ids(p, MAX_TOKENS)) for p in pool}
     outcomes: Counter[str] = Counter()
     problems: list[str] = []

@@ -5,18 +5,21 @@ same processors and noise), so the same seed gives the same text at every k. And
 the verifier's acceptance under sampling is at least 0.9x the offline coupled agreement of the
 same drafter on the same text."""
 
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
 
 from benchmarks.coupling import Agreement, agreement
-from common.backends.batched_hf import HFBatchedBackend
+from common.backends.batched_factory import load_batched_backend
 from common.sampling import SamplingParams
+from common.settings import StageSettings
 from common.simnet import reference_decode
 from tests.e2e.test_lossless_tiny import DRAFTER_LAYERS, prompts, stage
 from tests.harness import config as e2e_config
 from tests.harness import launched
-from tests.tiny_models import EOS, noisy_copy, tiny_llama
+from tests.tiny_models import EOS, noisy_copy, tiny_llama, to_gguf
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 16
@@ -27,12 +30,15 @@ TEMPERATURES = (0.3, 0.7, 1.0)
 def tiny(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny-sampling")
-    target = tiny_llama(root / "target")
-    return {
+    target = tiny_llama(root / "target", hidden=64)  # head_dim 16: the quantized kernels' lanes
+    models = {
         "target": str(target),
         "close": str(noisy_copy(target, root / "close", noise=0.02)),
         "far": str(noisy_copy(target, root / "far", noise=0.08, seed=3)),
     }
+    for name in list(models):
+        models[f"{name}.gguf"] = str(to_gguf(Path(models[name]), root / f"{name}.gguf"))
+    return models
 
 
 def cases(n: int) -> list[tuple[str, SamplingParams]]:
@@ -64,12 +70,14 @@ def run_all(plan, todo: list[tuple[str, SamplingParams]], max_tokens: int) -> li
         return list(pool.map(lambda c: sampled(plan, c[0], c[1], max_tokens), todo))
 
 
-def references(model: str, todo, max_tokens: int) -> list[list[int]]:
+def references(tiny, todo, max_tokens: int, backend: str = "hf") -> list[list[int]]:
     """The target alone on the runner the stages serve with, one token per pass."""
-    backend = HFBatchedBackend(model)
-    tokenizer = _tokenizer(model)
+    model = tiny["target.gguf"] if backend == "quantized" else tiny["target"]
+    settings = StageSettings(level=0, backend=backend, model=model, tokenizer=tiny["target"])
+    runner = load_batched_backend(settings)
+    tokenizer = _tokenizer(tiny["target"])
     return [
-        reference_decode(backend, tokenizer.encode(prompt), max_tokens, [EOS], p)
+        reference_decode(runner, tokenizer.encode(prompt), max_tokens, [EOS], p)
         for prompt, p in todo
     ]
 
@@ -87,16 +95,21 @@ HIERARCHIES = {
 }  # every level below the target is an early-exit drafter (test_lossless_tiny.stage)
 
 
-def test_sampled_output_equals_the_reference_decoder_at_every_k(tiny, tmp_path):
+@pytest.mark.parametrize("backend", ["hf", "quantized"])
+def test_sampled_output_equals_the_reference_decoder_at_every_k(tiny, tmp_path, backend):
+    """``hf``: the target on the transformers runner, early-exit drafters; ``quantized``: every
+    model level on the quantized runner, the noisy copies whole as drafters."""
     todo = cases(20)
-    refs = references(tiny["target"], todo, MAX_TOKENS)
+    refs = references(tiny, todo, MAX_TOKENS, backend)
     tokenizer = _tokenizer(tiny["target"])
     expected = [(tokenizer.decode(r, skip_special_tokens=True), len(r)) for r in refs]
     texts = {}
     for name, models in HIERARCHIES.items():
-        stages = [
-            stage(i, "hf" if m == "target" else "early-exit", tiny[m]) for i, m in enumerate(models)
-        ]
+        if backend == "quantized":
+            stages = [stage(i, "quantized", m, tiny=tiny) for i, m in enumerate(models)]
+        else:
+            kinds = ["hf" if m == "target" else "early-exit" for m in models]
+            stages = [stage(i, k, m, tiny=tiny) for i, (k, m) in enumerate(zip(kinds, models))]
         with launched(e2e_config(tiny["target"], stages), tmp_path / name) as system:
             results = run_all(system.plan, todo, MAX_TOKENS)
         got = [(r["choices"][0]["text"], r["usage"]["completion_tokens"]) for r in results]
@@ -123,7 +136,10 @@ def test_acceptance_under_sampling_matches_offline_coupling(tiny, tmp_path):
     # asynchronous drafter few drafts that arrive in time; every window's verdicts are
     # teacher-forced checks all the same.
     sync = {"schedule": "sync", "lookahead": 4}
-    stages = [stage(0, "early-exit", tiny["close"]) | sync, stage(1, "hf", tiny["target"]) | sync]
+    stages = [
+        stage(0, "early-exit", "close", tiny=tiny) | sync,
+        stage(1, "hf", "target", tiny=tiny) | sync,
+    ]
     with launched(e2e_config(tiny["target"], stages), tmp_path / "logs") as system:
         results = run_all(system.plan, todo, max_tokens)
     level1 = [r["spec_decode_stats"]["acceptance"][0] for r in results]
@@ -134,7 +150,7 @@ def test_acceptance_under_sampling_matches_offline_coupling(tiny, tmp_path):
     drafter = load_causal_lm(tiny["close"], layers=DRAFTER_LAYERS)
     target = load_causal_lm(tiny["target"])
     tokenizer, offline = _tokenizer(tiny["target"]), Agreement()
-    refs = references(tiny["target"], todo, max_tokens)
+    refs = references(tiny, todo, max_tokens)
     for (prompt, p), text in zip(todo, refs):
         offline.add(agreement(drafter, target, tokenizer.encode(prompt), text, p))
     online, rates = accepted / checked, offline.rates()
