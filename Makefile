@@ -4,10 +4,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= deploy/configs/smollm2-k3.toml
-PROMPT ?= def fibonacci(n):
+CONFIG ?= deploy/configs/qwen-k3.toml
+PROMPT ?= def quicksort(arr):
 
-.PHONY: install models demo serve test test-fast lint format clean
+.PHONY: install models test-models demo serve test test-fast lint format clean llama-cpp
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,9 +15,15 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python -m common.kernels.native build
 
+# the demo's models: Qwen2.5-Coder 0.5B and 1.5B GGUF files and their tokenizer (no conversion)
 models: install
-	$(BIN)/python -m common.model_store prepare smollm2
+	$(BIN)/python -m common.model_store prepare qwen
+
+# the tests' real model: SmolLM2's GGUF for the quantized runner, fp32 for the transformers one
+test-models: install
+	$(BIN)/python -m common.model_store prepare smollm2 --hf
 
 demo: models
 	$(BIN)/python -m deploy.launch $(CONFIG) --demo "$(PROMPT)"
@@ -25,7 +31,7 @@ demo: models
 serve: models
 	$(BIN)/python -m deploy.launch $(CONFIG)
 
-test: models
+test: test-models
 	$(BIN)/python -m pytest -q
 
 test-fast: install
@@ -38,6 +44,10 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# llama.cpp from the pinned sdist, built once (~25 min on 2 cores): the benchmarks' optional baseline
+llama-cpp: install
+	$(BIN)/python -m benchmarks.llama_cpp build
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,7 @@
 """Run a whole PipeSpec system on this machine, from one TOML file.
 
-    python -m deploy.launch deploy/configs/smollm2-k3.toml                          # until Ctrl-C
-    python -m deploy.launch deploy/configs/smollm2-k3.toml --demo "def fibonacci(n):"
+    python -m deploy.launch deploy/configs/qwen-k3.toml                             # until Ctrl-C
+    python -m deploy.launch deploy/configs/qwen-k3.toml --demo "def quicksort(arr):"
 
 The gateway and every stage run as child processes on loopback. By default the gateway serves
 HTTP on http://127.0.0.1:8000 (OpenAI API: POST /v1/completions) and the ZMQ client API on
