@@ -195,3 +195,22 @@ def drafter_lead(wanted: int, max_lead: int, above: int = 0) -> int:
     if wanted <= 0:
         return min(max_lead, above)
     return min(max_lead, above + 2 * wanted + 2)
+
+
+def pass_threads(wanted_drafts: Sequence[int | None], share: int, alone: int) -> int:
+    """Threads for a pass of a level whose drafter shares its machine's cores: ``alone`` (every
+    core) while the policy wants no drafts for any request in the pass (the drafters below are
+    told to idle, and free their cores), else ``share`` (the cores it splits with them). No advice
+    yet (``None``) counts as wanting drafts: the drafters are running.
+
+    >>> pass_threads([0, 0], share=1, alone=2)
+    2
+    >>> pass_threads([0, 3], share=1, alone=2)
+    1
+    >>> pass_threads([None], share=1, alone=2)
+    1
+    >>> pass_threads([], share=1, alone=2)
+    1
+    """
+    idle = bool(wanted_drafts) and all(w == 0 for w in wanted_drafts)
+    return alone if idle else share

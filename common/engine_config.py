@@ -39,6 +39,9 @@ class EngineConfig:
     #   the pass's cost; all: check every draft on offer (up to draft_cap)
     drafter_cost: float = 0.0  # goodput: what one token the level below drafts costs this level,
     #   relative to its one-token pass, where they share compute (0: the drafter has its own device)
+    threads: int | None = None  # the cores this level uses while its drafters run
+    threads_alone: int | None = None  # the cores rule: threads for a pass in which the policy
+    #   wants no drafts (the drafters below idle and free their cores); None: no switching
 
     @property
     def draft_cap(self) -> int:

@@ -47,6 +47,13 @@ class StageSettings(TransportSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    threads_alone: int | None = Field(
+        None,
+        ge=1,
+        description="the cores rule (quantized backend): threads for a pass in which the draft "
+        "policy wants no drafts, so the model stages below idle and free their cores (the "
+        "launcher sets it to every core for a target sharing its machine); None: always `threads`",
+    )
     early_exit_layers: int | None = Field(None, ge=1, description="early-exit: layers kept")
     ngram_max: int = Field(3, ge=1, description="n-gram drafter: longest suffix to match")
     ngram_min: int = Field(1, ge=1, description="n-gram drafter: shortest suffix to match")
@@ -155,6 +162,8 @@ class StageSettings(TransportSettings):
             max_batch_tokens=self.max_batch_tokens,
             draft_policy=self.draft_policy,
             drafter_cost=self.drafter_cost,
+            threads=self.threads,
+            threads_alone=self.threads_alone,
             request_ttl_s=self.request_ttl_s,
             done_retention_s=self.done_retention_s,
         )

@@ -40,6 +40,7 @@ from common.draft_policy import (
     draft_lengths,
     drafter_lead,
     on_time_estimate,
+    pass_threads,
 )
 from common.engine_config import EngineConfig
 from common.protocol import (
@@ -256,6 +257,7 @@ class StageEngine:
         replica: str,
         clock: Callable[[], float] = time.monotonic,
         observer: PassObserver | None = None,
+        set_threads: Callable[[int], None] | None = None,
     ):
         self.level = config.level
         self.config = config
@@ -266,6 +268,9 @@ class StageEngine:
         self.replica = replica
         self.clock = clock
         self.observer = observer or PassObserver()
+        # the cores rule (config.threads_alone): every core while the drafters below idle
+        self._set_threads = set_threads
+        self._threads: int | None = None
         self.requests: dict[str, LevelRequest] = {}
         self.finished: dict[str, FinishedRequest] = {}  # target only: for re-sends
         self._order: deque[str] = deque()  # round-robin over requests
@@ -518,6 +523,7 @@ class StageEngine:
         if not plan:
             return False
         runs = [Run(p.r.request_id, p.pending + p.drafts, rows=len(p.drafts) + 1) for p in plan]
+        self._apply_cores_rule(plan)
         t0 = time.perf_counter()
         try:
             results = self.backend.step(runs)
@@ -537,6 +543,17 @@ class StageEngine:
                 log.exception("pass_failed", request_id=p.r.request_id, stage_level=self.level)
                 self._fail(p.r, f"model error at level {self.level}: {exc}")
         return True
+
+    def _apply_cores_rule(self, plan: list[PlannedRun]) -> None:
+        """Threads for this pass (``draft_policy.pass_threads``), set only when they change."""
+        config = self.config
+        if self._set_threads is None or config.threads_alone is None:
+            return
+        share = config.threads or config.threads_alone
+        n = pass_threads([p.r.wanted_drafts for p in plan], share, config.threads_alone)
+        if n != self._threads:
+            self._set_threads(n)
+            self._threads = n
 
     def _plan(self) -> list[PlannedRun]:
         """Every request that wants a pass now and has (or gets) room in the KV pool, in

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from deploy.launch import (
+    MODEL_BACKENDS,
     PORT_FIELDS,
     STARTUP_TIMEOUT_S,
     STOP_TIMEOUT_S,
@@ -30,11 +31,6 @@ from deploy.launch import (
     plan_from_config,
 )
 
-MODEL_BACKENDS = (
-    "quantized",
-    "hf",
-    "early-exit",
-)  # the backends that run torch (and so use ``threads``)
 LOOPBACK_HOSTS = ("http_host", "bind_host")  # the gateway's listening hosts
 STAGE_PORT_FIELDS = ("inbox_port", "notices_port")  # a stage's listening ports (0: ephemeral)
 

@@ -123,6 +123,9 @@ def free_port() -> int:
             return port
 
 
+MODEL_BACKENDS = ("quantized", "hf", "early-exit")  # the backends that compute (use cores)
+
+
 def resolve_model(value: Any, *, key: str = "model", backend: str | None = None) -> Any:
     """``"@name"`` -> what a service reads for catalog model ``name`` (common.model_catalog):
     the name itself for a quantized stage's ``model`` (its GGUF and tokenizer, located by the
@@ -144,6 +147,37 @@ def resolve_model(value: Any, *, key: str = "model", backend: str | None = None)
         return model_catalog.locate(name)[0]
     except FileNotFoundError as exc:
         raise LaunchError(str(exc)) from None
+
+
+def share_cores(stages: list[dict[str, Any]], cores: int) -> list[dict[str, Any]]:
+    """The cores rule for quantized stages that share this machine and set no ``threads``: the
+    model stages split the cores evenly (one replica each counts), and the target level, when
+    model stages below it share them, gets every core for the passes in which its draft policy
+    idles them (``threads_alone``). The quantized kernels give the same bits at any thread count,
+    so the rule changes speed only. Stages that set ``threads`` keep theirs.
+
+    >>> stages = [{"level": 0, "backend": "ngram"},
+    ...           {"level": 1, "backend": "quantized", "model": "m"},
+    ...           {"level": 2, "backend": "quantized", "model": "t"}]
+    >>> [(s.get("threads"), s.get("threads_alone")) for s in share_cores(stages, 2)]
+    [(None, None), (1, None), (1, 2)]
+    >>> [(s.get("threads"), s.get("threads_alone")) for s in share_cores(stages[::2], 2)]
+    [(None, None), (2, None)]
+    """
+    auto = [s for s in stages if s.get("backend") == "quantized" and "threads" not in s]
+    if not auto:
+        return stages
+    models = sum(s.get("replicas", 1) for s in stages if s.get("backend") in MODEL_BACKENDS)
+    share = max(1, cores // max(1, models))
+    top = max(s["level"] for s in stages if isinstance(s.get("level"), int))
+    out = []
+    for s in stages:
+        if s in auto:
+            s = {"threads": share} | s
+            if s["level"] == top and share < cores:
+                s.setdefault("threads_alone", cores)
+        out.append(s)
+    return out
 
 
 def env_value(value: Any) -> str:
@@ -191,6 +225,7 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
     target: StageSettings | None = None
     if not stages or not all(isinstance(entry, dict) for entry in stages):
         raise LaunchError("the config needs one or more [[stages]] tables")
+    stages = share_cores(stages, os.cpu_count() or 1)
     for i, entry in enumerate(stages):
         backend = entry.get("backend", StageSettings.model_fields["backend"].default)
         table = {

@@ -173,7 +173,12 @@ class StageService:
             denied_handshakes=lambda: denied_total(self.ctx),
         )
         self.engine = StageEngine(
-            s.engine_config(), backend, self.outbox, self.replica, observer=self.metrics
+            s.engine_config(),
+            backend,
+            self.outbox,
+            self.replica,
+            observer=self.metrics,
+            set_threads=_torch_threads if s.threads_alone else None,
         )
         self.kv = self._sample_kv()  # (used, capacity, waiting), refreshed by the main loop
         self.watch = LoopWatch(s.liveness_timeout_s)
@@ -354,3 +359,10 @@ class StageService:
         release(self.ctx)
         self.ctx.term()
         log.info("stage_stopped", replica=self.replica)
+
+
+def _torch_threads(n: int) -> None:
+    """The cores rule's switch (only stages that run torch set ``threads_alone``)."""
+    import torch
+
+    torch.set_num_threads(n)

@@ -244,3 +244,20 @@ def test_a_drafter_whose_drafts_never_arrive_in_time_is_told_to_idle_and_a_timel
         leads[name] = [n.drafter_lead for n in out.sent if isinstance(n, Notice)]
     assert leads["silent"] == [0]  # the last pass's advice
     assert leads["timely"][0] > 0 and e.requests["q0"].stats.accepted_tokens >= 8
+
+
+def test_the_cores_rule_gives_the_target_every_core_while_its_drafters_idle():
+    """A drafter sharing the machine costs more than its drafts save (drafter_cost 5): the policy
+    wants no drafts, the drafter is told to idle, and the pass runs on every core; drafts that
+    pay keep the pass on its share."""
+    for cost, threads in ((5.0, 2), (0.0, 1)):
+        outbox = Recorder()
+        backend = SimulatedBackend(agreement=0.8, seed=1, vocab=50, sleep=lambda s: None)
+        cfg = EngineConfig(level=1, drafter_cost=cost, threads=1, threads_alone=2)
+        seen: list[int] = []
+        e = StageEngine(cfg, backend, outbox, "L1", clock=lambda: 0.0, set_threads=seen.append)
+        start(e, 2)
+        assert e.step() and e.step()
+        assert seen[-1] == threads, (cost, seen)
+        leads = list(advised(outbox).values())
+        assert all(lead == 0 for lead in leads) if threads == 2 else any(leads)
