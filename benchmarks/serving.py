@@ -13,6 +13,14 @@ Systems (``--systems``, greedy, ``--max-tokens`` per request, every model fp32 o
     target       (b) our services with the target alone (k=1, one stage)
     pipespec-k2  (c) our services, the hierarchies of ``benchmarks.run`` (``--models``)
     pipespec-k3
+    llama-server      llama.cpp's ``llama-server`` on the target's GGUF (``--models``: smollm2 ->
+                      smollm2-135m.gguf, qwen -> qwen2.5-coder-1.5b.gguf; a quantized file, so its
+                      output may differ from ours), ``-np`` the largest of ``--clients``, ``-t 2
+                      -tb 2``; the same client code, requests with ``cache_prompt: false`` (every
+                      request prefills, as ours do) and EOS as ours (they stop at it)
+    llama-server-np1  the same with ``-np 1``: llama.cpp's one-stream autoregressive baseline
+    The llama systems run only where llama.cpp is built (``make llama-cpp``,
+    ``benchmarks.llama_cpp``); elsewhere they are skipped with a message.
 Every served system is launched once, all of them together; then for each concurrency in
 ``--clients`` and each of ``--repeats``, one round of every system, interleaved (their order
 rotated by the repeat), so a drift of the machine's speed shifts every system alike (memory:
@@ -58,13 +66,22 @@ from typing import Any
 
 import httpx
 
+from benchmarks import llama_cpp
 from benchmarks.load_test import one_request
 from benchmarks.report import percentile, ratio, to_jsonable, write_json
 from benchmarks.systems import scrape
 from deploy.harness import complete, launched, with_metrics_ports
 
-SYSTEMS = ("generate", "target", "pipespec-k2", "pipespec-k3")
+SYSTEMS = ("generate", "target", "pipespec-k2", "pipespec-k3", "llama-server", "llama-server-np1")
 SERVED = {"target": "pipespec-k1", "pipespec-k2": "pipespec-k2", "pipespec-k3": "pipespec-k3"}
+LLAMA = {"llama-server": None, "llama-server-np1": 1}  # llama.cpp: slots (None: max clients)
+# k3's throughput over each system in the table (the llama columns only where those ran)
+RATIOS = {
+    "k3_over_target": ("target", "k3/(b)"),
+    "k3_over_generate": ("generate", "k3/(a)"),
+    "k3_over_llama_server": ("llama-server", "k3/llama"),
+    "k3_over_llama_server_np1": ("llama-server-np1", "k3/llama-np1"),
+}
 BATCHED_PASSES = "pipespec:stage_batched_passes_total"
 BATCHED_REQUESTS = "pipespec:stage_batched_pass_requests_total"
 STATS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "req_per_pass")
@@ -209,9 +226,15 @@ def cells(rounds: Sequence[Round]) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
+def ratio_keys(table: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The ratios of ``RATIOS`` to report: always over (b) and (a), over the llama systems where
+    they ran."""
+    return [k for k, (s, _) in RATIOS.items() if s not in LLAMA or s in table]
+
+
 def ratios(table: dict[str, dict[int, dict[str, Any]]]) -> dict[int, dict[str, float | None]]:
-    """Per concurrency, PipeSpec k=3's throughput over (b) the target alone and over (a)
-    generate.
+    """Per concurrency, PipeSpec k=3's throughput over (b) the target alone, over (a) generate
+    and over the llama systems that ran.
 
     >>> t = {"pipespec-k3": {1: {"tokens_per_s": 30.0}}, "target": {1: {"tokens_per_s": 20.0}}}
     >>> ratios(t)
@@ -222,10 +245,7 @@ def ratios(table: dict[str, dict[int, dict[str, Any]]]) -> dict[int, dict[str, f
         return table.get(system, {}).get(clients, {}).get("tokens_per_s")
 
     return {
-        c: {
-            "k3_over_target": ratio(tps("pipespec-k3", c), tps("target", c)),
-            "k3_over_generate": ratio(tps("pipespec-k3", c), tps("generate", c)),
-        }
+        c: {k: ratio(tps("pipespec-k3", c), tps(RATIOS[k][0], c)) for k in ratio_keys(table)}
         for c in sorted(table.get("pipespec-k3", {}))
     }
 
@@ -246,7 +266,8 @@ def markdown(table: dict[str, dict[int, dict[str, Any]]], systems: Sequence[str]
     | 1 | 20.0 | 30.0 | 1.50x | - | 100 / 120 | 50.0 / 30.0 |
     """
     names = " / ".join(systems)
-    header = [f"{s} tok/s" for s in systems] + ["k3/(b)", "k3/(a)"]
+    keys = ratio_keys(table)
+    header = [f"{s} tok/s" for s in systems] + [RATIOS[k][1] for k in keys]
     header += [f"p50 TTFT ms {names}", f"p50 ITL ms {names}"]
     lines = ["| clients | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     clients = sorted({c for by in table.values() for c in by})
@@ -256,7 +277,7 @@ def markdown(table: dict[str, dict[int, dict[str, Any]]], systems: Sequence[str]
         row = [_f(x.get("tokens_per_s")) for x in cell]
         row += [
             _f(rs.get(c, {}).get(k), spec=".2f") + ("x" if rs.get(c, {}).get(k) else "")
-            for k in ("k3_over_target", "k3_over_generate")
+            for k in keys
         ]
         row.append(" / ".join(_f(x.get("ttft_p50_s"), 1000, ".0f") for x in cell))
         row.append(" / ".join(_f(x.get("itl_p50_s"), 1000) for x in cell))
@@ -330,9 +351,10 @@ async def run_clients(
     clients: int,
     per_client: int,
     max_tokens: int,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[float, list[tuple[int, str, Any]]]:
     """``clients`` concurrent streaming clients; the round's wall time and, per request,
-    (client, prompt id, ``load_test.Result``)."""
+    (client, prompt id, ``load_test.Result``). ``extra``: more fields of every request body."""
     order = assignment(clients, per_client, len(prompts))
     timeout = httpx.Timeout(10.0, read=900.0)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -342,7 +364,7 @@ async def run_clients(
         for index in order[i]:
             pid, text = prompts[index]
             body = {"model": model, "prompt": text, "max_tokens": max_tokens, "stream": True}
-            body |= {"temperature": 0, "stream_options": {"include_usage": True}}
+            body |= {"temperature": 0, "stream_options": {"include_usage": True}} | (extra or {})
             done.append((i, pid, await one_request(http, body)))
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
@@ -622,21 +644,45 @@ def main(argv: list[str] | None = None) -> int:
 
     if "generate" not in systems:
         runner.close()  # its memory: every served system is loaded at once
-    log(f"launching {', '.join(configs)}; logs in {log_dir}")
-    rounds, errors = serve_interleaved(
-        configs,
-        texts,
-        clients_list,
-        args.requests_per_client,
-        args.max_tokens,
-        args.repeats,
-        log_dir,
-        encode,
-        reference_text,
-        run.WARMUP_TEXT,
-        log,
-        in_process={"generate": generate} if "generate" in systems else None,
-    )
+    in_process: dict[str, Callable[[int, int], Round]] = {}
+    if "generate" in systems:
+        in_process["generate"] = generate
+    slots = {s: LLAMA[s] or max(clients_list) for s in systems if s in LLAMA}
+    gguf = llama_cpp.gguf_file(models["target"])
+    with contextlib.ExitStack() as llama_stack:
+        llama, llama_errors = llama_cpp.launch_servers(
+            llama_stack, slots, gguf, log_dir, args.max_tokens, run.WARMUP_TEXT, log
+        )
+        for system, srv in llama.items():
+            in_process[system] = lambda clients, repeat, system=system, srv=srv: (
+                llama_cpp.serving_round(
+                    system,
+                    srv,
+                    texts,
+                    clients,
+                    repeat,
+                    args.requests_per_client,
+                    args.max_tokens,
+                    encode,
+                    reference_text,
+                )
+            )
+        log(f"launching {', '.join(configs)}; logs in {log_dir}")
+        rounds, errors = serve_interleaved(
+            configs,
+            texts,
+            clients_list,
+            args.requests_per_client,
+            args.max_tokens,
+            args.repeats,
+            log_dir,
+            encode,
+            reference_text,
+            run.WARMUP_TEXT,
+            log,
+            in_process=in_process,
+        )
+    errors = llama_errors | errors
     if "generate" in systems:
         runner.close()
     for system, error in errors.items():
@@ -655,6 +701,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": run.machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "levels": {s: run.level_names(models, SERVED.get(s, "autoregressive")) for s in systems},
+        "llama_cpp": {
+            "version": llama_cpp.VERSION,
+            "gguf": str(gguf),
+            "slots": slots,
+            "request_fields": llama_cpp.completion_extras(),
+            "skipped": sorted(set(slots) - set(llama) - set(llama_errors)),
+        },
         "prompts": [{"id": p.id, "set": p.set, "text": p.text} for p in prompts],
     }
     doc = {
