@@ -119,21 +119,30 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def real_stages(
-    models: dict[str, Any], method: str, overrides: dict[str, Any]
+    models: dict[str, Any], method: str, overrides: dict[str, Any], backend: str = "hf"
 ) -> list[dict[str, Any]]:
     """Launcher ``[[stages]]`` for a real-model method (``sync-k2`` ... ``pipespec-k3``;
-    ``pipespec-k1`` is the target alone, served)."""
+    ``pipespec-k1`` is the target alone, served). ``backend``: ``hf`` (fp32 transformers, one
+    thread per model stage) or ``quantized`` (the GGUF files on the quantized runner, cores by
+    the launcher's rule; the middle level is the 0.5B file, so Qwen only)."""
     from common.model_catalog import model_dir
 
     schedule, k = method.split("-k")
-    target = {"backend": "hf", "model": str(model_dir(models["target"])), "threads": 1}
-    # a drafter's logits need not be batch-invariant (only the target's decide the output), so
-    # its lone one-token passes skip the padding the probe would pick (docs/batched-runner.md:
-    # 1.7-2.8x cheaper, by CPU and model)
-    mid = {"backend": "hf", "model": str(model_dir(models["mid"])), "threads": 1, "min_rows": 1}
-    if models["mid_layers"]:
-        mid |= {"backend": "early-exit", "early_exit_layers": models["mid_layers"]}
-    if k != "1" and schedule == "pipespec":
+    if backend == "quantized":
+        if models["mid_layers"]:
+            raise SystemExit("the quantized runner has no early-exit drafter: use --models qwen")
+        target = {"backend": "quantized", "model": f"@{models['target']}"}
+        mid = {"backend": "quantized", "model": f"@{models['mid']}"}
+        overrides = {k_: v for k_, v in overrides.items() if k_ != "dtype"}
+    else:
+        target = {"backend": "hf", "model": str(model_dir(models["target"])), "threads": 1}
+        # a drafter's logits need not be batch-invariant (only the target's decide the output):
+        # its lone one-token passes skip the padding the probe would pick (docs/batched-runner.md)
+        mid = {"backend": "hf", "model": str(model_dir(models["mid"])), "threads": 1}
+        mid["min_rows"] = 1
+        if models["mid_layers"]:
+            mid |= {"backend": "early-exit", "early_exit_layers": models["mid_layers"]}
+    if k != "1" and schedule == "pipespec" and backend == "hf":
         # the model drafter below the target shares this machine's cores: what its drafts cost
         # the target (StageSettings.drafter_cost; the draft policy weighs it)
         target = target | {"drafter_cost": models["drafter_cost"]}

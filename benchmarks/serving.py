@@ -555,6 +555,18 @@ def summary_line(r: Round) -> str:
 
 
 # ---------------------------------------------------------------------------- the command
+def quantized_reference(model: str, ids, max_tokens: int) -> dict[str, list[int]]:
+    """Each prompt decoded alone, greedily, one token per pass, by the quantized runner our
+    stages serve with (every core: its logits do not depend on the thread count)."""
+    from common.backends.batched_factory import load_batched_backend
+    from common.settings import StageSettings
+    from common.simnet import reference_decode
+
+    backend = load_batched_backend(StageSettings(level=0, backend="quantized", model=model))
+    eos = backend.eos_token_ids
+    return {pid: reference_decode(backend, list(t), max_tokens, eos) for pid, t in ids}
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import prompts as prompt_sets
     from benchmarks import run
@@ -573,6 +585,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", choices=("humaneval", "prose", "both"), default="both")
     parser.add_argument("--n", type=int, default=4, help="prompts per set (default 4)")
     parser.add_argument("--hf-threads", type=int, default=2, help="torch threads of generate")
+    parser.add_argument(
+        "--backend",
+        choices=("quantized", "hf"),
+        default="quantized",
+        help="what our stages serve with: the GGUF files on the quantized runner (the reference is "
+        "then that runner decoding each prompt alone), or fp32 transformers (reference: generate)",
+    )
     parser.add_argument(
         "--out", type=Path, help="JSON (default benchmarks/results/serving-<models>.json)"
     )
@@ -601,9 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
 
     models = run.MODEL_SETS[args.models]
-    target_dir = str(model_dir(models["target"]))
-    tokenizer = load_tokenizer(target_dir)
-    eos = eos_token_ids(tokenizer, target_dir)
+    quantized = args.backend == "quantized"
+    target_dir = f"@{models['target']}" if quantized else str(model_dir(models["target"]))
+    tokenizer = load_tokenizer(models["target"] if quantized else target_dir)
+    eos = [] if quantized else eos_token_ids(tokenizer, target_dir)
     prompts = prompt_sets.load(args.prompts, args.n)
     texts = [(p.id, p.text) for p in prompts]
     ids = [(p.id, tokenizer.encode(p.text)) for p in prompts]
@@ -614,20 +634,28 @@ def main(argv: list[str] | None = None) -> int:
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    log(f"{len(prompts)} prompts, reference: generate on each alone ({args.hf_threads} threads)")
-    runner = InProcess(target_dir, threads=args.hf_threads, eos_ids=eos)
-    warm = tokenizer.encode(run.WARMUP_TEXT)
-    ref = run_in_process(
-        runner, args.models, "autoregressive", [], ids, args.max_tokens, warmup=warm
-    )
-    if ref.error:
-        raise SystemExit(f"the reference failed: {ref.error}")
-    reference = {r.prompt_id: r.tokens for r in ref.runs}
+    if quantized:
+        log(f"{len(prompts)} prompts, reference: the quantized target on each alone")
+        reference = quantized_reference(models["target"], ids, args.max_tokens)
+        if "generate" in systems:
+            runner = InProcess(str(model_dir(models["target"])), threads=args.hf_threads)
+    else:
+        log(
+            f"{len(prompts)} prompts, reference: generate on each alone ({args.hf_threads} threads)"
+        )
+        runner = InProcess(target_dir, threads=args.hf_threads, eos_ids=eos)
+        warm = tokenizer.encode(run.WARMUP_TEXT)
+        ref = run_in_process(
+            runner, args.models, "autoregressive", [], ids, args.max_tokens, warmup=warm
+        )
+        if ref.error:
+            raise SystemExit(f"the reference failed: {ref.error}")
+        reference = {r.prompt_id: r.tokens for r in ref.runs}
     log_dir = Path(tempfile.mkdtemp(prefix="pipespec-serving-"))
     reference_text = {pid: decode(t) for pid, t in reference.items()}
     configs = {}
     for system in [s for s in systems if s in SERVED]:
-        stages = run.real_stages(models, SERVED[system], {"dtype": "float32"})
+        stages = run.real_stages(models, SERVED[system], {"dtype": "float32"}, args.backend)
         configs[system] = bench_config(target_dir, stages)
 
     def generate(clients: int, repeat: int) -> Round:
@@ -642,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             decode,
         )
 
-    if "generate" not in systems:
+    if "generate" not in systems and not quantized:
         runner.close()  # its memory: every served system is loaded at once
     in_process: dict[str, Callable[[int, int], Round]] = {}
     if "generate" in systems:
