@@ -58,7 +58,11 @@ def qmatmul(x: torch.Tensor, w: RowWeight | TiledWeight) -> torch.Tensor:
     if ext is None:
         return reference.qmatmul(x, untile(w))
     x = x.float().contiguous()
-    return ext.qmatmul(x, w.codes, w.s, w.z, w.n, w.k, w.group, w.bits, _path())
+    f = w.factors
+    if f is None:
+        return ext.qmatmul(x, w.codes, w.s, w.z, w.n, w.k, w.group, w.bits, _path())
+    args = (w.n, w.k, w.group, f.superblock, w.bits, _path())
+    return ext.qmatmul_factored(x, w.codes, f.d, f.dm, f.sc, f.mi, *args)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

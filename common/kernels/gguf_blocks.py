@@ -15,6 +15,26 @@ Q6_K    d sc * (q - 32),    q 0..63          q         d sc, -32 d sc    16     
 Q8_0    d * q,              q -128..127      q + 128   d, -128 d         32     8
 ======  ===================================  ========  ================  =====  ====
 
+The same ``s`` and ``z`` also come factored (:class:`~common.kernels.packing.Factors`, what the
+kernel streams): ``s = d * sc``, ``z = dm * mi`` with ``d``, ``dm`` float16 per block (the
+super-block S: 256 for the K types, 32 for the others) and ``sc``, ``mi`` int8 per group:
+
+======  ======  ==========  ===========  ======
+type    d       sc          dm           mi
+======  ======  ==========  ===========  ======
+Q4_0    d       1           -8 d         1
+Q4_1    d       1           m            1
+Q4_K    d       sc (6 bit)  -dmin        m
+Q5_0    d       1           -16 d        1
+Q6_K    d       sc (int8)   -32 d        sc
+Q8_0    d       1           -128 d       1
+======  ======  ==========  ===========  ======
+
+Each ``dm`` is a float16 unless ``-8 d``, ``-16 d``, ``-32 d`` or ``-128 d`` overflows it (a
+``|d|`` above 511 at least; no real file): then the tensor has no factors and the kernel reads its
+float32 ``s`` and ``z``. The products are exact in float32 (11 significant bits times at most 8)
+and equal the float32 ``s`` and ``z`` below to the bit (the tests check every type).
+
 Why exact: ``d`` is fp16 (11 significant bits) and ``sc`` at most 8 bits, so ``s`` is exact in
 float32 and so is ``s * u`` (at most 24 bits, Q6_K's worst case); where the file's weight is one
 product (Q4_0, Q5_0, Q6_K, Q8_0) the sum ``s * u + z = s * (u - offset)`` is then a representable
@@ -55,19 +75,22 @@ import gguf
 import numpy as np
 import torch
 
-from common.kernels.packing import RowWeight
+from common.kernels.packing import Factors, RowWeight
 
 T = gguf.GGMLQuantizationType
 CHUNK_ELEMENTS = 1 << 21  # codes decoded per step: temporaries stay a few MB
 
-# decoder(blocks [r, nb, type_size] uint8, u [r, nb, block], s [r, nb, groups], z [r, nb, groups])
-_Decoder = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+# decoder(blocks [r, nb, type_size] uint8, u [r, nb, block], d [r, nb], dm [r, nb],
+#         sc [r, nb, groups], mi [r, nb, groups]): fills the codes and the factors of
+#         s = d * sc, z = dm * mi (d, dm float32, each exactly a float16 but for overflow; sc, mi
+#         small integers, int16)
+_Decoder = Callable[..., None]
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The fp16 at byte ``at`` of every block, as float32 ``[r, nb, 1]``."""
+    """The fp16 at byte ``at`` of every block, as float32 ``[r, nb]``."""
     raw = np.ascontiguousarray(blocks[..., at : at + 2])
-    return raw.view(np.float16).astype(np.float32)
+    return raw.view(np.float16)[..., 0].astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
@@ -75,57 +98,55 @@ def _nibbles(qs: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
     np.right_shift(qs, 4, out=high)
 
 
-def _q4_0(b, u, s, z):  # d | qs[16]: element j low nibble of qs[j], element 16+j high nibble
-    d = _f16(b, 0)
+def _q4_0(b, u, d, dm, sc, mi):  # d | qs[16]: element j low nibble of qs[j], 16+j high nibble
     _nibbles(b[..., 2:18], u[..., :16], u[..., 16:])
-    s[...] = d
-    np.multiply(d, np.float32(-8), out=z)
+    d[...] = _f16(b, 0)
+    np.multiply(d, np.float32(-8), out=dm)
+    sc[...], mi[...] = 1, 1
 
 
-def _q4_1(b, u, s, z):  # d | m | qs[16]
+def _q4_1(b, u, d, dm, sc, mi):  # d | m | qs[16]
     _nibbles(b[..., 4:20], u[..., :16], u[..., 16:])
-    s[...] = _f16(b, 0)
-    z[...] = _f16(b, 2)
+    d[...], dm[...] = _f16(b, 0), _f16(b, 2)
+    sc[...], mi[...] = 1, 1
 
 
-def _q5_0(b, u, s, z):  # d | qh (uint32 LE, bit j = 5th bit of element j) | qs[16]
-    d = _f16(b, 0)
+def _q5_0(b, u, d, dm, sc, mi):  # d | qh (uint32 LE, bit j = 5th bit of element j) | qs[16]
     _nibbles(b[..., 6:22], u[..., :16], u[..., 16:])
     high = np.unpackbits(b[..., 2:6], axis=-1, bitorder="little")
     np.left_shift(high, 4, out=high)
     np.bitwise_or(u, high, out=u)
-    s[...] = d
-    np.multiply(d, np.float32(-16), out=z)
+    d[...] = _f16(b, 0)
+    np.multiply(d, np.float32(-16), out=dm)
+    sc[...], mi[...] = 1, 1
 
 
-def _q8_0(b, u, s, z):  # d | qs[32] int8
-    d = _f16(b, 0)
+def _q8_0(b, u, d, dm, sc, mi):  # d | qs[32] int8
     np.bitwise_xor(b[..., 2:34], 0x80, out=u)  # int8 q -> q + 128 as uint8
-    s[...] = d
-    np.multiply(d, np.float32(-128), out=z)
+    d[...] = _f16(b, 0)
+    np.multiply(d, np.float32(-128), out=dm)
+    sc[...], mi[...] = 1, 1
 
 
-def _q4_k(b, u, s, z):  # d | dmin | scales[12] (6-bit sc, m x 8) | qs[128]
+def _q4_k(b, u, d, dm, sc, mi):  # d | dmin | scales[12] (6-bit sc, m x 8) | qs[128]
     r, nb = b.shape[:2]
-    d, dmin = _f16(b, 0), _f16(b, 2)
+    d[...] = _f16(b, 0)
+    np.negative(_f16(b, 2), out=dm)  # z = (-dmin) * m = -(dmin * m)
     packed = b[..., 4:16].reshape(r, nb, 3, 4)  # as gguf.quants.Q4_K.get_scale_min
     lo, hi, mixed = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
-    sc = np.concatenate([lo & 0x3F, (mixed & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
-    m = np.concatenate([hi & 0x3F, (mixed >> 4) | ((hi >> 2) & 0x30)], axis=-1)
-    np.multiply(d, sc.astype(np.float32), out=s)
-    np.multiply(dmin, m.astype(np.float32), out=z)
-    np.negative(z, out=z)
+    sc[..., :4], sc[..., 4:] = lo & 0x3F, (mixed & 0x0F) | ((lo >> 2) & 0x30)
+    mi[..., :4], mi[..., 4:] = hi & 0x3F, (mixed >> 4) | ((hi >> 2) & 0x30)
     # 4 runs of 32 bytes: low nibbles are sub-block 2i, high nibbles sub-block 2i + 1
     qs = b[..., 16:144].reshape(r, nb, 4, 32)
     pairs = u.reshape(r, nb, 4, 2, 32)
     _nibbles(qs, pairs[..., 0, :], pairs[..., 1, :])
 
 
-def _q6_k(b, u, s, z):  # ql[128] | qh[64] | scales[16] int8 | d
+def _q6_k(b, u, d, dm, sc, mi):  # ql[128] | qh[64] | scales[16] int8 | d
     r, nb = b.shape[:2]
-    d = _f16(b, 208)
-    np.multiply(d, b[..., 192:208].view(np.int8).astype(np.float32), out=s)
-    np.multiply(s, np.float32(-32), out=z)
+    d[...] = _f16(b, 208)
+    np.multiply(d, np.float32(-32), out=dm)  # z = (-32 d) * sc = -32 (d * sc), both exact
+    sc[...] = mi[...] = b[..., 192:208].view(np.int8)
     # element 128 h + 64 n + i: nibble n of ql[64 h + i]; element 128 h + 32 t + j: bits 2t, 2t+1
     # of qh[32 h + j] are its bits 4 and 5
     halves = u.reshape(r, nb, 2, 2, 64)
@@ -146,7 +167,7 @@ _FORMATS: dict[gguf.GGMLQuantizationType, tuple[_Decoder, int, int]] = {
     T.Q4_1: (_q4_1, 32, 4),
     T.Q4_K: (_q4_k, 32, 4),
     T.Q5_0: (_q5_0, 32, 8),
-    T.Q6_K: (_q6_k, 16, 8),
+    T.Q6_K: (_q6_k, 16, 6),
     T.Q8_0: (_q8_0, 32, 8),
 }
 SUPPORTED: frozenset[gguf.GGMLQuantizationType] = frozenset(_FORMATS)
@@ -193,18 +214,41 @@ def decode(
     nb = k // block
     blocks = data.reshape(n, nb, size)
     u = np.empty((n, k), dtype=np.uint8)
+    d = np.empty((n, nb), dtype=np.float32)
+    dm = np.empty_like(d)
+    sc = np.empty((n, k // group), dtype=np.int8)
+    mi = np.empty_like(sc)
     s = np.empty((n, k // group), dtype=np.float32)
     z = np.empty_like(s)
     step = max(1, CHUNK_ELEMENTS // k)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        decoder(
-            blocks[r0:r1],
-            u[r0:r1].reshape(r1 - r0, nb, block),
-            s[r0:r1].reshape(r1 - r0, nb, -1),
-            z[r0:r1].reshape(r1 - r0, nb, -1),
+        rows = (r1 - r0, nb, -1)
+        sc_r, mi_r = sc[r0:r1].reshape(rows), mi[r0:r1].reshape(rows)
+        decoder(blocks[r0:r1], u[r0:r1].reshape(rows), d[r0:r1], dm[r0:r1], sc_r, mi_r)
+        np.multiply(d[r0:r1, :, None], sc_r, out=s[r0:r1].reshape(rows))
+        np.multiply(dm[r0:r1, :, None], mi_r, out=z[r0:r1].reshape(rows))
+    return RowWeight(
+        torch.from_numpy(u),
+        torch.from_numpy(s),
+        torch.from_numpy(z),
+        bits,
+        _factors(d, dm, sc, mi, block),
+    )
+
+
+def _factors(d, dm, sc, mi, superblock: int) -> Factors | None:
+    """The factors with ``d``, ``dm`` as float16, or None where one of them is not a float16
+    (``-32 d`` and the like overflow it for ``|d|`` near 65504; never in a sane file)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        d16, dm16 = d.astype(np.float16), dm.astype(np.float16)
+        exact = np.array_equal(d16.astype(np.float32), d) and np.array_equal(
+            dm16.astype(np.float32), dm
         )
-    return RowWeight(torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(z), bits)
+    if not exact:  # an infinity or a NaN fails too
+        return None
+    tensors = (torch.from_numpy(a) for a in (d16, dm16, sc, mi))
+    return Factors(*tensors, superblock=superblock)
 
 
 def decode_rows(

@@ -4,7 +4,8 @@ Every GGUF block format the runner serves decodes to the same shape of number,
 
     w[n, k] = s[n, g] * u[n, k] + z[n, g]        g = k // group,  u an unsigned integer code,
 
-with ``u`` in 0..15 (Q4_0, Q4_1, Q4_K: 4-bit codes) or 0..255 (Q5_0, Q6_K, Q8_0: 8-bit codes) and
+with ``u`` in 0..15 (Q4_0, Q4_1, Q4_K: 4-bit codes), 0..63 (Q6_K: 6-bit codes) or 0..255 (Q5_0,
+Q8_0: 8-bit codes) and
 ``s``, ``z`` float32 per group of 32 (16 for Q6_K). ``common.kernels.gguf_blocks`` makes the three
 arrays from a file's blocks, reproducing every weight exactly; this module lays them out.
 
@@ -19,7 +20,22 @@ Two layouts hold the same numbers:
   - 8-bit: ``codes[t, q, j, b] = u[16 t + j, 4 q + b]``: shape ``[N/16, K/4, 16, 4]``;
   - 4-bit: ``codes[t, o, j, b] = u[16 t + j, 8 o + b] | u[16 t + j, 8 o + 4 + b] << 4``: shape
     ``[N/16, K/8, 16, 4]`` (a load's low nibbles are k 8o..8o+3, its high nibbles 8o+4..8o+7);
+  - 6-bit: 3 loads per 16 k (h = k // 16): two of low 4 bits, laid out as 4-bit codes, then one
+    of high 2 bits, ``codes[t, 3 h + 2, j, b] = sum over i of (u[16 t + j, 16 h + 4 i + b] >> 4)
+    << 2 i``: shape ``[N/16, 3 K/16, 16, 4]``, 6 bits per code;
   - ``s`` and ``z``: ``[N/16, K/group, 16]``.
+
+Factored scales (:class:`Factors`): GGUF files store ``s`` and ``z`` as products of a float16
+per super-block of S weights along K and a small integer per group, and so can a weight here:
+
+    s[n, g] = d[n, g G / S] * sc[n, g]        z[n, g] = dm[n, g G / S] * mi[n, g]
+
+with ``d``, ``dm`` float16 and ``sc``, ``mi`` int8, the products taken in float32. They are exact
+(11 significant bits times at most 8), so the factors give the float32 ``s`` and ``z`` to the bit.
+A :class:`RowWeight` always holds ``s`` and ``z``; where it also holds ``factors``, its
+:class:`TiledWeight` keeps only the factors (``d``, ``dm`` as ``[N/16, K/S, 16]``, ``sc``, ``mi``
+as ``[N/16, K/group, 16]``) and the kernel rebuilds ``s`` and ``z``: a Q4_K weight then streams
+4.625 bits per weight instead of 6, a Q6_K weight (6-bit codes) 7.125 instead of 10.
 
 >>> u = torch.arange(32 * 32, dtype=torch.int64).remainder(16).to(torch.uint8).view(32, 32)
 >>> s = torch.ones(32, 1); z = torch.zeros(32, 1)
@@ -45,13 +61,54 @@ LANES = 16  # output columns per tile: one AVX-512 register of int32 / float32
 
 
 @dataclass(frozen=True)
+class Factors:
+    """``s`` and ``z`` factored (module docstring): ``d``, ``dm`` float16 ``[N, K/S]``, ``sc``,
+    ``mi`` int8 ``[N, K/group]`` (in a :class:`TiledWeight`: ``[N/16, K/S, 16]`` and
+    ``[N/16, K/group, 16]``), ``superblock`` S a multiple of the group.
+
+    >>> f = Factors(torch.tensor([[0.5]]).half(), torch.tensor([[-4.0]]).half(),
+    ...             torch.tensor([[3, -2]], dtype=torch.int8), torch.tensor([[1, 1]], dtype=torch.int8),
+    ...             superblock=64)
+    >>> [t.tolist() for t in f.scales()]
+    [[[1.5, -1.0]], [[-4.0, -4.0]]]
+    """
+
+    d: torch.Tensor
+    dm: torch.Tensor
+    sc: torch.Tensor
+    mi: torch.Tensor
+    superblock: int
+
+    def __post_init__(self):
+        if self.d.dtype != torch.float16 or self.dm.dtype != torch.float16:
+            raise TypeError("d and dm must be float16")
+        if self.sc.dtype != torch.int8 or self.mi.dtype != torch.int8:
+            raise TypeError("sc and mi must be int8")
+        if self.d.shape != self.dm.shape or self.sc.shape != self.mi.shape:
+            raise ValueError("d and dm, sc and mi must have one shape")
+        blocks, groups = self.d.shape[1], self.sc.shape[1]  # rows [N, *] or tiled [N/16, *, 16]
+        other = self.d.shape[:1] + self.d.shape[2:] != self.sc.shape[:1] + self.sc.shape[2:]
+        if other or not blocks or groups % blocks:
+            raise ValueError(f"factors {tuple(self.d.shape)}, {tuple(self.sc.shape)} do not fit")
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, z)`` float32 ``[N, K/group]`` (row layout): the products, exact."""
+        per = self.sc.shape[1] // self.d.shape[1]  # groups per super-block
+        d = self.d.float().repeat_interleave(per, dim=1)
+        dm = self.dm.float().repeat_interleave(per, dim=1)
+        return d * self.sc.float(), dm * self.mi.float()
+
+
+@dataclass(frozen=True)
 class RowWeight:
-    """``w = s * u + z`` per group, row-major: ``u [N, K]`` uint8, ``s``/``z`` ``[N, K/group]``."""
+    """``w = s * u + z`` per group, row-major: ``u [N, K]`` uint8, ``s``/``z`` ``[N, K/group]``;
+    optionally the same ``s`` and ``z`` as :class:`Factors` (``factors.scales() == (s, z)``)."""
 
     u: torch.Tensor
     s: torch.Tensor
     z: torch.Tensor
-    bits: int  # 4: every code < 16 (stored two per byte when tiled); 8: codes < 256
+    bits: int  # 4: every code < 16 (two per byte when tiled); 6: < 64 (4 in 3 bytes); 8: < 256
+    factors: Factors | None = None
 
     def __post_init__(self):
         n, k = self.u.shape
@@ -59,8 +116,11 @@ class RowWeight:
             raise TypeError("codes must be uint8 and scales float32")
         if self.s.shape != self.z.shape or self.s.shape[0] != n or k % self.s.shape[1]:
             raise ValueError(f"scales {tuple(self.s.shape)} do not fit codes {(n, k)}")
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {self.bits}")
+        if self.bits not in (4, 6, 8):
+            raise ValueError(f"bits must be 4, 6 or 8, not {self.bits}")
+        f = self.factors
+        if f is not None and (f.sc.shape != self.s.shape or f.superblock * f.d.shape[1] != k):
+            raise ValueError(f"factors of super-block {f.superblock} do not fit {(n, k)}")
 
     @property
     def n(self) -> int:
@@ -87,15 +147,18 @@ class TiledWeight:
     """The kernel's layout of a :class:`RowWeight` (see the module docstring)."""
 
     codes: torch.Tensor
-    s: torch.Tensor
-    z: torch.Tensor
+    s: torch.Tensor | None  # None when factored
+    z: torch.Tensor | None
     n: int
     k: int
     group: int
     bits: int
+    factors: Factors | None = None  # tiled: d, dm [N/16, K/S, 16], sc, mi [N/16, K/group, 16]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.s, self.z))
+        f = self.factors
+        parts = (self.codes, self.s, self.z) if f is None else (self.codes, f.d, f.dm, f.sc, f.mi)
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 def check_shape(n: int, k: int, group: int) -> None:
@@ -120,16 +183,41 @@ def tile(row: RowWeight) -> TiledWeight:
     u = row.u.view(n // LANES, LANES, k)
     if row.bits == 8:
         codes = u.view(n // LANES, LANES, k // 4, 4).permute(0, 2, 1, 3)
+    elif row.bits == 4:
+        codes = _nibble_loads(u)
     else:
-        octets = u.view(n // LANES, LANES, k // 8, 2, 4)  # [t, j, o, half, b]
-        packed = octets[..., 0, :] | (octets[..., 1, :] << 4)
-        codes = packed.permute(0, 2, 1, 3)
-    groups = k // group
+        low = _nibble_loads(u & 0x0F).view(n // LANES, k // 16, 2, LANES, 4)
+        quads = (u >> 4).view(n // LANES, LANES, k // 16, 4, 4)  # [t, j, h, i, b]
+        high = (
+            quads[..., 0, :] | quads[..., 1, :] << 2 | quads[..., 2, :] << 4 | quads[..., 3, :] << 6
+        )
+        codes = torch.cat((low, high.permute(0, 2, 1, 3)[:, :, None]), dim=2)
+        codes = codes.view(n // LANES, 3 * k // 16, LANES, 4)
 
     def lanes(a: torch.Tensor) -> torch.Tensor:
-        return a.view(n // LANES, LANES, groups).permute(0, 2, 1).contiguous()
+        return a.view(n // LANES, LANES, a.shape[1]).permute(0, 2, 1).contiguous()
 
-    return TiledWeight(codes.contiguous(), lanes(row.s), lanes(row.z), n, k, group, row.bits)
+    codes = codes.contiguous()
+    f = row.factors
+    if f is None:
+        return TiledWeight(codes, lanes(row.s), lanes(row.z), n, k, group, row.bits)
+    tiled = Factors(lanes(f.d), lanes(f.dm), lanes(f.sc), lanes(f.mi), f.superblock)
+    return TiledWeight(codes, None, None, n, k, group, row.bits, tiled)
+
+
+def _nibble_loads(u: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``u [N/16, 16, K]`` in the 4-bit layout ``[N/16, K/8, 16, 4]`` (not contiguous)."""
+    tiles, _, k = u.shape
+    octets = u.view(tiles, LANES, k // 8, 2, 4)  # [t, j, o, half, b]
+    packed = octets[..., 0, :] | (octets[..., 1, :] << 4)
+    return packed.permute(0, 2, 1, 3)
+
+
+def _nibble_codes(c: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_nibble_loads`: ``[N/16, K/8, 16, 4]`` -> ``[N, K]``."""
+    tiles, octets = c.shape[:2]
+    c = c.permute(0, 2, 1, 3)  # [t, j, o, b]
+    return torch.stack((c & 0xF, c >> 4), dim=3).reshape(tiles * LANES, octets * 8)
 
 
 def untile(t: TiledWeight) -> RowWeight:
@@ -137,15 +225,23 @@ def untile(t: TiledWeight) -> RowWeight:
     tiles = t.n // LANES
     if t.bits == 8:
         u = t.codes.permute(0, 2, 1, 3).reshape(t.n, t.k)
+    elif t.bits == 4:
+        u = _nibble_codes(t.codes)
     else:
-        c = t.codes.permute(0, 2, 1, 3)  # [t, j, o, b]
-        u = torch.stack((c & 0xF, c >> 4), dim=3).reshape(t.n, t.k)
-    groups = t.k // t.group
+        c = t.codes.view(tiles, t.k // 16, 3, LANES, 4)
+        low = _nibble_codes(c[:, :, :2].reshape(tiles, t.k // 8, LANES, 4))
+        hi = c[:, :, 2].permute(0, 2, 1, 3)  # [t, j, h, b]
+        quads = torch.stack([(hi >> (2 * i)) & 3 for i in range(4)], dim=3)  # [t, j, h, i, b]
+        u = low | (quads.reshape(t.n, t.k) << 4)
 
     def rows(a: torch.Tensor) -> torch.Tensor:
-        return a.permute(0, 2, 1).reshape(tiles * LANES, groups).contiguous()
+        return a.permute(0, 2, 1).reshape(tiles * LANES, a.shape[1]).contiguous()
 
-    return RowWeight(u.contiguous(), rows(t.s), rows(t.z), t.bits)
+    f = t.factors
+    if f is None:
+        return RowWeight(u.contiguous(), rows(t.s), rows(t.z), t.bits)
+    factors = Factors(rows(f.d), rows(f.dm), rows(f.sc), rows(f.mi), f.superblock)
+    return RowWeight(u.contiguous(), *factors.scales(), t.bits, factors)
 
 
 def concat(weights: list[RowWeight]) -> RowWeight:
@@ -154,9 +250,17 @@ def concat(weights: list[RowWeight]) -> RowWeight:
     first = weights[0]
     if any((w.k, w.group, w.bits) != (first.k, first.group, first.bits) for w in weights):
         raise ValueError("only weights of one input size, group and code width concatenate")
+    factors = None  # kept where every weight has them, with one super-block
+    fs = [w.factors for w in weights]
+    if all(f is not None for f in fs) and len({f.superblock for f in fs}) == 1:
+        factors = Factors(
+            *(torch.cat([getattr(f, a) for f in fs]) for a in ("d", "dm", "sc", "mi")),
+            fs[0].superblock,
+        )
     return RowWeight(
         torch.cat([w.u for w in weights]),
         torch.cat([w.s for w in weights]),
         torch.cat([w.z for w in weights]),
         first.bits,
+        factors,
     )

@@ -99,6 +99,12 @@ void check_cpu_float(const torch::Tensor& t, const char* name, int64_t dim) {
 //   per output (m, n): acc = 0; for g = 0, 1, ...:
 //     i = sum_k xq[m, k] u[n, k] over the group (exact integer),
 //     acc = acc + d * ((float)i * s + z * (float)xs), each operation rounded on its own.
+//
+// Two ways to store s and z (packing.py): float32 per group, or factored as the GGUF file has
+// them, s = wd * sc and z = wdm * mi with wd, wdm fp16 per super-block of S weights along K and
+// sc, mi int8 per group; the kernel rebuilds s and z with one float32 mul each (exact: 11
+// significant bits times at most 8), then the same arithmetic. Factored weights read 4.625 bits
+// per weight at 4-bit g32 S=256 (6 as float32) and 7.125 at 6-bit g16 S=256 (10).
 // ------------------------------------------------------------------------------------------
 
 struct QuantRows {
@@ -197,9 +203,14 @@ QuantRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, Pat
 
 // What one call to a tile kernel sees: one tile of 16 columns, up to 8 activation rows.
 struct TileArgs {
-  const uint8_t* codes; // the tile's codes, [K/4 or K/8, 16, 4]
-  const float* s;       // the tile's scales [K/G, 16]
-  const float* z;       // the tile's offsets [K/G, 16]
+  const uint8_t* codes; // the tile's codes, [K/4, K/8 or 3K/16 loads, 16, 4]
+  const float* s;       // the tile's scales [K/G, 16] (float32 layout)
+  const float* z;       // the tile's offsets [K/G, 16] (float32 layout)
+  const uint16_t* wd;   // factored layout: fp16 scale factors [K/S, 16]
+  const uint16_t* wdm;  // fp16 offset factors [K/S, 16]
+  const int8_t* sc;     // int8 scale factors [K/G, 16]
+  const int8_t* mi;     // int8 offset factors [K/G, 16]
+  int64_t per_block;    // groups per super-block (S / G)
   const int8_t* xq;     // first row's quantized activations; rows K apart
   const float* d;       // first row's group scales; rows K/G apart
   const float* xs;      // first row's group sums; rows K/G apart
@@ -210,28 +221,66 @@ struct TileArgs {
 #if PIPESPEC_X86
 // VNNI: each 32-bit lane of a 64-byte code load holds 4 consecutive k of its column (u8), the
 // 4 matching activations (s8) are broadcast, and vpdpbusd adds the 4 products to the lane.
-// For 4 bits one load holds 8 k: low nibbles k 8o..8o+3, high nibbles 8o+4..8o+7.
-template <int BITS, int GROUP, int R>
+// For 4 bits one load holds 8 k: low nibbles k 8o..8o+3, high nibbles 8o+4..8o+7. For 6 bits
+// three loads hold 16 k: their low 4 bits as two 4-bit loads, then their high 2 bits (k 16h + 4i
+// + b at bits 2i, 2i+1 of byte b).
+template <int BITS, int GROUP, int R, bool FACTORED>
 AVX512_TARGET void tile_vnni(const TileArgs& a) {
-  constexpr int STEPS = GROUP / 4;                             // vpdpbusd per row and group
-  constexpr int LOADS = BITS == 8 ? GROUP / 4 : GROUP / 8;     // 64-byte loads per group
+  constexpr int STEPS = GROUP / 4; // vpdpbusd per row and group
+  constexpr int LOADS = BITS == 8 ? GROUP / 4 : BITS == 4 ? GROUP / 8 : GROUP / 16 * 3;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i top = _mm512_set1_epi8(0x30);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < a.groups; ++g) {
+  __m512 wd = _mm512_setzero_ps(), wdm = _mm512_setzero_ps();
+  for (int64_t g = 0, in_block = 0; g < a.groups; ++g) {
     const uint8_t* c = a.codes + g * LOADS * 64;
     __m512i w[STEPS];
-    for (int l = 0; l < LOADS; ++l) {
-      const __m512i raw = _mm512_loadu_si512(c + 64 * l);
-      if constexpr (BITS == 8) {
-        w[l] = raw;
-      } else {
-        w[2 * l] = _mm512_and_si512(raw, nibble);
-        w[2 * l + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+    if constexpr (BITS == 6) {
+      for (int h = 0; h < GROUP / 16; ++h) {
+        const __m512i lo0 = _mm512_loadu_si512(c + 192 * h);
+        const __m512i lo1 = _mm512_loadu_si512(c + 192 * h + 64);
+        const __m512i hi = _mm512_loadu_si512(c + 192 * h + 128);
+        // the high 2 bits of k 16h + 4i + b moved to bits 4, 5 (the 16-bit shifts spill only
+        // into bits the mask clears)
+        const __m512i h0 = _mm512_and_si512(_mm512_slli_epi16(hi, 4), top);
+        const __m512i h1 = _mm512_and_si512(_mm512_slli_epi16(hi, 2), top);
+        const __m512i h2 = _mm512_and_si512(hi, top);
+        const __m512i h3 = _mm512_and_si512(_mm512_srli_epi16(hi, 2), top);
+        w[4 * h] = _mm512_or_si512(_mm512_and_si512(lo0, nibble), h0);
+        w[4 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo0, 4), nibble), h1);
+        w[4 * h + 2] = _mm512_or_si512(_mm512_and_si512(lo1, nibble), h2);
+        w[4 * h + 3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo1, 4), nibble), h3);
+      }
+    } else {
+      for (int l = 0; l < LOADS; ++l) {
+        const __m512i raw = _mm512_loadu_si512(c + 64 * l);
+        if constexpr (BITS == 8) {
+          w[l] = raw;
+        } else {
+          w[2 * l] = _mm512_and_si512(raw, nibble);
+          w[2 * l + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+        }
       }
     }
-    const __m512 s = _mm512_loadu_ps(a.s + g * LANES);
-    const __m512 z = _mm512_loadu_ps(a.z + g * LANES);
+    __m512 s, z;
+    if constexpr (FACTORED) {
+      if (in_block == 0) { // a new super-block: its 16 fp16 factors -> float32 (exact)
+        const int64_t b = g / a.per_block;
+        wd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.wd + b * LANES)));
+        wdm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.wdm + b * LANES)));
+      }
+      if (++in_block == a.per_block) in_block = 0;
+      const __m512 sc = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.sc + g * LANES))));
+      const __m512 mi = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.mi + g * LANES))));
+      s = _mm512_mul_ps(wd, sc);
+      z = _mm512_mul_ps(wdm, mi);
+    } else {
+      s = _mm512_loadu_ps(a.s + g * LANES);
+      z = _mm512_loadu_ps(a.z + g * LANES);
+    }
     for (int r = 0; r < R; ++r) {
       const int8_t* xr = a.xq + r * a.k + g * GROUP;
       __m512i i0 = _mm512_setzero_si512();
@@ -253,18 +302,24 @@ AVX512_TARGET void tile_vnni(const TileArgs& a) {
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(a.out + r * a.n, acc[r]);
 }
 
-template <int BITS, int GROUP>
+template <int BITS, int GROUP, bool FACTORED>
 void tile_vnni_rows(const TileArgs& a, int64_t rows) {
   switch (rows) {
-    case 1: return tile_vnni<BITS, GROUP, 1>(a);
-    case 2: return tile_vnni<BITS, GROUP, 2>(a);
-    case 3: return tile_vnni<BITS, GROUP, 3>(a);
-    case 4: return tile_vnni<BITS, GROUP, 4>(a);
-    case 5: return tile_vnni<BITS, GROUP, 5>(a);
-    case 6: return tile_vnni<BITS, GROUP, 6>(a);
-    case 7: return tile_vnni<BITS, GROUP, 7>(a);
-    default: return tile_vnni<BITS, GROUP, 8>(a);
+    case 1: return tile_vnni<BITS, GROUP, 1, FACTORED>(a);
+    case 2: return tile_vnni<BITS, GROUP, 2, FACTORED>(a);
+    case 3: return tile_vnni<BITS, GROUP, 3, FACTORED>(a);
+    case 4: return tile_vnni<BITS, GROUP, 4, FACTORED>(a);
+    case 5: return tile_vnni<BITS, GROUP, 5, FACTORED>(a);
+    case 6: return tile_vnni<BITS, GROUP, 6, FACTORED>(a);
+    case 7: return tile_vnni<BITS, GROUP, 7, FACTORED>(a);
+    default: return tile_vnni<BITS, GROUP, 8, FACTORED>(a);
   }
+}
+
+template <int BITS, int GROUP>
+void tile_vnni_layout(const TileArgs& a, int64_t rows) {
+  if (a.s == nullptr) return tile_vnni_rows<BITS, GROUP, true>(a, rows);
+  return tile_vnni_rows<BITS, GROUP, false>(a, rows);
 }
 #endif
 
@@ -279,14 +334,34 @@ ALWAYS_INLINE void tile_plain_body(const TileArgs& a, int64_t rows, int bits, in
       if (bits == 8) {
         const uint8_t* c = a.codes + (k / 4) * LANES * 4 + k % 4;
         for (int64_t j = 0; j < LANES; ++j) u[kk][j] = c[4 * j];
+      } else if (bits == 6) { // loads 3h, 3h+1: low 4 bits as 4-bit codes; 3h+2: high 2 bits
+        const int64_t h = k / 16, kh = k % 16;
+        const uint8_t* lo = a.codes + (3 * h + kh / 8) * LANES * 4 + k % 4;
+        const uint8_t* hi = a.codes + (3 * h + 2) * LANES * 4 + k % 4;
+        const int shift = (kh % 8) < 4 ? 0 : 4, hshift = 2 * (kh / 4);
+        for (int64_t j = 0; j < LANES; ++j)
+          u[kk][j] = ((lo[4 * j] >> shift) & 0x0F) | (((hi[4 * j] >> hshift) & 0x03) << 4);
       } else {
         const uint8_t* c = a.codes + (k / 8) * LANES * 4 + k % 4;
         const int shift = (k % 8) < 4 ? 0 : 4; // low nibbles: k 8o..8o+3; high: 8o+4..8o+7
         for (int64_t j = 0; j < LANES; ++j) u[kk][j] = (c[4 * j] >> shift) & 0x0F;
       }
     }
-    const float* s = a.s + g * LANES;
-    const float* z = a.z + g * LANES;
+    float sf[LANES], zf[LANES];
+    const float* s = sf;
+    const float* z = zf;
+    if (a.s == nullptr) { // factored: the same float32 products as the VNNI kernel
+      const int64_t b = g / a.per_block;
+      for (int64_t j = 0; j < LANES; ++j) {
+        sf[j] = c10::detail::fp16_ieee_to_fp32_value(a.wd[b * LANES + j]) *
+                static_cast<float>(a.sc[g * LANES + j]);
+        zf[j] = c10::detail::fp16_ieee_to_fp32_value(a.wdm[b * LANES + j]) *
+                static_cast<float>(a.mi[g * LANES + j]);
+      }
+    } else {
+      s = a.s + g * LANES;
+      z = a.z + g * LANES;
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const int8_t* xr = a.xq + r * a.k + g * group;
       int32_t isum[LANES] = {0};
@@ -319,55 +394,85 @@ AVX2_TARGET void tile_avx2(const TileArgs& a, int64_t rows, int bits, int64_t gr
 void run_tile(const TileArgs& a, int64_t rows, int bits, int64_t group, Path path) {
 #if PIPESPEC_X86
   if (path == VNNI) {
-    if (bits == 4 && group == 32) return tile_vnni_rows<4, 32>(a, rows);
-    if (bits == 4 && group == 16) return tile_vnni_rows<4, 16>(a, rows);
-    if (bits == 8 && group == 32) return tile_vnni_rows<8, 32>(a, rows);
-    return tile_vnni_rows<8, 16>(a, rows);
+    if (bits == 4 && group == 32) return tile_vnni_layout<4, 32>(a, rows);
+    if (bits == 4 && group == 16) return tile_vnni_layout<4, 16>(a, rows);
+    if (bits == 6 && group == 32) return tile_vnni_layout<6, 32>(a, rows);
+    if (bits == 6 && group == 16) return tile_vnni_layout<6, 16>(a, rows);
+    if (bits == 8 && group == 32) return tile_vnni_layout<8, 32>(a, rows);
+    return tile_vnni_layout<8, 16>(a, rows);
   }
   if (path == AVX2) return tile_avx2(a, rows, bits, group);
 #endif
   tile_generic(a, rows, bits, group);
 }
 
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torch::Tensor z,
-                      int64_t n, int64_t k, int64_t group, int64_t bits,
-                      const std::string& path_name) {
+// The weight's scales as the kernel reads them: float32 s, z, or the factors (the other null).
+struct Scales {
+  const float* s = nullptr;
+  const float* z = nullptr;
+  const uint16_t* wd = nullptr;
+  const uint16_t* wdm = nullptr;
+  const int8_t* sc = nullptr;
+  const int8_t* mi = nullptr;
+  int64_t superblock = 0;
+};
+
+// 64-byte code loads per tile: 4 k per load (8 bits), 8 (4 bits), 16 per 3 loads (6 bits).
+int64_t loads_per_tile(int64_t k, int64_t bits) {
+  return bits == 8 ? k / 4 : bits == 4 ? k / 8 : k / 16 * 3;
+}
+
+void check_codes(const torch::Tensor& x, const torch::Tensor& codes, int64_t n, int64_t k,
+                 int64_t group, int64_t bits) {
   check_cpu_float(x, "x", 2);
-  check_cpu_float(s, "s", 3);
-  check_cpu_float(z, "z", 3);
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 4,
-              "codes must be contiguous uint8 [N/16, K/4 or K/8, 16, 4]");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+              "codes must be contiguous uint8 [N/16, K/4, K/8 or 3K/16, 16, 4]");
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
   TORCH_CHECK(group == 16 || group == 32, "group must be 16 or 32");
   TORCH_CHECK(n % LANES == 0 && k % group == 0, "N must be a multiple of 16, K of the group");
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " features, the weight ", k);
-  const int64_t tiles = n / LANES, groups = k / group, m = x.size(0);
-  const int64_t per_load = bits == 8 ? 4 : 8;
-  TORCH_CHECK(codes.size(0) == tiles && codes.size(1) == k / per_load && codes.size(2) == LANES &&
-                  codes.size(3) == 4,
+  TORCH_CHECK(codes.size(0) == n / LANES && codes.size(1) == loads_per_tile(k, bits) &&
+                  codes.size(2) == LANES && codes.size(3) == 4,
               "codes do not fit the shape");
-  TORCH_CHECK(s.size(0) == tiles && s.size(1) == groups && s.size(2) == LANES &&
-                  z.sizes() == s.sizes(),
-              "scales do not fit the shape");
+}
+
+// A tiled [N/16, blocks, 16] tensor of the given type, contiguous.
+void check_lanes(const torch::Tensor& t, const char* name, torch::ScalarType type, int64_t tiles,
+                 int64_t blocks) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous(), name,
+              " must be a contiguous CPU tensor of ", c10::toString(type));
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == tiles && t.size(1) == blocks && t.size(2) == LANES,
+              name, " does not fit the shape");
+}
+
+torch::Tensor qmatmul_impl(const torch::Tensor& x, const torch::Tensor& codes, const Scales& sw,
+                           int64_t n, int64_t k, int64_t group, int64_t bits,
+                           const std::string& path_name) {
+  const int64_t tiles = n / LANES, groups = k / group, m = x.size(0);
+  const int64_t blocks = sw.superblock ? k / sw.superblock : 0;
   auto out = torch::empty({m, n}, x.options());
   if (m == 0) return out;
   const Path path = resolve_path(path_name);
   const QuantRows qr = quantize_rows(x.data_ptr<float>(), m, k, group, path);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* sp = s.data_ptr<float>();
-  const float* zp = z.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t tile_bytes = k * LANES / per_load * 4;
+  const int64_t tile_bytes = loads_per_tile(k, bits) * 64;
   // Enough tiles per task that a thread's share outweighs waking it (~1M multiply-adds, ~10 us):
   // a 256x1536 decode product stays on one thread.
   const int64_t work = k * LANES * std::min<int64_t>(m, MAX_ROWS);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / work);
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tg = t * groups * LANES, tb = t * blocks * LANES;
       for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
         const TileArgs a{cp + t * tile_bytes,
-                         sp + t * groups * LANES,
-                         zp + t * groups * LANES,
+                         sw.s ? sw.s + tg : nullptr,
+                         sw.z ? sw.z + tg : nullptr,
+                         sw.wd ? sw.wd + tb : nullptr,
+                         sw.wdm ? sw.wdm + tb : nullptr,
+                         sw.sc ? sw.sc + tg : nullptr,
+                         sw.mi ? sw.mi + tg : nullptr,
+                         sw.superblock / group,
                          qr.q.data() + r0 * k,
                          qr.d.data() + r0 * groups,
                          qr.xs.data() + r0 * groups,
@@ -380,6 +485,40 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, torch::Tensor s, tor
     }
   });
   return out;
+}
+
+// Float32 scales and offsets: s, z [N/16, K/G, 16].
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torch::Tensor z,
+                      int64_t n, int64_t k, int64_t group, int64_t bits,
+                      const std::string& path_name) {
+  check_codes(x, codes, n, k, group, bits);
+  check_lanes(s, "s", torch::kFloat32, n / LANES, k / group);
+  check_lanes(z, "z", torch::kFloat32, n / LANES, k / group);
+  Scales sw;
+  sw.s = s.data_ptr<float>();
+  sw.z = z.data_ptr<float>();
+  return qmatmul_impl(x, codes, sw, n, k, group, bits, path_name);
+}
+
+// Factored: s = d * sc, z = dm * mi; d, dm float16 [N/16, K/S, 16], sc, mi int8 [N/16, K/G, 16].
+torch::Tensor qmatmul_factored(torch::Tensor x, torch::Tensor codes, torch::Tensor d,
+                               torch::Tensor dm, torch::Tensor sc, torch::Tensor mi, int64_t n,
+                               int64_t k, int64_t group, int64_t superblock, int64_t bits,
+                               const std::string& path_name) {
+  check_codes(x, codes, n, k, group, bits);
+  TORCH_CHECK(superblock > 0 && superblock % group == 0 && k % superblock == 0,
+              "the super-block must be a multiple of the group and divide K");
+  check_lanes(d, "d", torch::kFloat16, n / LANES, k / superblock);
+  check_lanes(dm, "dm", torch::kFloat16, n / LANES, k / superblock);
+  check_lanes(sc, "sc", torch::kInt8, n / LANES, k / group);
+  check_lanes(mi, "mi", torch::kInt8, n / LANES, k / group);
+  Scales sw;
+  sw.wd = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  sw.wdm = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  sw.sc = sc.data_ptr<int8_t>();
+  sw.mi = mi.data_ptr<int8_t>();
+  sw.superblock = superblock;
+  return qmatmul_impl(x, codes, sw, n, k, group, bits, path_name);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -599,6 +738,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x [M,K] @ tiled quantized weight -> [M,N]", py::arg("x"),
         py::arg("codes"), py::arg("s"), py::arg("z"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("bits"), py::arg("path") = "");
+  m.def("qmatmul_factored", &qmatmul_factored,
+        "x [M,K] @ tiled quantized weight with factored scales (s = d * sc, z = dm * mi)",
+        py::arg("x"), py::arg("codes"), py::arg("d"), py::arg("dm"), py::arg("sc"),
+        py::arg("mi"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("superblock"),
+        py::arg("bits"), py::arg("path") = "");
   m.def("rmsnorm", &rmsnorm, "(x * r) * weight per row", py::arg("x"), py::arg("weight"),
         py::arg("eps"), py::arg("path") = "");
   m.def("silu_mul", &silu_mul, "silu(gate) * up", py::arg("gate_up"),

@@ -18,7 +18,7 @@ T = gguf.GGMLQuantizationType
 FP16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2)}
 FP16_FIELDS[T.Q6_K] = (208,)
 GROUP_BITS = {T.Q4_0: (32, 4), T.Q4_1: (32, 4), T.Q4_K: (32, 4)}
-GROUP_BITS |= {T.Q5_0: (32, 8), T.Q6_K: (16, 8), T.Q8_0: (32, 8)}
+GROUP_BITS |= {T.Q5_0: (32, 8), T.Q6_K: (16, 6), T.Q8_0: (32, 8)}
 MAX_CODE = {T.Q4_0: 15, T.Q4_1: 15, T.Q4_K: 15, T.Q5_0: 31, T.Q6_K: 63, T.Q8_0: 255}
 
 
@@ -40,7 +40,22 @@ def assert_exact(data: np.ndarray, qtype: T, n: int, k: int) -> gguf_blocks.RowW
     assert (weight.group, weight.bits) == GROUP_BITS[qtype]
     assert int(weight.u.max()) <= MAX_CODE[qtype]
     assert torch.equal(weight.dequantize(), expected)
+    assert weight.factors is not None, "d or dm not a float16"
+    assert weight.factors.superblock == gguf.GGML_QUANT_SIZES[qtype][0]
+    s, z = weight.factors.scales()  # the file's factors give s and z to the bit (zero's sign too)
+    assert torch.equal(s.view(torch.int32), weight.s.view(torch.int32))
+    assert torch.equal(z.view(torch.int32), weight.z.view(torch.int32))
     return weight
+
+
+def test_factors_fall_back_where_a_product_overflows_float16():
+    """Q8_0's dm = -128 d is no float16 for |d| > 511.75: that tensor keeps float32 s and z."""
+    data = random_blocks(T.Q8_0, 16, 64)
+    data[0, :2] = np.frombuffer(np.float16(1000.0).tobytes(), dtype=np.uint8)
+    weight = decode(data, T.Q8_0, 16, 64)
+    assert weight.factors is None
+    expected = gguf.quants.dequantize(data, T.Q8_0).reshape(16, 64)
+    assert torch.equal(weight.dequantize(), torch.from_numpy(expected))
 
 
 @pytest.mark.parametrize("qtype", sorted(SUPPORTED), ids=lambda t: t.name)

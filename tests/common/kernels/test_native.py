@@ -10,15 +10,17 @@ import torch
 from common.kernels import native, reference
 from common.kernels.packing import tile
 from tests.common.kernels.test_reference import (
+    FACTORED_KINDS,
     MAX_ROWS,
     ROW_COUNTS,
     Attention,
     assert_rows_invariant,
     attention_op,
+    random_factored_weight,
     random_weight,
 )
 
-WEIGHT_KINDS = [(4, 32), (8, 16), (8, 32), (4, 16)]
+WEIGHT_KINDS = [(4, 32), (8, 16), (8, 32), (4, 16), (6, 16), (6, 32)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,41 @@ def paths(ext) -> list[str]:
 
 
 def native_qmatmul(ext, x, t, path=""):
-    return ext.qmatmul(x.contiguous(), t.codes, t.s, t.z, t.n, t.k, t.group, t.bits, path)
+    x = x.contiguous()
+    f = t.factors
+    if f is None:
+        return ext.qmatmul(x, t.codes, t.s, t.z, t.n, t.k, t.group, t.bits, path)
+    args = (t.n, t.k, t.group, f.superblock, t.bits, path)
+    return ext.qmatmul_factored(x, t.codes, f.d, f.dm, f.sc, f.mi, *args)
+
+
+FACTORED_ROW_COUNTS = [*range(1, 18), 33, 64, 513]
+
+
+@pytest.mark.parametrize(("bits", "group", "superblock"), FACTORED_KINDS)
+def test_qmatmul_factored_bit_identical(ext, bits, group, superblock):
+    """The kernel rebuilds s and z from the factors: the reference's bits on every path."""
+    w = random_factored_weight(48, 512, group, bits, superblock, seed=bits + group + superblock)
+    t = tile(w)
+    assert t.s is None and t.factors is not None
+    x = torch.randn(max(FACTORED_ROW_COUNTS), 512, generator=torch.Generator().manual_seed(6))
+    x[3, :32] = 0.0  # a group whose amax is 0
+    for m in FACTORED_ROW_COUNTS:
+        expected = reference.qmatmul(x[:m], w)
+        for path in paths(ext):
+            assert torch.equal(native_qmatmul(ext, x[:m], t, path), expected), (m, path)
+
+
+def test_qmatmul_factored_checks_shapes(ext):
+    t = tile(random_factored_weight(16, 256, 32, 4, 256))
+    f = t.factors
+    x = torch.randn(1, 256)
+    with pytest.raises(RuntimeError, match="super-block"):
+        ext.qmatmul_factored(x, t.codes, f.d, f.dm, f.sc, f.mi, 16, 256, 32, 48, 4)
+    with pytest.raises(RuntimeError, match="dm must be"):
+        ext.qmatmul_factored(x, t.codes, f.d, f.dm.float(), f.sc, f.mi, 16, 256, 32, 256, 4)
+    with pytest.raises(RuntimeError, match="sc does not fit"):
+        ext.qmatmul_factored(x, t.codes, f.d, f.dm, f.sc[:, :4], f.mi, 16, 256, 32, 256, 4)
 
 
 @pytest.mark.parametrize(("bits", "group"), WEIGHT_KINDS)
@@ -58,7 +94,7 @@ def test_qmatmul_bit_identical_small(ext, bits, group):
             assert torch.equal(native_qmatmul(ext, x[:m], t, path), expected), (m, path)
 
 
-@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 16)])
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 16), (6, 16)])
 def test_qmatmul_bit_identical_realistic(ext, bits, group):
     w = random_weight(1536, 576, group, bits, seed=7)
     t = tile(w)
@@ -133,12 +169,17 @@ def check_across_threads(store, key, threads, out):
         assert torch.equal(store[key][1], store[key][2]), f"{key}: 1 and 2 threads differ"
 
 
-@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 16)])
-def test_qmatmul_invariant(ext, threads, across_threads, bits, group):
-    t = tile(random_weight(1536, 576, group, bits, seed=12))
-    x = torch.randn(MAX_ROWS, 576, generator=torch.Generator().manual_seed(13))
+@pytest.mark.parametrize(
+    ("bits", "group", "superblock"), [(4, 32, None), (8, 16, None), (4, 32, 256), (6, 16, 256)]
+)
+def test_qmatmul_invariant(ext, threads, across_threads, bits, group, superblock):
+    if superblock is None:
+        t = tile(random_weight(1536, 576, group, bits, seed=12))
+    else:  # factored scales
+        t = tile(random_factored_weight(1536, 768, group, bits, superblock, seed=12))
+    x = torch.randn(MAX_ROWS, t.k, generator=torch.Generator().manual_seed(13))
     out = invariant_at_threads(lambda a: native_qmatmul(ext, a, t), x)
-    check_across_threads(across_threads, ("qmatmul", bits, group), threads, out)
+    check_across_threads(across_threads, ("qmatmul", bits, group, superblock), threads, out)
 
 
 def test_rmsnorm_invariant(ext, threads, across_threads):
@@ -177,3 +218,7 @@ def test_dispatch_env(ext, monkeypatch):
     monkeypatch.delenv("PIPESPEC_KERNELS")
     assert kernels.implementation() == f"native-{ext.cpu_path()}"
     assert torch.equal(kernels.qmatmul(x.t().contiguous().t(), kernels.prepare_weight(w)), expected)
+    f = random_factored_weight(32, 256, 32, 4, 256)
+    x = torch.randn(3, 256)
+    assert kernels.prepare_weight(f).factors is not None
+    assert torch.equal(kernels.qmatmul(x, kernels.prepare_weight(f)), reference.qmatmul(x, f))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.kernels import reference
-from common.kernels.packing import RowWeight
+from common.kernels.packing import Factors, RowWeight
 
 ROW_COUNTS = [*range(1, 71), 128, 256, 257, 511, 512, 513]
 MAX_ROWS = max(ROW_COUNTS)
@@ -22,6 +22,32 @@ def random_weight(n: int, k: int, group: int, bits: int, seed: int = 0) -> RowWe
     s = torch.randn(n, k // group, generator=gen) * 0.01
     z = torch.randn(n, k // group, generator=gen) * 0.01
     return RowWeight(u, s, z, bits)
+
+
+def random_factored_weight(
+    n: int, k: int, group: int, bits: int, superblock: int, seed: int = 0
+) -> RowWeight:
+    """Random codes and random factors (``s = d * sc``, ``z = dm * mi``), with zeros, subnormal
+    and negative float16 factors and the extreme int8 ones among them."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
+
+    def halves() -> torch.Tensor:
+        h = (torch.randn(n, k // superblock, generator=gen) * 1e-3).half()
+        h.view(-1)[:4] = torch.tensor([0.0, 6e-8, -3e-6, -0.0]).half()  # zero, subnormals
+        return h
+
+    def small() -> torch.Tensor:
+        i = torch.randint(-128, 128, (n, k // group), generator=gen).to(torch.int8)
+        i.view(-1)[:3] = torch.tensor([0, -128, 127], dtype=torch.int8)
+        return i
+
+    factors = Factors(halves(), halves(), small(), small(), superblock)
+    return RowWeight(u, *factors.scales(), bits, factors)
+
+
+# (bits, group, super-block): Q4_K's, Q6_K's, Q8_0 / Q5_0's and Q4_0 / Q4_1's shapes
+FACTORED_KINDS = [(4, 32, 256), (6, 16, 256), (8, 16, 256), (8, 32, 32), (4, 32, 32)]
 
 
 def probe_rows(m: int) -> list[int]:

@@ -1,0 +1,81 @@
+"""The weight layouts (common/kernels/packing.py): tiling round-trips, with float32 or factored
+scales; factors rebuild s and z exactly; concatenation keeps factors only where all have them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.kernels.packing import Factors, RowWeight, concat, tile, untile
+from tests.common.kernels.test_reference import (
+    FACTORED_KINDS,
+    random_factored_weight,
+    random_weight,
+)
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal to the bit (the sign of zero included)."""
+    assert a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize(("bits", "group", "superblock"), FACTORED_KINDS)
+def test_factored_round_trip(bits, group, superblock):
+    w = random_factored_weight(48, 512, group, bits, superblock, seed=1)
+    t = tile(w)
+    assert t.s is None and t.z is None
+    assert tuple(t.factors.d.shape) == (3, 512 // superblock, 16)
+    assert tuple(t.factors.sc.shape) == (3, 512 // group, 16)
+    back = untile(t)
+    assert torch.equal(back.u, w.u)
+    assert_same_bits(back.s, w.s)
+    assert_same_bits(back.z, w.z)
+    for name in ("d", "dm", "sc", "mi"):
+        assert torch.equal(getattr(back.factors, name), getattr(w.factors, name))
+    plain = tile(RowWeight(w.u, w.s, w.z, bits))  # the float32 layout of the same numbers
+    assert t.nbytes() < plain.nbytes()
+
+
+def test_bytes_per_weight():
+    """Q4_K's shape: 4.625 bits per weight factored, 6 as float32; Q6_K's: 7.125 and 10 (6-bit
+    codes), 9.125 and 12 with 8-bit codes; Q8_0's 9.5 and 10."""
+    kinds = {(4, 32, 256): (4.625, 6), (6, 16, 256): (7.125, 10), (8, 16, 256): (9.125, 12)}
+    kinds[8, 32, 32] = (9.5, 10)
+    for (bits, group, superblock), (factored, plain) in kinds.items():
+        w = random_factored_weight(32, 1024, group, bits, superblock)
+        assert tile(w).nbytes() * 8 / w.u.numel() == factored
+        assert tile(RowWeight(w.u, w.s, w.z, bits)).nbytes() * 8 / w.u.numel() == plain
+
+
+def test_float32_round_trip():
+    w = random_weight(32, 64, 16, 8, seed=2)
+    t = tile(w)
+    assert t.factors is None
+    back = untile(t)
+    assert back.factors is None and torch.equal(back.s, w.s) and torch.equal(back.z, w.z)
+
+
+def test_concat_keeps_factors_where_all_have_them():
+    a = random_factored_weight(16, 256, 32, 4, 256, seed=3)
+    b = random_factored_weight(32, 256, 32, 4, 256, seed=4)
+    both = concat([a, b])
+    assert both.factors is not None and both.factors.d.shape == (48, 1)
+    s, z = both.factors.scales()
+    assert_same_bits(s, both.s)
+    assert_same_bits(z, both.z)
+    plain = RowWeight(a.u, a.s, a.z, 4)
+    assert concat([plain, b]).factors is None
+    c = random_factored_weight(16, 256, 32, 4, 32, seed=5)  # another super-block
+    mixed = concat([a, c])
+    assert mixed.factors is None and torch.equal(mixed.s, torch.cat([a.s, c.s]))
+
+
+def test_factors_are_checked():
+    w = random_factored_weight(16, 256, 32, 4, 256)
+    f = w.factors
+    with pytest.raises(TypeError, match="float16"):
+        Factors(f.d.float(), f.dm, f.sc, f.mi, 256)
+    with pytest.raises(TypeError, match="int8"):
+        Factors(f.d, f.dm, f.sc.to(torch.uint8), f.mi, 256)
+    with pytest.raises(ValueError, match="do not fit"):
+        RowWeight(w.u, w.s, w.z, 4, Factors(f.d, f.dm, f.sc, f.mi, 128))
