@@ -142,7 +142,7 @@ def real_stages(
         mid["min_rows"] = 1
         if models["mid_layers"]:
             mid |= {"backend": "early-exit", "early_exit_layers": models["mid_layers"]}
-    if k != "1" and schedule == "pipespec" and backend == "hf":
+    if k != "1" and schedule == "pipespec":
         # the model drafter below the target shares this machine's cores: what its drafts cost
         # the target (StageSettings.drafter_cost; the draft policy weighs it)
         target = target | {"drafter_cost": models["drafter_cost"]}

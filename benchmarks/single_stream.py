@@ -9,7 +9,9 @@ length), one client, greedy, the same HumanEval prompts, in one run; plus what v
 Systems, each behind an OpenAI ``/v1/completions`` endpoint and driven by the same streaming
 client (``benchmarks.load_test.one_request``), one request at a time:
     target        our services, k=1: Qwen2.5-Coder-1.5B on the quantized runner, every core
-    pipespec-k3   our services: n-gram -> 0.5B -> 1.5B, quantized, the launcher's cores rule
+    pipespec-k3   our services: n-gram -> 0.5B -> 1.5B, quantized, the launcher's cores rule,
+                  ``drafter_cost`` 0 (one client: drafts are always worth checking; the shipped
+                  deploy/configs/qwen-k3.toml sets 0.2 for load)
     llama-ar      ``llama-server -np 1 -t 2 -tb 2`` on the 1.5B file
     llama-spec-N  ``llama-server -md <0.5B> --spec-type draft-simple --spec-draft-n-max N -t 2
                   -tb 2 -td 2 --poll 0`` (N: --spec-n; no polling: its two thread pools take
