@@ -69,10 +69,11 @@ def stage(level: int, backend: str, model: str | None, lockstep: bool = False, t
     table = {"level": level, "backend": backend, "draft_policy": "all"} | (
         LOCKSTEP if lockstep else {}
     )
+    # ``model``: a name in ``tiny`` (the fixture's models), or a path when ``tiny`` is None
     if model and backend == "quantized":
         table |= {"model": tiny[f"{model}.gguf"], "tokenizer": tiny[model]}
     elif model:
-        table["model"] = tiny[model]
+        table["model"] = tiny[model] if tiny is not None else model
     if backend == "early-exit":
         table["early_exit_layers"] = DRAFTER_LAYERS
     return table
