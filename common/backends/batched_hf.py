@@ -15,8 +15,8 @@ one set of attention ops (batched products, one product per request and kv head)
   bit-identical results only within one kernel regime of the row count M
   (``common.backends.row_invariance`` probes this machine at load when ``min_rows`` is 0, the
   default), in the weight layout that needs fewer rows (``weight_layout``: column-major
-  products have one regime from 2 rows where the usual layout needs 16 on the 12-01 bed; on the
-  12-02 bed both need 4); run one intra-op thread (``threads=1``, the default of
+  products have one regime from 2 rows where the usual layout needs 16 on one Xeon measured; on
+  an EPYC both need 4); run one intra-op thread (``threads=1``, the default of
   :class:`HFBatchedBackend`);
 * a request's attention always spans its whole reservation (``capacity`` rounded up to a block),
   masked beyond each query's position, so the reductions over keys have the same length whatever
