@@ -4,6 +4,7 @@ the gateway moves). Every request must finish with the target's greedy output.""
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
             "model": target,
             "drain_timeout_s": 0.05,
             "metrics_port": metrics_port,
+            "heartbeat_interval_s": 0.05,  # its gauges, sampled each beat, stay fresh
         },
     ]
     cfg = config(target, stages, heartbeat_timeout_s=1.0, resend_after_s=2.0)
@@ -59,43 +61,70 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
         for t in threads:
             t.start()
         time.sleep(3)
-        with open(tmp_path / "second.log", "wb") as log:
-            env = os.environ | first.spec.env | {"PIPESPEC_STAGE_METRICS_PORT": str(free_port())}
-            second = subprocess.Popen(
-                [sys.executable, "-m", "services.stage"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        old = (first.process, metrics_port, tmp_path / "logs" / "stage1.log")
+        joined: list[subprocess.Popen] = []
+        moved_at = None
         try:
-            deadline = time.monotonic() + 60
-            while len(served_by(results)) < 2 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            first_replica = results[0][1]["spec_decode_stats"]["replicas"][1]
-            while stage_gauge(metrics_port) < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)  # SIGTERM while it holds a request, so one must move
-            done_at_sigterm = len(results)
-            first.process.send_signal(signal.SIGTERM)
-            first.process.wait(timeout=30)
+            deadline = time.monotonic() + 120
+            # The gauge lags a pass behind, so a SIGTERM can still find the replica idle; then the
+            # replica that joined is the next one stopped, until one drains with requests held.
+            for attempt in range(1, 4):
+                joined.append(start_replica(first.spec.env, tmp_path / f"replica{attempt}.log"))
+                while len(served_by(results)) < attempt + 1 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                while stage_gauge(old[1]) < 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)  # SIGTERM while it holds a request, so one must move
+                done_at_sigterm = len(results)
+                old[0].send_signal(signal.SIGTERM)
+                old[0].wait(timeout=30)
+                if unfinished_at_drain(old[2]) > 0:
+                    moved_at = done_at_sigterm
+                    break
+                old = (joined[-1], joined[-1].metrics_port, tmp_path / f"replica{attempt}.log")
             time.sleep(4)
         finally:
             stop.set()
             for t in threads:
                 t.join(timeout=180)
-            second.send_signal(signal.SIGINT)
-            second.wait(timeout=30)
+            for proc in joined:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=30)
 
     assert not errors, errors[:3]
     served = served_by(results)
-    assert len(served) == 2 and first_replica in served, served
-    assert len(results) > done_at_sigterm + 3, "requests must keep completing after the SIGTERM"
+    assert len(served) == len(joined) + 1, served
+    assert moved_at is not None, "every replica stopped was idle at its SIGTERM"
+    assert len(results) > moved_at + 3, "requests must keep completing after the SIGTERM"
     assert any(r["spec_decode_stats"]["resyncs"] for _, r in results), "no request was moved"
     oracle = GreedyOracle(target)
     want = {p: oracle.text(oracle.ids(p, MAX_TOKENS)) for p in prompts}
     wrong = [p for p, r in results if r["choices"][0]["text"] != want[p]]
     assert not wrong, f"{len(wrong)} of {len(results)} differ from the target's greedy output"
-    assert first.process.returncode == 0 and second.returncode == 0
+    assert first.process.returncode == 0 and all(p.returncode == 0 for p in joined)
+
+
+def start_replica(env: dict[str, str], log_path) -> subprocess.Popen:
+    """One more target replica with the first one's settings and its own metrics port (kept as
+    ``.metrics_port`` on the process)."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.stage"],
+            env=os.environ | env | {"PIPESPEC_STAGE_METRICS_PORT": str(port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    proc.metrics_port = port
+    return proc
+
+
+def unfinished_at_drain(log_path) -> int:
+    """How many requests a stage still owned when its drain ended (from its ``stage_drained`` log)."""
+    match = re.search(r"stage_drained.*?unfinished\W+(\d+)", log_path.read_text())
+    assert match, f"no stage_drained line in {log_path}"
+    return int(match.group(1))
 
 
 def served_by(results) -> set[str]:
