@@ -91,10 +91,6 @@ class PoolUsage:
     def perc(self) -> float:
         return self.used_tokens / self.capacity_tokens if self.capacity_tokens else 0.0
 
-    @property
-    def free_tokens(self) -> int:
-        return self.capacity_tokens - self.used_tokens
-
 
 class BatchedBackend(ABC):
     """A model serving many requests per forward pass from a KV pool it owns."""

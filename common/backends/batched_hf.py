@@ -7,16 +7,16 @@ pool (``[kv_heads, pool_tokens, head_dim]`` per layer, blocks handed out by
 :class:`~common.backends.kv_pool.BlockPool`); requests with the same padded window and span share
 one set of attention ops (batched products, one product per request and kv head).
 
-**Logits independent of window and batch, by construction** (research: batching-sampling.md §3):
+**Logits independent of window and batch, by construction** (``docs/batched-runner.md``):
 
 * every matrix product gets at least ``min_rows`` and at most ``row_invariance.MAX_ROWS`` rows: the flat batch
   and the rows given to the head are padded with dummy rows (and a long prefill is split into
   slices), each request's queries in attention to ``query_rows``, because a BLAS gives a row
   bit-identical results only within one kernel regime of the row count M
   (``common.backends.row_invariance`` probes this machine at load when ``min_rows`` is 0, the
-  default), in the weight layout that needs fewer rows (``weight_layout``: column-major
-  products have one regime from 2 rows where the usual layout needs 16 on one Xeon measured; on
-  an EPYC both need 4); run one intra-op thread (``threads=1``, the default of
+  default), in the weight layout that needs fewer rows (``weight_layout``: on some CPUs
+  column-major products have one regime from 2 rows where the usual layout needs more; the
+  probe decides); run one intra-op thread (``threads=1``, the default of
   :class:`HFBatchedBackend`);
 * a request's attention always spans its whole reservation (``capacity`` rounded up to a block),
   masked beyond each query's position, so the reductions over keys have the same length whatever
@@ -35,21 +35,15 @@ RMSNorm, rotary tables, tied or untied lm_head, GQA) and loads through
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 
 import structlog
 import torch
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from common.backends.batched import (
-    BatchedBackend,
-    PoolUsage,
-    Run,
-    RunResult,
-    check_runs,
-)
-from common.backends.kv_pool import BlockPool
+from common.backends.batched import Run, RunResult
+from common.backends.pooled import PooledRunner
 from common.backends.row_invariance import (
     column_major,
     fewest_rows,
@@ -98,16 +92,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None):
     return lambda x: torch.nn.functional.linear(x, weight, bias)
 
 
-class _Slot:
-    """One open request: its pool rows (reservation order) and how many positions it holds."""
-
-    __slots__ = ("rows", "length")
-
-    def __init__(self, rows: torch.Tensor):
-        self.rows, self.length = rows, 0
-
-
-class BatchedRunner(BatchedBackend):
+class BatchedRunner(PooledRunner):
     """Batched forward passes of ``lm`` (a loaded Llama / Qwen2 causal LM) over a static KV pool.
 
     ``kv_pool_tokens``: positions the pool holds for all requests together (a stage setting);
@@ -154,13 +139,15 @@ class BatchedRunner(BatchedBackend):
         self.vocab_size = config.vocab_size
         weight = decoder.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.pool = BlockPool(kv_pool_tokens, block_size)
+        self._new_pool(kv_pool_tokens, block_size)
         shape = (len(decoder.layers), self.n_kv, self.pool.capacity_tokens, self.head_dim)
         self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        table = min(self.max_context or self.pool.capacity_tokens, self.pool.capacity_tokens)
+        self.positions = min(
+            self.max_context or self.pool.capacity_tokens, self.pool.capacity_tokens
+        )
         with torch.inference_mode():
-            positions = torch.arange(table, device=self.device)[None, :]
+            positions = torch.arange(self.positions, device=self.device)[None, :]
             cos, sin = decoder.rotary_emb(weight[:1][None], positions)
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
         if min_rows > 0:
@@ -173,7 +160,6 @@ class BatchedRunner(BatchedBackend):
         if self.weight_layout == "column":
             self._store_column_major()
         self.cost_curve = padded_curve(DEFAULT_CURVE, self.min_rows)
-        self._slots: dict[Hashable, _Slot] = {}
         self.graphs = self._build_graphs(graph_rows, capture_graphs)
 
     def _build_graphs(self, graph_rows: int, capture: bool | None) -> SegmentGraphs | None:
@@ -202,76 +188,9 @@ class BatchedRunner(BatchedBackend):
         )
         return graphs
 
-    # -- the pool ---------------------------------------------------------------------------------
-
-    def open(self, request: Hashable, capacity: int) -> None:
-        if self.max_context and capacity > self.max_context:
-            raise ValueError(
-                f"request {request!r}: capacity {capacity} exceeds the model's "
-                f"{self.max_context} positions"
-            )
-        if capacity > self.cos.shape[0]:
-            raise ValueError(
-                f"request {request!r}: capacity {capacity} exceeds the pool's "
-                f"{self.cos.shape[0]} positions"
-            )
-        self.pool.reserve(request, capacity)
-        rows = torch.tensor(self.pool.rows(request), dtype=torch.long, device=self.device)
-        self._slots[request] = _Slot(rows)
-
-    def can_open(self, capacity: int) -> bool:
-        return capacity <= self.cos.shape[0] and self.pool.can_reserve(capacity)
-
-    def length(self, request: Hashable) -> int:
-        return self._slots[request].length
-
-    def crop(self, request: Hashable, length: int) -> None:
-        slot = self._slots[request]
-        if not 0 <= length <= slot.length:
-            raise ValueError(f"crop({length}) on request {request!r} of length {slot.length}")
-        slot.length = length  # rows past it are masked out and overwritten by the next feed
-
-    def close(self, request: Hashable) -> None:
-        if self._slots.pop(request, None) is not None:
-            self.pool.release(request)
-
-    def usage(self) -> PoolUsage:
-        used, capacity = self.pool.usage()
-        held = sum(s.length for s in self._slots.values())
-        return PoolUsage(used, capacity, held_tokens=held, requests=len(self._slots))
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.k_pool.shape[0] * self.n_kv * self.head_dim * self.k_pool.element_size()
-
     # -- one pass ---------------------------------------------------------------------------------
 
-    def step(self, runs: Sequence[Run]) -> dict[Hashable, RunResult]:
-        check_runs(runs, self._slots)
-        vocab = self.lm.config.vocab_size
-        for run in runs:
-            slot = self._slots[run.request]
-            if slot.length + len(run.tokens) > len(slot.rows):
-                raise ValueError(
-                    f"request {run.request!r}: {slot.length} + {len(run.tokens)} positions exceed "
-                    f"its capacity of {len(slot.rows)}"
-                )
-            if any(not 0 <= t < vocab for t in run.tokens):
-                raise ValueError(f"request {run.request!r}: token ids must be in [0, {vocab})")
-        empty = {
-            r.request: RunResult(
-                [], [], torch.zeros((0, vocab), dtype=self.dtype, device=self.device)
-            )
-            for r in runs
-            if not r.tokens
-        }
-        runs = [run for run in runs if run.tokens]
-        if not runs:
-            return empty
-        with torch.inference_mode():
-            return self._step(runs) | empty
-
-    def _step(self, runs: list[Run]) -> dict[Hashable, RunResult]:
+    def _pass(self, runs: list[Run]) -> dict[Hashable, RunResult]:
         dev = self.device
         starts = [self._slots[r.request].length for r in runs]
         ids = torch.tensor([t for r in runs for t in r.tokens], dtype=torch.long, device=dev)

@@ -29,15 +29,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 
 import structlog
 import torch
 
 from common import kernels
-from common.backends.batched import BatchedBackend, PoolUsage, Run, RunResult, check_runs
+from common.backends.batched import Run, RunResult
 from common.backends.gguf_model import GGUFTensors, ModelShape
-from common.backends.kv_pool import BlockPool
+from common.backends.pooled import PooledRunner
 from common.kernels.packing import concat
 
 log = structlog.get_logger()
@@ -143,16 +143,7 @@ class _Layer:
         self.down = _Projection([tensors.weight(p + "ffn_down.weight")], [None])
 
 
-class _Slot:
-    """One open request: its pool rows (reservation order) and how many positions it holds."""
-
-    __slots__ = ("rows", "length")
-
-    def __init__(self, rows: torch.Tensor):
-        self.rows, self.length = rows, 0
-
-
-class QuantizedRunner(BatchedBackend):
+class QuantizedRunner(PooledRunner):
     """Batched passes of a GGUF model (``path``) over a static KV pool; see the module docstring.
     ``threads``: torch's intra-op threads for the process (None: leave torch's default, every
     core); any count gives the same logits."""
@@ -201,13 +192,13 @@ class QuantizedRunner(BatchedBackend):
 
     def _new_pool(self, kv_pool_tokens: int, block_size: int) -> None:
         shape = self.shape
-        self.pool = BlockPool(kv_pool_tokens, block_size)
-        positions = min(shape.context or self.pool.capacity_tokens, self.pool.capacity_tokens)
-        self.cos, self.sin = rope_tables(shape, positions)
-        pool_shape = (shape.layers, self.pool.capacity_tokens, shape.kv_heads, shape.head_dim)
+        super()._new_pool(kv_pool_tokens, block_size)
+        capacity = self.pool.capacity_tokens
+        self.positions = min(shape.context or capacity, capacity)
+        self.cos, self.sin = rope_tables(shape, self.positions)
+        pool_shape = (shape.layers, capacity, shape.kv_heads, shape.head_dim)
         self.k_pool = torch.zeros(pool_shape)
         self.v_pool = torch.zeros(pool_shape)
-        self._slots: dict[Hashable, _Slot] = {}
 
     def with_new_pool(self) -> QuantizedRunner:
         """A runner sharing these weights, with an empty KV pool of the same size."""
@@ -215,65 +206,9 @@ class QuantizedRunner(BatchedBackend):
         other._new_pool(self.pool.capacity_tokens, self.pool.block_size)
         return other
 
-    def open(self, request: Hashable, capacity: int) -> None:
-        if self.max_context and capacity > self.max_context:
-            raise ValueError(
-                f"request {request!r}: capacity {capacity} exceeds the model's "
-                f"{self.max_context} positions"
-            )
-        if capacity > self.cos.shape[0]:
-            raise ValueError(
-                f"request {request!r}: capacity {capacity} exceeds the pool's "
-                f"{self.cos.shape[0]} positions"
-            )
-        self.pool.reserve(request, capacity)
-        self._slots[request] = _Slot(torch.tensor(self.pool.rows(request), dtype=torch.long))
-
-    def can_open(self, capacity: int) -> bool:
-        return capacity <= self.cos.shape[0] and self.pool.can_reserve(capacity)
-
-    def length(self, request: Hashable) -> int:
-        return self._slots[request].length
-
-    def crop(self, request: Hashable, length: int) -> None:
-        slot = self._slots[request]
-        if not 0 <= length <= slot.length:
-            raise ValueError(f"crop({length}) on request {request!r} of length {slot.length}")
-        slot.length = length  # positions past it are never read, and overwritten by the next feed
-
-    def close(self, request: Hashable) -> None:
-        if self._slots.pop(request, None) is not None:
-            self.pool.release(request)
-
-    def usage(self) -> PoolUsage:
-        used, capacity = self.pool.usage()
-        held = sum(s.length for s in self._slots.values())
-        return PoolUsage(used, capacity, held_tokens=held, requests=len(self._slots))
-
     # -- one pass ---------------------------------------------------------------------------------
 
-    def step(self, runs: Sequence[Run]) -> dict[Hashable, RunResult]:
-        check_runs(runs, self._slots)
-        vocab = self.vocab_size
-        for run in runs:
-            slot = self._slots[run.request]
-            if slot.length + len(run.tokens) > len(slot.rows):
-                raise ValueError(
-                    f"request {run.request!r}: {slot.length} + {len(run.tokens)} positions exceed "
-                    f"its capacity of {len(slot.rows)}"
-                )
-            if any(not 0 <= t < vocab for t in run.tokens):
-                raise ValueError(f"request {run.request!r}: token ids must be in [0, {vocab})")
-        empty = {
-            r.request: RunResult([], [], torch.zeros((0, vocab))) for r in runs if not r.tokens
-        }
-        runs = [run for run in runs if run.tokens]
-        if not runs:
-            return empty
-        with torch.inference_mode():
-            return self._step(runs) | empty
-
-    def _step(self, runs: list[Run]) -> dict[Hashable, RunResult]:
+    def _pass(self, runs: list[Run]) -> dict[Hashable, RunResult]:
         shape = self.shape
         slots = [self._slots[r.request] for r in runs]
         starts = [s.length for s in slots]
