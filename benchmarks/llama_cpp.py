@@ -36,7 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,8 @@ BIN_ENV = "PIPESPEC_LLAMA_CPP_BIN"
 THREADS = 2
 SERVER_SLOT_CTX = 1024  # context per llama-server slot (prompt + completion)
 # GGML_NATIVE turns on AMX where the CPU advertises it, but a VM may advertise AMX and still trap
-# on its tile instructions (this test bed: SIGILL in tinygemm_kernel_amx on any batched pass), so
-# the build leaves AMX out; AVX-512 (and VNNI, BF16) stay on.
+# on its tile instructions (seen on a Sapphire Rapids VM: SIGILL in tinygemm_kernel_amx on any
+# batched pass), so the build leaves AMX out; AVX-512 (and VNNI, BF16) stay on.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 STAMP = "pipespec-configure.txt"  # in the build dir: the configure command of the finished build
 
@@ -247,12 +247,24 @@ def server(
     startup_timeout_s: float = 300.0,
 ) -> Iterator[Server]:
     """A running ``llama-server`` (healthy), stopped on exit; its output in ``log_dir``."""
+    with running(
+        lambda port: server_command(bin_dir, model, n_parallel, port, ctx, threads),
+        log_dir,
+        startup_timeout_s,
+    ) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def running(
+    command: Callable[[int], list[str]], log_dir: Path, startup_timeout_s: float = 300.0
+) -> Iterator[Server]:
+    """``command(port)`` started on a free port, waited for until healthy, stopped on exit."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "llama-server.log"
-    command = server_command(bin_dir, model, n_parallel, port, ctx, threads)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, process, startup_timeout_s, log_path)

@@ -36,7 +36,6 @@ import contextlib
 import datetime as dt
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -74,22 +73,14 @@ def spec_server_command(bin_dir: Path, target: Path, draft: Path, n_max: int, po
     ]
 
 
-@contextlib.contextmanager
 def spec_server(bin_dir: Path, n_max: int, log_dir: Path):
+    """llama-server with its own speculative decoding, running until the context exits."""
     from common.model_catalog import gguf_path
 
-    port = llama_cpp.free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "llama-server.log"
-    command = spec_server_command(bin_dir, gguf_path(TARGET), gguf_path(DRAFT), n_max, port)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        llama_cpp.wait_healthy(url, process, 300.0, log_path)
-        yield llama_cpp.Server(url, process, log_path)
-    finally:
-        llama_cpp.stop(process)
+    target, draft = gguf_path(TARGET), gguf_path(DRAFT)
+    return llama_cpp.running(
+        lambda port: spec_server_command(bin_dir, target, draft, n_max, port), log_dir
+    )
 
 
 def one(url: str, prompt: str, max_tokens: int, extra: dict) -> dict[str, Any]:
