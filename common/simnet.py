@@ -20,9 +20,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from common.backends.base import Backend
 from common.backends.batched import BatchedBackend, Run
-from common.backends.batched_loop import LoopedBatched
 from common.codec import decode, encode
 from common.decoding import apply_stop
 from common.engine_config import EngineConfig
@@ -245,7 +243,7 @@ class Hierarchy:
 
 
 def reference_decode(
-    backend: Backend | BatchedBackend,
+    backend: BatchedBackend,
     prompt: list[int],
     max_tokens: int,
     eos: Sequence[int],
@@ -255,7 +253,7 @@ def reference_decode(
     noise as every level (``common.sampling``). What every run must reproduce exactly. A batched
     backend decodes the request alone in its own pool (padded as in every pass): the oracle of
     batched serving."""
-    b = backend if isinstance(backend, BatchedBackend) else LoopedBatched(backend)
+    b = backend
     rid = ("reference", id(prompt))
     b.open(rid, len(prompt) + max_tokens)
     try:
@@ -278,7 +276,7 @@ def reference_decode(
 
 
 def greedy_reference(
-    backend: Backend | BatchedBackend, prompt: list[int], max_tokens: int, eos: Sequence[int]
+    backend: BatchedBackend, prompt: list[int], max_tokens: int, eos: Sequence[int]
 ) -> list[int]:
     """The target's greedy output, one token per step."""
     return reference_decode(backend, prompt, max_tokens, eos)
@@ -297,7 +295,7 @@ def default_engine(resend_after: float = 40.0) -> EngineConfig:
 
 
 def build(
-    backends: Sequence[Backend | BatchedBackend | Callable[[Sleep], Backend | BatchedBackend]],
+    backends: Sequence[BatchedBackend | Callable[[Sleep], BatchedBackend]],
     costs: Sequence[float] | None = None,
     seed: int = 0,
     faults: Faults = Faults(),
@@ -308,8 +306,7 @@ def build(
 ) -> Hierarchy:
     """One engine per backend (level = index) on one network.
 
-    ``backends``: a backend (batched, or per-request: then served one request after another),
-    or a function that makes one given the network's virtual ``sleep`` (a simulated backend made
+    ``backends``: a backend, or a function that makes one given the network's virtual ``sleep`` (a simulated backend made
     so spends virtual time, and its passes last that long).
     ``costs``: virtual seconds per pass for each level, varied by +-``jitter`` at random, on top
     of what the backend sleeps; each engine's republish interval is then its level's pass.
@@ -332,7 +329,7 @@ def build(
         raise ValueError(f"{len(configs)} engine configs for {len(backends)} levels")
     tick = resend_after if tick_every is None else tick_every
     for level, (made, level_config) in enumerate(zip(backends, configs)):
-        backend = made if isinstance(made, (Backend, BatchedBackend)) else made(net.spend)
+        backend = made if isinstance(made, BatchedBackend) else made(net.spend)
         level_config = replace(level_config, level=level)
         if costs is None:
             cost: Callable[[], float] = lambda: 0.0  # noqa: E731

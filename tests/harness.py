@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 from transformers import AutoTokenizer
 
+from common.backends import load_backend
 from common.backends.batched import greedy_decode
-from common.backends.batched_factory import load_batched_backend
 from common.settings import StageSettings
 from common.simnet import reference_decode
 from deploy import harness
@@ -84,7 +84,7 @@ class GreedyOracle:
             tokenizer=str(tokenizer) if tokenizer else None,
             threads=threads or 1,
         )
-        self.backend = load_batched_backend(settings)
+        self.backend = load_backend(settings)
         self._done: dict[tuple, list[int]] = {}
 
     def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:

@@ -108,7 +108,7 @@ class BatchedRunner(PooledRunner):
     CUDA device) captures each bucket's segments as CUDA graphs at load and replays them.
     """
 
-    kind = "hf-batched"
+    kind = "hf"
 
     def __init__(
         self,
@@ -432,6 +432,7 @@ class HFBatchedBackend(BatchedRunner):
             weight_layout=weight_layout,
             graph_rows=cuda_graph_max_tokens if torch.device(device).type == "cuda" else 0,
         )
+        self.kind = "hf" if early_exit_layers is None else "early-exit"
         self.name = (
             model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"
         )

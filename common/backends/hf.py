@@ -1,4 +1,7 @@
-"""Transformers causal LMs as backends: full models ("hf") and early-exit views ("early-exit").
+"""Transformers causal LMs run by transformers itself, one request at a time: the reference the
+batched runners are tested against (``HFBackend``: each request's own ``DynamicCache``, fed in
+turn by each pass, :mod:`common.backends.history`), and the loader every transformers runner uses.
+Stages serve "hf" and "early-exit" models with :class:`common.backends.batched_hf.HFBatchedBackend`.
 
 ``model`` may be a prepared model name (see :mod:`common.model_catalog`), a local directory saved with
 ``save_pretrained``, a ``.gguf`` file, or a hub id already in the local HF cache: nothing is ever
@@ -20,7 +23,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel  # noqa: E402
 
 from common import model_catalog  # noqa: E402
-from common.backends.base import Backend, Session  # noqa: E402
+from common.backends.history import HistoryBackend  # noqa: E402
 from common.sampling import Chooser  # noqa: E402
 from common.tokenization import fingerprint, load_tokenizer  # noqa: E402
 
@@ -76,7 +79,9 @@ def _ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-class HFSession(Session):
+class HFSession:
+    """One request's KV cache in transformers' own model."""
+
     def __init__(self, model: PreTrainedModel, device: torch.device, context: list[int]):
         self._model = model
         self._device = device
@@ -116,7 +121,7 @@ class HFSession(Session):
         self._cache.reset()
 
 
-class HFBackend(Backend):
+class HFBackend(HistoryBackend):
     """A transformers causal LM; with ``early_exit_layers`` only its first N layers (kind "early-exit").
 
     ``threads`` sets torch's intra-op threads for the whole process (one stage per process).
@@ -134,7 +139,9 @@ class HFBackend(Backend):
         device: str = "cpu",
         threads: int | None = None,
         early_exit_layers: int | None = None,
+        kv_pool_tokens: int | None = None,
     ):
+        super().__init__(kv_pool_tokens)
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -161,4 +168,8 @@ class HFBackend(Backend):
         return self._fingerprint
 
     def new_session(self, context: list[int]) -> HFSession:
+        """A request's cache with ``context`` prefilled, outside any pass (what tests compare)."""
         return HFSession(self.model, self.device, context)
+
+    def new_state(self) -> HFSession:
+        return self.new_session([])

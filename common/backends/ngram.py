@@ -1,23 +1,26 @@
 """Prompt-lookup drafting: predict what followed the latest earlier occurrence of the current suffix.
 
-No weights and no tokenizer: it works on raw ids, so it can only draft (level 0).
+No weights and no tokenizer: it works on raw ids, so it can only draft (level 0). Each request's
+history is an :class:`NgramIndex`, fed in turn by each pass (:mod:`common.backends.history`).
 
 Worked example (ngram_max=2, ngram_min=1), history ``5 6 7 5 6``:
     the suffix ``5 6`` occurred at positions 0-1, followed by 7   -> predict 7
     feed 9: history ``5 6 7 5 6 9``; no earlier ``6 9`` nor ``9``  -> None
     feed 5: suffix ``9 5`` is new, but ``5`` was last followed by 6 (positions 3-4) -> predict 6
 
-Each session keeps, for every n-gram seen with a token after it, the stack of positions of those
+Each index keeps, for every n-gram seen with a token after it, the stack of positions of those
 following tokens; appending and cropping update it in O(ngram_max) per token, so a prediction is a
 few dict lookups whatever the history length.
 """
 
 from __future__ import annotations
 
-from common.backends.base import Backend, Session
+from common.backends.history import HistoryBackend
 
 
-class NgramSession(Session):
+class NgramIndex:
+    """One request's history and the positions that followed each of its n-grams."""
+
     def __init__(self, ngram_max: int, ngram_min: int, context: list[int]):
         self._sizes = range(ngram_max, ngram_min - 1, -1)  # longest suffix first
         self._history: list[int] = []
@@ -58,7 +61,7 @@ class NgramSession(Session):
 
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.length:
-            raise ValueError(f"crop({length}) on a session of length {self.length}")
+            raise ValueError(f"crop({length}) on a history of length {self.length}")
         for position in range(self.length - 1, length - 1, -1):  # undo appends, latest first
             for gram in self._grams_before(position):
                 positions = self._followers[gram]
@@ -72,16 +75,21 @@ class NgramSession(Session):
         self._followers.clear()
 
 
-class NgramBackend(Backend):
+class NgramBackend(HistoryBackend):
     kind = "ngram"
     can_verify = False
     has_logits = False
 
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1, kv_pool_tokens: int | None = None):
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {ngram_min} and {ngram_max}")
+        super().__init__(kv_pool_tokens)
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
         self.name = f"ngram({ngram_min}..{ngram_max})"
 
-    def new_session(self, context: list[int]) -> NgramSession:
-        return NgramSession(self.ngram_max, self.ngram_min, context)
+    def index(self, context: list[int]) -> NgramIndex:
+        """An index of ``context`` (what each request's state is)."""
+        return NgramIndex(self.ngram_max, self.ngram_min, context)
+
+    def new_state(self) -> NgramIndex:
+        return self.index([])

@@ -6,17 +6,26 @@ context is a hash of (seed, position, last 4 tokens). A level with agreement ``a
 target's token where a second hash of the context, salted with its agreement, falls below ``a``,
 and a different token elsewhere. So every level is deterministic for a seed (rollbacks and
 re-computation give the same answers), and level i agrees with the target on a fraction ``a_i``
-of contexts. A forward pass over ``n`` tokens takes ``cost_ms + (n - 1) * cost_per_token_ms``,
-spent in ``sleep`` (or reported to a virtual clock by the tests).
+of contexts.
+
+A pass costs ``cost_ms`` times ``relative_cost(tokens in the whole batch)`` (``common.draft_policy``:
+a measured curve of pass cost against batch tokens, relative to a one-token pass; by default the
+batched runner's, which the draft-length policy weighs drafts with too), spent once per pass in
+``sleep`` (or reported to a virtual clock by the tests). With ``cost_per_token_ms`` the cost is
+a line instead: ``cost_ms + (n - 1) * cost_per_token_ms`` for ``n`` tokens. The draft policy
+weighs passes with ``curve`` either way (``common.backends.load_backend`` hands it the line).
 
 Its ids mean nothing, so it reports the fingerprint ``simulated-<vocab>``; given a ``tokenizer``
 (``vocab`` at most that tokenizer's size) it reports that tokenizer's fingerprint instead, so a
 gateway serving text with that tokenizer accepts it (load tests through the HTTP API).
 
->>> b = SimulatedBackend(agreement=1.0, seed=7, vocab=50)
->>> s = b.new_session([1, 2, 3]); t = s.forward([4])[0]
->>> SimulatedBackend(agreement=1.0, seed=7, vocab=50).new_session([1, 2, 3]).forward([4])[0] == t
-True
+>>> from common.backends.batched import Run
+>>> slept = []
+>>> b = SimulatedBackend(agreement=1.0, seed=7, vocab=50, cost_ms=10.0, sleep=slept.append)
+>>> b.open("a", 8); b.open("b", 8)
+>>> out = b.step([Run("a", [1, 2, 3]), Run("b", [4])])    # 4 tokens in the batch, one sleep
+>>> [round(s, 4) for s in slept], out["a"].greedy[2] == b.predict([1, 2, 3])
+([0.01], True)
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 
-from common.backends.base import Backend, Session
+from common.backends.batched import Run, RunResult
+from common.backends.history import HistoryBackend
+from common.draft_policy import DEFAULT_CURVE, relative_cost
 
 WINDOW = 4  # context tokens the simulated target looks at
 
@@ -36,7 +47,7 @@ def _hash(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-class SimulatedBackend(Backend):
+class SimulatedBackend(HistoryBackend):
     kind = "simulated"
     has_logits = False  # deterministic predictions: sampling fields do not change them
 
@@ -47,11 +58,15 @@ class SimulatedBackend(Backend):
         vocab: int = 32_000,
         cost_ms: float = 0.0,
         cost_per_token_ms: float = 0.0,
+        curve: Sequence[tuple[int, float]] = DEFAULT_CURVE,
         sleep: Callable[[float], None] = time.sleep,
         tokenizer: str | None = None,
+        kv_pool_tokens: int | None = None,
     ):
+        super().__init__(kv_pool_tokens)
         self.agreement, self.seed, self.vocab = agreement, seed, vocab
         self.cost_ms, self.cost_per_token_ms, self.sleep = cost_ms, cost_per_token_ms, sleep
+        self.cost_curve = tuple(curve)  # what the draft policy weighs passes with
         self.name = (
             f"simulated(agreement={agreement}, seed={seed}, {cost_ms}+{cost_per_token_ms}ms/tok)"
         )
@@ -64,8 +79,11 @@ class SimulatedBackend(Backend):
     def tokenizer_fingerprint(self) -> str | None:
         return self._fingerprint
 
-    def pass_seconds(self, n_tokens: int) -> float:
-        return (self.cost_ms + max(0, n_tokens - 1) * self.cost_per_token_ms) / 1000.0
+    def pass_seconds(self, batch_tokens: int) -> float:
+        """What a pass over ``batch_tokens`` tokens (all requests together) costs."""
+        if self.cost_per_token_ms:
+            return (self.cost_ms + max(0, batch_tokens - 1) * self.cost_per_token_ms) / 1000.0
+        return self.cost_ms * relative_cost(batch_tokens, self.cost_curve) / 1000.0
 
     def predict(self, history: list[int]) -> int:
         tail = history[-WINDOW:]
@@ -77,8 +95,15 @@ class SimulatedBackend(Backend):
             return target
         return (target + 1 + _hash(self._salt, *tail) % (self.vocab - 1)) % self.vocab
 
-    def new_session(self, context: list[int]) -> Session:
-        return SimulatedSession(self, context)
+    def new_state(self) -> SimulatedHistory:
+        return SimulatedHistory(self.predict)
+
+    def step(self, runs: Sequence[Run]) -> dict[Hashable, RunResult]:
+        results = super().step(runs)
+        cost = self.pass_seconds(sum(len(r.tokens) for r in runs))
+        if cost:
+            self.sleep(cost)
+        return results
 
 
 def _fingerprint_of(tokenizer: str, vocab: int) -> str:
@@ -95,12 +120,12 @@ def _fingerprint_of(tokenizer: str, vocab: int) -> str:
     return fingerprint(loaded)
 
 
-class SimulatedSession(Session):
-    def __init__(self, backend: SimulatedBackend, context: list[int]):
-        self.backend = backend
-        self.history = list(context)
-        if context:
-            backend.sleep(backend.pass_seconds(len(context)) if backend.cost_ms else 0.0)
+class SimulatedHistory:
+    """One request's tokens; the prediction after each token fed is ``predict(history)``."""
+
+    def __init__(self, predict: Callable[[list[int]], int]):
+        self.predict = predict
+        self.history: list[int] = []
 
     @property
     def length(self) -> int:
@@ -108,14 +133,14 @@ class SimulatedSession(Session):
 
     def forward(self, tokens: list[int], chooser=None) -> list[int | None]:
         """``chooser`` is ignored: these predictions are deterministic drafts."""
-        preds = []
+        preds: list[int | None] = []
         for t in tokens:
             self.history.append(t)
-            preds.append(self.backend.predict(self.history))
-        cost = self.backend.pass_seconds(len(tokens))
-        if cost:
-            self.backend.sleep(cost)
+            preds.append(self.predict(self.history))
         return preds
 
     def crop(self, length: int) -> None:
         del self.history[length:]
+
+    def close(self) -> None:
+        self.history.clear()

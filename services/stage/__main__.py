@@ -17,11 +17,11 @@ def main() -> int:
     settings = StageSettings(_cli_parse_args=True)
     configure(settings.log_level, service="stage", stage_level=settings.level)
     # after logging: loading is slow and may fail
-    from common.backends.batched_factory import load_batched_backend
+    from common.backends import load_backend
     from services.stage.service import StageService
 
     try:
-        backend = load_batched_backend(settings)
+        backend = load_backend(settings)
     except Exception as exc:
         print(f"stage level {settings.level}: cannot load backend: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.coupling import Agreement, agreement
-from common.backends.batched_factory import load_batched_backend
+from common.backends import load_backend
 from common.sampling import SamplingParams
 from common.settings import StageSettings
 from common.simnet import reference_decode
@@ -74,7 +74,7 @@ def references(tiny, todo, max_tokens: int, backend: str = "hf") -> list[list[in
     """The target alone on the runner the stages serve with, one token per pass."""
     model = tiny["target.gguf"] if backend == "quantized" else tiny["target"]
     settings = StageSettings(level=0, backend=backend, model=model, tokenizer=tiny["target"])
-    runner = load_batched_backend(settings)
+    runner = load_backend(settings)
     tokenizer = _tokenizer(tiny["target"])
     return [
         reference_decode(runner, tokenizer.encode(prompt), max_tokens, [EOS], p)

@@ -32,7 +32,7 @@ def test_runs_only_the_first_layers(target_dir):
     backend = load_backend(settings)
     assert (backend.kind, backend.can_verify) == ("early-exit", True)
     assert backend.name == f"{target_dir} (first 2 layers)"
-    assert len(backend.model.model.layers) == backend.model.config.num_hidden_layers == 2
+    assert len(backend.lm.model.layers) == backend.lm.config.num_hidden_layers == 2
 
 
 def test_predictions_equal_the_full_models_hidden_state_reference(target_dir):

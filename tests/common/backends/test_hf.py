@@ -3,7 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import model_catalog
-from common.backends import CONSTRUCTORS, load_backend
+from common.backends import load_backend
+from common.backends.batched_hf import HFBatchedBackend
 from common.backends.hf import HFBackend
 from common.settings import StageSettings
 from common.tokenization import fingerprint, load_tokenizer
@@ -166,7 +167,7 @@ def test_threads_setting(target_dir):
 
 def test_load_backend(target_dir):
     backend = load_backend(StageSettings(level=1, model=str(target_dir)))
-    assert isinstance(backend, HFBackend) and backend.kind == "hf"
+    assert isinstance(backend, HFBatchedBackend) and backend.kind == "hf"
 
 
 def test_missing_path():
@@ -185,10 +186,10 @@ def test_unprepared_model_name(monkeypatch, tmp_path):
         load_backend(StageSettings(level=1, model="qwen2.5-coder-0.5b"))
 
 
-def test_unavailable_backend_kind(monkeypatch):
-    monkeypatch.delitem(CONSTRUCTORS, "simulated", raising=False)  # stays valid once it is added
-    with pytest.raises(ValueError, match="'simulated' is not available"):
-        load_backend(StageSettings(level=0, backend="simulated"))
+def test_unavailable_backend_kind():
+    settings = StageSettings(level=0, backend="ngram").model_copy(update={"backend": "tpu"})
+    with pytest.raises(ValueError, match="'tpu' is not available"):
+        load_backend(settings)
 
 
 # --- real models (prepared with `python -m common.model_store prepare ...`) ---

@@ -23,7 +23,7 @@ def scan_predict(history: list[int], ngram_max: int, ngram_min: int):
 
 
 def test_docstring_example():
-    session = NgramBackend(ngram_max=2, ngram_min=1).new_session([5, 6, 7, 5])
+    session = NgramBackend(ngram_max=2, ngram_min=1).index([5, 6, 7, 5])
     assert session.forward([6, 9, 5]) == [7, None, 6]
     assert session.length == 7
 
@@ -39,23 +39,21 @@ def test_backend_attributes():
 
 
 def test_empty_session_has_no_prediction():
-    session = NgramBackend().new_session([])
+    session = NgramBackend().index([])
     assert session.length == 0 and session.forward([]) == []
     assert session.forward([4]) == [None]
 
 
 def test_longest_suffix_wins_over_a_later_shorter_match():
     # "1 2" was followed by 3; "2" alone was last followed by 8
-    session = NgramBackend(ngram_max=2, ngram_min=1).new_session([1, 2, 3, 2, 8, 1])
+    session = NgramBackend(ngram_max=2, ngram_min=1).index([1, 2, 3, 2, 8, 1])
     assert session.forward([2]) == [3]
     # with only unigrams, the latest "2" wins
-    assert NgramBackend(ngram_max=1, ngram_min=1).new_session([1, 2, 3, 2, 8, 1]).forward([2]) == [
-        8
-    ]
+    assert NgramBackend(ngram_max=1, ngram_min=1).index([1, 2, 3, 2, 8, 1]).forward([2]) == [8]
 
 
 def test_ngram_min_excludes_short_matches():
-    session = NgramBackend(ngram_max=3, ngram_min=2).new_session([4, 5, 6, 9])
+    session = NgramBackend(ngram_max=3, ngram_min=2).index([4, 5, 6, 9])
     assert session.forward([5]) == [None]  # "9 5" unseen; "5" alone is too short
 
 
@@ -63,7 +61,7 @@ def test_random_forwards_and_crops_match_a_full_scan():
     rng = random.Random(0)
     for ngram_max, ngram_min in [(3, 1), (4, 2), (1, 1)]:
         history = [rng.randrange(6) for _ in range(20)]
-        session = NgramBackend(ngram_max, ngram_min).new_session(list(history))
+        session = NgramBackend(ngram_max, ngram_min).index(list(history))
         for _ in range(300):
             if rng.random() < 0.3:
                 keep = rng.randint(0, session.length)
@@ -79,7 +77,7 @@ def test_random_forwards_and_crops_match_a_full_scan():
 
 
 def test_crop_bounds():
-    session = NgramBackend().new_session([1, 2, 3])
+    session = NgramBackend().index([1, 2, 3])
     session.crop(3)
     with pytest.raises(ValueError):
         session.crop(4)
@@ -90,14 +88,14 @@ def test_crop_bounds():
 
 
 def test_close_empties_the_session():
-    session = NgramBackend().new_session([1, 2, 1])
+    session = NgramBackend().index([1, 2, 1])
     session.close()
     assert session.length == 0
 
 
 def test_long_history_is_fast():
     rng = random.Random(1)
-    session = NgramBackend(ngram_max=3).new_session([rng.randrange(500) for _ in range(4000)])
+    session = NgramBackend(ngram_max=3).index([rng.randrange(500) for _ in range(4000)])
     start = time.perf_counter()
     for _ in range(200):  # draft 8, reject 4, as a drafter does
         session.forward([rng.randrange(500) for _ in range(8)])

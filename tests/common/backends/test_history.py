@@ -1,30 +1,20 @@
-"""n-gram and simulated backends behind the batched interface: same predictions as their sessions,
-one cost per pass for the simulator, bounded reservations."""
+"""Backends that feed each request's history in turn (n-gram, simulator): the same predictions
+as one history fed alone, one cost per pass for the simulator, bounded reservations."""
 
-import doctest
 import random
 
 import pytest
 import torch
 
-from common.backends import batched_loop, batched_sim
 from common.backends.batched import PoolExhausted, Run
-from common.backends.batched_loop import LoopedBatched
-from common.backends.batched_sim import SimulatedBatched
 from common.backends.ngram import NgramBackend
 from common.backends.simulated import SimulatedBackend
 from common.draft_policy import relative_cost
 
 
-@pytest.mark.parametrize("module", [batched_loop, batched_sim])
-def test_worked_examples(module):
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
-
-
-def interleaved(batched, sessions_of, seqs, seed=0):
+def interleaved(batched, alone, seqs, seed=0):
     """Feed ``seqs`` in random ragged chunks, with wrong tails cropped off; compare every row with
-    a plain session fed the same tokens."""
+    ``alone(history, tokens)``: the predictions of one fresh history fed ``tokens`` by itself."""
     rng = random.Random(seed)
     for name, seq in seqs.items():
         batched.open(name, len(seq) + 4)
@@ -38,22 +28,27 @@ def interleaved(batched, sessions_of, seqs, seed=0):
                 fed[name] = (done, len(good))
         out = batched.step(runs)
         for name, (done, n) in fed.items():
-            session = sessions_of.new_session(seqs[name][:done])
-            assert out[name].greedy[:n] == session.forward(seqs[name][done : done + n])
+            assert out[name].greedy[:n] == alone(seqs[name][:done], seqs[name][done : done + n])
             batched.crop(name, done + n)
 
 
-def test_ngram_batched_predicts_like_its_sessions():
+def test_ngram_batched_predicts_like_one_index_alone():
     rng = random.Random(1)
     seqs = {f"r{i}": [rng.randrange(6) for _ in range(30)] for i in range(3)}
-    interleaved(LoopedBatched(NgramBackend(3, 1)), NgramBackend(3, 1), seqs)
+    ngram = NgramBackend(3, 1)
+    interleaved(NgramBackend(3, 1), lambda done, fed: ngram.index(done).forward(fed), seqs)
 
 
-def test_simulated_batched_predicts_like_its_sessions_and_pays_once_per_pass():
+def test_simulated_predicts_from_the_history_and_pays_once_per_pass():
     slept = []
-    batched = SimulatedBatched(agreement=0.6, seed=3, vocab=50, cost_ms=20.0, sleep=slept.append)
+    batched = SimulatedBackend(agreement=0.6, seed=3, vocab=50, cost_ms=20.0, sleep=slept.append)
     seqs = {f"r{i}": list(range(i, i + 25)) for i in range(4)}
-    interleaved(batched, SimulatedBackend(agreement=0.6, seed=3, vocab=50), seqs)
+    sim = SimulatedBackend(agreement=0.6, seed=3, vocab=50)
+
+    def alone(done, fed):
+        return [sim.predict(done + fed[: i + 1]) for i in range(len(fed))]
+
+    interleaved(batched, alone, seqs)
     assert slept and all(s >= 0.02 for s in slept)
     slept.clear()
     batched.open("x", 40)
@@ -68,7 +63,7 @@ def test_the_cost_curve_grows_with_batch_tokens():
 
 
 def test_reservations_are_bounded():
-    batched = LoopedBatched(NgramBackend(2, 1), kv_pool_tokens=20)
+    batched = NgramBackend(2, 1, kv_pool_tokens=20)
     batched.open("a", 15)
     assert not batched.can_open(6)
     with pytest.raises(PoolExhausted, match="5 of 20 free"):
@@ -83,18 +78,18 @@ def test_reservations_are_bounded():
 
 
 def test_stage_settings_pick_the_batched_backend(tmp_path):
-    from common.backends.batched_factory import load_batched_backend
+    from common.backends import load_backend
     from common.backends.batched_hf import HFBatchedBackend
     from common.settings import StageSettings
     from tests.tiny_models import tiny_llama
 
-    ngram = load_batched_backend(StageSettings(level=0, backend="ngram"))
-    assert isinstance(ngram, LoopedBatched) and ngram.usage().capacity_tokens == 0  # unbounded
-    sim = load_batched_backend(StageSettings(level=1, backend="simulated", sim_cost_ms=5.0))
-    assert isinstance(sim, SimulatedBatched) and sim.pass_seconds(1) == 0.005
+    ngram = load_backend(StageSettings(level=0, backend="ngram"))
+    assert isinstance(ngram, NgramBackend) and ngram.usage().capacity_tokens == 0  # unbounded
+    sim = load_backend(StageSettings(level=1, backend="simulated", sim_cost_ms=5.0))
+    assert isinstance(sim, SimulatedBackend) and sim.pass_seconds(1) == 0.005
     before = torch.get_num_threads()
     try:
-        hf = load_batched_backend(
+        hf = load_backend(
             StageSettings(
                 level=2, backend="early-exit", model=str(tiny_llama(tmp_path)), early_exit_layers=2
             )
