@@ -38,7 +38,7 @@ A cost curve that is flat (a GPU pass far from compute-bound) keeps every draft:
 [4, 4]
 
 Drafts are free to check on that curve, but not always free to make. Where the drafter shares
-this level's compute (every level on one CPU, as on the test bed), each draft token it makes slows
+this level's compute (every level on one CPU, as in a one-machine launch), each draft token it makes slows
 this level by ``draft_cost`` (relative to a one-token pass; 0, the default, for a drafter on its
 own device). A drafter costing 0.45 pays at acceptance 0.8 (2 drafts: 2.44 / (1 + 2 x 0.45) =
 1.28 tokens per unit, against 1.0 without; a third lowers it to 1.26), but not at 0.3 (1.3 / 1.45

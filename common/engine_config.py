@@ -29,7 +29,6 @@ class EngineConfig:
     lookahead: int = 8  # sync: drafts per verification (tokens); a drafter's lead (tokens)
     sync_wait_s: float = 2.0  # sync: seconds a verifier waits for a full window, then verifies
     max_verify_tokens: int = 32  # async: draft tokens one pass checks, at most
-    min_drafts: int = 0  # a verifier ignores fewer drafts than this (tokens); what-if runs only
     request_ttl_s: float = 60.0  # seconds a drafter keeps a request it hears nothing about
     done_retention_s: float = 60.0  # seconds the target keeps a finished output for re-sends
     republish_interval_s: float = 0.05  # seconds between repeats of state to a stale drafter

@@ -268,23 +268,20 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> lis
 @dataclass
 class Chooser:
     """What a session's forward pass does with its logits ``[n, V]`` (one row per fed token):
-    rows before ``skip`` are not needed (None); row ``skip + j`` is at generated position
-    ``first_position + j``. With ``top_logprobs`` set, ``logprobs`` holds, after the call, one
-    entry per chosen row."""
+    row ``j`` is at generated position ``first_position + j``. With ``top_logprobs`` set,
+    ``logprobs`` holds, after the call, one entry per row."""
 
     params: SamplingParams
     first_position: int
-    skip: int = 0
     top_logprobs: int | None = None
     logprobs: list[TokenLogprob] | None = None
 
     def __call__(self, logits: torch.Tensor) -> list[int | None]:
-        rows = logits[self.skip :]
-        positions = range(self.first_position, self.first_position + rows.shape[0])
-        tokens = choose(rows, self.params, positions)
+        positions = range(self.first_position, self.first_position + logits.shape[0])
+        tokens = choose(logits, self.params, positions)
         if self.top_logprobs is not None:
-            self.logprobs = token_logprobs(rows, tokens, self.top_logprobs)
-        return [None] * self.skip + tokens
+            self.logprobs = token_logprobs(logits, tokens, self.top_logprobs)
+        return list(tokens)
 
 
 def derive_seed(seed: int, index: int) -> int:

@@ -6,13 +6,16 @@ The stage service feeds it decoded messages (:meth:`StageEngine.handle`) and cal
 in-process fake transport of the tests.
 
 A step is plan -> one backend call -> commit (like vLLM's ``EngineCore.step``): ``_plan`` picks
-every request that wants a pass (within ``max_batch_tokens``), opens its KV reservation if the
-pool has room (else it waits), and decides what it feeds: the tokens its KV cache lacks plus the
-drafts from below that the draft-length policy keeps (``common.draft_policy``). One
-``BatchedBackend.step`` runs them all; ``_commit`` then does, per request, what a level always
-does: accept the longest matching prefix of the drafts and append one correction/bonus token.
-Level 0 has no drafts, so its step is a plain greedy step; a verifier with no drafts makes its own
-greedy step instead of idling (the paper's rho model).
+every request that wants a pass (``common.stage_schedule``) within ``max_batch_tokens``, opens its
+KV reservation if the pool has room (else it waits), and decides what it feeds: the tokens its KV
+cache lacks plus the drafts from below that the draft-length policy keeps (``common.stage_plan``,
+``common.draft_policy``). One ``BatchedBackend.step`` runs them all; ``_commit`` then does, per
+request, what a level always does (``common.stage_commit``): accept the longest matching prefix of
+the drafts and append one correction/bonus token, then sends a span up, a notice down and, at the
+target, output to the gateway (``common.stage_messages``). Level 0 has no drafts, so its step is a
+plain greedy step; a verifier with no drafts makes its own greedy step instead of idling (the
+paper's rho model). A verifier also advises the level below how far ahead to draft
+(``common.lead_advice``).
 
 Lossless by construction: a level appends only its own predictions (accepted drafts equal
 them), so the target's sequence is its own output whatever the drafts, their timing or their
@@ -26,48 +29,29 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import replace
 
 import structlog
 
-from common.backends.base import Backend
-from common.backends.batched import BatchedBackend, PoolUsage, Run, RunResult
-from common.backends.batched_loop import LoopedBatched
-from common.decoding import accept_greedy, anchor_drafts, apply_stop, reconcile
-from common.draft_policy import (
-    acceptance_estimate,
-    draft_lengths,
-    drafter_lead,
-    on_time_estimate,
-    pass_threads,
-)
+from common import lead_advice, stage_commit, stage_kv
+from common.backends.batched import BatchedBackend, PoolUsage, RunResult
+from common.decoding import apply_stop, reconcile
+from common.draft_policy import pass_threads
 from common.engine_config import EngineConfig
-from common.protocol import (
-    Cancel,
-    LevelStats,
-    Message,
-    Notice,
-    Output,
-    RequestError,
-    RouteHop,
-    Span,
-    Start,
-    TokenLogprob,
+from common.level_request import (
+    FinishedRequest,
+    LevelRequest,
+    SeenNotice,
+    check_start,
+    new_request,
+    overtaken,
 )
-from common.sampling import Chooser, SamplingParams
+from common.protocol import Cancel, Message, Notice, Span, Start
+from common.stage_messages import Messages, Outbox
+from common.stage_plan import PlannedRun, policy_drafts, within_room
+from common.stage_schedule import SCHEDULES
 
 log = structlog.get_logger("stage")
-
-
-class Outbox(Protocol):
-    """Where the engine's messages go (ZeroMQ sockets, or the tests' fake transport)."""
-
-    def send_span(self, hop: RouteHop, span: Span) -> None: ...
-    def publish(self, notice: Notice) -> None: ...
-    def send_reply(self, endpoint: str, msg: Output | RequestError) -> None: ...
-    def subscribe(self, request_id: str, hops: list[RouteHop]) -> None: ...
-    def unsubscribe(self, request_id: str) -> None: ...
 
 
 class PassObserver:
@@ -81,178 +65,11 @@ class PassObserver:
     def on_stale_span(self) -> None: ...
 
 
-@dataclass
-class SeenNotice:
-    replica: str
-    epoch: int
-    end: int  # issuer's sequence length
-
-
-@dataclass
-class LevelRequest:
-    """One request's state at this level."""
-
-    request_id: str
-    prompt: list[int]
-    tokens: list[int]  # this level's own sequence of generated tokens
-    max_tokens: int
-    eos_ids: frozenset[int]
-    route: list[RouteHop]
-    reply_to: str
-    last_heard: float
-    stats: LevelStats
-    opened: bool = False  # holds a KV reservation: a prefix of prompt + tokens[:-1] (_sync_cache)
-    waiting_kv: bool = False  # wants a pass but the KV pool has no room for it yet
-    epoch: int = 0  # bumped when drafts sent to this level become invalid
-    span: Span | None = None  # best drafts received from the level below
-    seen: dict[int, SeenNotice] = field(default_factory=dict)  # latest notice per upper level
-    target_len: int = 0  # the target's committed length, as last heard
-    sent: int = 0  # target only: tokens already sent to the gateway
-    stalled: bool = False  # drafter had no prediction; wait for new information
-    waiting_since: float | None = None  # sync schedule: since when the verifier waits for drafts
-    finish_reason: str | None = None  # target only, once finished
-    last_publish: float = 0.0
-    sampling: SamplingParams = SamplingParams()
-    top_logprobs: int = -1  # target only: -1 no logprobs, else alternatives per token
-    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # target: per token
-    wanted_drafts: int | None = None  # verifier: drafts its policy would check now (tokens)
-    advised_passes: int = 0  # verifier: passes planned after advising the level below a lead
-    supplied_passes: int = 0  # ... of those but the first (no time), ones that found drafts
-    lead_hint: int | None = None  # drafter: the lead the level above advises (drafter_lead)
-
-
-@dataclass
-class FinishedRequest:
-    tokens: list[int]
-    finish_reason: str
-    stats: list[LevelStats]
-    expires: float
-    logprobs: list[TokenLogprob | None] = field(default_factory=list)
-
-
-def _is_target(level: int, r: LevelRequest) -> bool:
-    return level == len(r.route) - 1
-
-
-def _ended(r: LevelRequest) -> bool:
-    return len(r.tokens) >= r.max_tokens or bool(r.tokens and r.tokens[-1] in r.eos_ids)
-
-
-class Schedule:
-    """When a request wants a forward pass at this level, and which drafts that pass checks.
-
-    :meth:`wants_pass` only reads, so metrics may ask it; :meth:`update` is the one place a
-    schedule changes a request's state, and the engine calls it only from ``step``.
-    """
-
-    def __init__(self, config: EngineConfig):
-        self.config = config
-        self.level = config.level
-
-    def drafts(self, r: LevelRequest) -> list[int]:
-        """The drafts the next pass checks: the span from below that extends our sequence, at
-        most ``config.draft_cap`` of them and no more than the room left; none below
-        ``config.min_drafts``."""
-        if r.span is None or self.level == 0:
-            return []
-        drafts = anchor_drafts(r.tokens, r.span.start, r.span.tokens)
-        if drafts is None:
-            return []
-        room = r.max_tokens - len(r.tokens) - 1  # positions left after the correction/bonus
-        drafts = drafts[: max(0, min(self.config.draft_cap, room))]
-        return drafts if len(drafts) >= self.config.min_drafts else []
-
-    def update(self, r: LevelRequest, now: float) -> None:
-        """Record what the decision at ``now`` (seconds on the engine's clock) depends on."""
-
-    def wants_pass(self, r: LevelRequest, now: float) -> bool:
-        """Whether ``r`` wants a pass at ``now``; no side effects."""
-        raise NotImplementedError
-
-
-class AsyncSchedule(Schedule):
-    """PipeSpec: the target always runs; a drafter runs while it is less than its lead past the
-    target's committed length: ``max_lead``, or less when the level above advises less (its
-    draft-length policy checks fewer drafts under load: ``common.draft_policy.drafter_lead``)."""
-
-    def lead(self, r: LevelRequest) -> int:
-        """Tokens past the target's committed length this level drafts at most (0: target)."""
-        if _is_target(self.level, r):
-            return 0
-        if r.lead_hint is None:
-            return self.config.max_lead
-        return min(self.config.max_lead, r.lead_hint)
-
-    def wants_pass(self, r: LevelRequest, now: float) -> bool:
-        if _is_target(self.level, r):
-            return r.finish_reason is None
-        if r.stalled or _ended(r):
-            return False
-        return len(r.tokens) < r.target_len + self.lead(r)
-
-
-class SyncSchedule(Schedule):
-    """Lockstep speculative decoding (the paper's "Speculative" baseline): a drafter runs at
-    most ``lookahead`` tokens past the level above, and a verifier waits until it has
-    ``lookahead`` drafts (or the drafter has ended, or ``sync_wait_s`` has passed)."""
-
-    def _eligible(self, r: LevelRequest) -> bool:
-        """Whether the level may run ``r`` at all (before the wait for drafts)."""
-        target = _is_target(self.level, r)
-        if r.finish_reason is not None or (not target and (r.stalled or _ended(r))):
-            return False
-        if not target:
-            above = r.seen.get(self.level + 1)
-            if len(r.tokens) >= (above.end if above else 0) + self.config.lookahead:
-                return False
-        return True
-
-    def _window_full(self, r: LevelRequest) -> bool:
-        """A full window of drafts is here, or as many as the drafter will ever send."""
-        span = r.span
-        room = r.max_tokens - len(r.tokens) - 1
-        drafter_done = (
-            span is not None
-            and bool(span.tokens)
-            and (span.tokens[-1] in r.eos_ids or span.start + len(span.tokens) >= r.max_tokens)
-        )
-        return len(self.drafts(r)) >= min(self.config.lookahead, room) or drafter_done
-
-    def update(self, r: LevelRequest, now: float) -> None:
-        """Start a verifier's wait for drafts (``r.waiting_since``) when it first finds its
-        window short, and end it when the window is full."""
-        if self.level == 0 or not self._eligible(r):
-            return
-        if self._window_full(r):
-            r.waiting_since = None
-        elif r.waiting_since is None:
-            r.waiting_since = now
-
-    def wants_pass(self, r: LevelRequest, now: float) -> bool:
-        if not self._eligible(r):
-            return False
-        if self.level == 0 or self._window_full(r):
-            return True
-        return r.waiting_since is not None and now - r.waiting_since >= self.config.sync_wait_s
-
-
-SCHEDULES: dict[str, type[Schedule]] = {"async": AsyncSchedule, "sync": SyncSchedule}
-
-
-@dataclass
-class PlannedRun:
-    """One request's part of the next pass: what its KV cache lacks, then the drafts it checks."""
-
-    r: LevelRequest
-    pending: list[int]
-    drafts: list[int]
-
-
 class StageEngine:
     def __init__(
         self,
         config: EngineConfig,
-        backend: BatchedBackend | Backend,
+        backend: BatchedBackend,
         outbox: Outbox,
         replica: str,
         clock: Callable[[], float] = time.monotonic,
@@ -262,9 +79,9 @@ class StageEngine:
         self.level = config.level
         self.config = config
         self.schedule = SCHEDULES[config.schedule](config)
-        # a per-request backend serves a batch one request after another (no KV bound)
-        self.backend = backend if isinstance(backend, BatchedBackend) else LoopedBatched(backend)
+        self.backend = backend
         self.outbox = outbox
+        self.send = Messages(outbox, self.level, replica)
         self.replica = replica
         self.clock = clock
         self.observer = observer or PassObserver()
@@ -276,12 +93,11 @@ class StageEngine:
         self._order: deque[str] = deque()  # round-robin over requests
         self.draining = False
         self.counters: dict[str, int] = {}
-        # the level above advises leads (its draft policy weighs load): a new request waits for
-        # its advice before we spend a pass on it (a prefill, drafts the level above may never
-        # check) when it finds others in flight or the last advice was to idle; one that finds
-        # us idle after advice to draft starts at once (waiting would only delay its drafts by
-        # the target's first pass). None: no advice yet
+        # the last lead the level above advised, for any request (lead_advice.first_hint)
         self._last_advised_lead: int | None = None
+
+    def is_target(self, r: LevelRequest) -> bool:
+        return self.level == r.target_level
 
     # ------------------------------------------------------------------ messages in
     def handle(self, msg: Message) -> None:
@@ -297,82 +113,42 @@ class StageEngine:
             self._count("unexpected_message")
             log.warning("unexpected_message", type=msg.TYPE, stage_level=self.level)
 
-    def is_target(self, r: LevelRequest) -> bool:
-        return _is_target(self.level, r)
-
     def _on_start(self, msg: Start) -> None:
+        """A Start re-syncs a request we hold, repeats the end of one we finished, or starts
+        a new one."""
         r = self.requests.get(msg.request_id)
-        if r is not None:  # re-sync: update the route, re-send what the gateway lacks
-            r.last_heard = self.clock()
-            if r.route != msg.route:
-                r.route = list(msg.route)
-                self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
-            r.reply_to = msg.reply_to
-            if self.is_target(r):
-                r.sent = min(r.sent, msg.have)
-                self._send_output(r, done=False)
-            return
         done = self.finished.get(msg.request_id)
-        if done is not None:  # lost output: repeat the end, and tell lower levels to let go
-            self.outbox.publish(
-                Notice(
-                    request_id=msg.request_id,
-                    level=self.level,
-                    replica=self.replica,
-                    start=len(done.tokens),
-                    tokens=[],
-                    epoch=0,
-                    final=True,
-                )
-            )
-            self.outbox.send_reply(
-                msg.reply_to,
-                Output(
-                    request_id=msg.request_id,
-                    replica=self.replica,
-                    start=msg.have,
-                    tokens=done.tokens[msg.have :],
-                    done=True,
-                    finish_reason=done.finish_reason,
-                    stats=done.stats,
-                    logprobs=_complete(done.logprobs[msg.have :]),
-                ),
-            )
-            return
-        problem = self._check_start(msg)
+        if r is not None:
+            self._resync(r, msg)
+        elif done is not None:  # lost output: repeat the end, and tell lower levels to let go
+            self.send.resend_finished(msg, done)
+        else:
+            self._start_new(msg)
+
+    def _resync(self, r: LevelRequest, msg: Start) -> None:
+        """Update the route and reply address; the target re-sends what the gateway lacks."""
+        r.last_heard = self.clock()
+        if r.route != msg.route:
+            r.route = list(msg.route)
+            self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
+        r.reply_to = msg.reply_to
+        if self.is_target(r):
+            r.sent = min(r.sent, msg.have)
+            self.send.output(r, done=False)
+
+    def _start_new(self, msg: Start) -> None:
+        """Take a new request (or refuse it: the target tells the gateway why)."""
+        problem = check_start(msg, self.level, self.replica, self.backend)
         if problem:
             self._count("rejected_start")
             log.warning("start_rejected", request_id=msg.request_id, reason=problem)
             if self.level == len(msg.route) - 1:
-                self.outbox.send_reply(
-                    msg.reply_to,
-                    RequestError(
-                        request_id=msg.request_id,
-                        replica=self.replica,
-                        level=self.level,
-                        message=problem,
-                    ),
-                )
+                self.send.error(msg.reply_to, msg.request_id, problem)
             return
-        r = LevelRequest(
-            request_id=msg.request_id,
-            prompt=list(msg.prompt),
-            tokens=list(msg.committed),
-            max_tokens=msg.max_tokens,
-            eos_ids=frozenset(msg.eos_ids),
-            route=list(msg.route),
-            reply_to=msg.reply_to,
-            last_heard=self.clock(),
-            stats=LevelStats(level=self.level, replica=self.replica),
-            sampling=_sampling(msg),
-            top_logprobs=msg.logprobs,
-            logprobs=[None] * len(msg.committed),
-        )
-        r.sent = msg.have
-        r.target_len = len(msg.committed)
-        last = self._last_advised_lead
-        if last is not None and (last == 0 or self.requests) and not self.is_target(r):
-            r.lead_hint = 0  # no pass for it until the level above advises
+        r = new_request(msg, self.level, self.replica, self.clock())
+        if not self.is_target(r):  # no pass for it until the level above advises, maybe
+            hint = lead_advice.first_hint(self._last_advised_lead, bool(self.requests))
+            r.lead = replace(r.lead, hint=hint)
         self.requests[r.request_id] = r
         self._order.append(r.request_id)
         self.outbox.subscribe(r.request_id, r.route[self.level + 1 :])
@@ -383,42 +159,6 @@ class StageEngine:
             prompt_tokens=len(r.prompt),
             resumed_from=len(r.tokens),
         )
-
-    def _check_start(self, msg: Start) -> str | None:
-        if any(hop.level != i for i, hop in enumerate(msg.route)):
-            return "route hops must be levels 0, 1, 2, ... in order"
-        if self.level >= len(msg.route) or msg.route[self.level].replica != self.replica:
-            return f"route does not name this replica ({self.replica}) for level {self.level}"
-        if not msg.prompt:
-            return "empty prompt"
-        vocab = self.backend.vocab_size
-        if vocab:  # 0: the backend takes any id (n-gram, simulated)
-            bad = next((t for t in [*msg.prompt, *msg.committed] if not 0 <= t < vocab), None)
-            if bad is not None:
-                return f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})"
-        if self.level == len(msg.route) - 1 and not self.backend.can_verify:
-            return f"backend {self.backend.kind!r} cannot be the target"
-        limit = self.backend.max_context
-        if limit and len(msg.prompt) + msg.max_tokens > limit:
-            return (
-                f"prompt ({len(msg.prompt)} tokens) + max_tokens ({msg.max_tokens}) exceeds "
-                f"the model context of {limit} tokens"
-            )
-        pool = self.backend.usage().capacity_tokens
-        if pool and len(msg.prompt) + msg.max_tokens > pool:
-            return (
-                f"prompt ({len(msg.prompt)} tokens) + max_tokens ({msg.max_tokens}) exceeds "
-                f"this stage's KV pool of {pool} tokens"
-            )
-        if len(msg.committed) > msg.max_tokens:
-            return "committed output longer than max_tokens"
-        if msg.logprobs >= 0 and self.level == len(msg.route) - 1 and not self.backend.has_logits:
-            return f"backend {self.backend.kind!r} has no logits: it cannot return logprobs"
-        try:
-            _sampling(msg)
-        except ValueError as exc:
-            return str(exc)
-        return None
 
     def _on_cancel(self, msg: Cancel) -> None:
         r = self.requests.get(msg.request_id)
@@ -441,37 +181,32 @@ class StageEngine:
             self.observer.on_stale_span()
             self._maybe_republish(r)
             return
-        old = r.span
-        end = span.start + len(span.tokens)
-        if (
-            old is not None
-            and old.replica == span.replica
-            and (span.epoch, end) < (old.epoch, old.start + len(old.tokens))
-        ):
-            return  # an older span, overtaken
-        r.span = span
+        if not overtaken(span, r.span):
+            r.span = span
 
     def _on_notice(self, n: Notice) -> None:
+        """A level above's state: remember it, take its lead advice, then adopt its tokens."""
         r = self.requests.get(n.request_id)
         if r is None or n.level <= self.level:
             return
         end = n.start + len(n.tokens)
-        prev = r.seen.get(n.level)
-        if (
-            prev is not None
-            and prev.replica == n.replica
-            and (n.epoch, end) < (prev.epoch, prev.end)
-        ):
-            return  # older state of that level
-        r.seen[n.level] = SeenNotice(n.replica, n.epoch, end)
+        seen = SeenNotice(n.replica, n.epoch, end)
+        if seen.older_than(r.seen.get(n.level)):
+            return
+        r.seen[n.level] = seen
         r.last_heard = self.clock()
         if n.level == self.level + 1 and n.drafter_lead is not None:
-            r.lead_hint = self._last_advised_lead = n.drafter_lead
-        if n.level == len(r.route) - 1:
+            r.lead = replace(r.lead, hint=n.drafter_lead)
+            self._last_advised_lead = n.drafter_lead
+        if n.level == r.target_level:
             r.target_len = max(r.target_len, end)
         if n.final:
             self._drop(r, reason="finished")
-            return
+        else:
+            self._adopt(r, n)
+
+    def _adopt(self, r: LevelRequest, n: Notice) -> None:
+        """Take the tokens of a level above where they extend or rewrite ours (a rollback)."""
         plan = reconcile(r.tokens, n.start, n.tokens)
         if plan is None:
             return  # it lies beyond our sequence; a later notice will cover the gap
@@ -485,12 +220,12 @@ class StageEngine:
         else:
             return
         r.tokens, _ = apply_stop(r.tokens, r.eos_ids, r.max_tokens, checked=max(0, plan.keep - 1))
-        self._sync_cache(r, valid=plan.keep)
+        stage_kv.sync_cache(self.backend, r, valid=plan.keep)
         r.stalled = False
         if self.level > 0:
             self._publish(r, start=plan.keep)
 
-    # ------------------------------------------------------------------ scheduling
+    # ------------------------------------------------------------------ reads (metrics)
     def has_work(self) -> bool:
         """Whether a request wants a pass now (no side effects)."""
         now = self.clock()
@@ -513,6 +248,7 @@ class StageEngine:
         """Requests that want a pass but wait for room in the KV pool."""
         return sum(1 for r in self.requests.values() if r.waiting_kv)
 
+    # ------------------------------------------------------------------ the step
     def step(self) -> bool:
         """Run one batched forward pass for every request that wants one: plan, one backend
         call, commit. False if none does.
@@ -522,16 +258,13 @@ class StageEngine:
         plan = self._plan()
         if not plan:
             return False
-        runs = [Run(p.r.request_id, p.pending + p.drafts, rows=len(p.drafts) + 1) for p in plan]
+        runs = [p.run() for p in plan]
         self._apply_cores_rule(plan)
         t0 = time.perf_counter()
         try:
             results = self.backend.step(runs)
         except Exception as exc:  # a model error fails the requests of this pass, not the process
-            self._count("pass_failed")
-            log.exception("pass_failed", stage_level=self.level, requests=len(plan))
-            for p in plan:
-                self._fail(p.r, f"model error at level {self.level}: {exc}")
+            self._pass_failed([p.r for p in plan], exc, requests=len(plan))
             return True
         seconds = time.perf_counter() - t0
         self.observer.on_batch(len(plan), sum(len(run.tokens) for run in runs))
@@ -539,21 +272,15 @@ class StageEngine:
             try:
                 self._commit(p, results[p.r.request_id], seconds / len(plan))
             except Exception as exc:
-                self._count("pass_failed")
-                log.exception("pass_failed", request_id=p.r.request_id, stage_level=self.level)
-                self._fail(p.r, f"model error at level {self.level}: {exc}")
+                self._pass_failed([p.r], exc, request_id=p.r.request_id)
         return True
 
-    def _apply_cores_rule(self, plan: list[PlannedRun]) -> None:
-        """Threads for this pass (``draft_policy.pass_threads``), set only when they change."""
-        config = self.config
-        if self._set_threads is None or config.threads_alone is None:
-            return
-        share = config.threads or config.threads_alone
-        n = pass_threads([p.r.wanted_drafts for p in plan], share, config.threads_alone)
-        if n != self._threads:
-            self._set_threads(n)
-            self._threads = n
+    def _pass_failed(self, rs: list[LevelRequest], exc: Exception, **where: object) -> None:
+        """Fail the requests ``rs`` of a pass that raised ``exc`` (call it where it is caught)."""
+        self._count("pass_failed")
+        log.exception("pass_failed", stage_level=self.level, **where)
+        for r in rs:
+            self._fail(r, f"model error at level {self.level}: {exc}")
 
     def _plan(self) -> list[PlannedRun]:
         """Every request that wants a pass now and has (or gets) room in the KV pool, in
@@ -576,69 +303,121 @@ class StageEngine:
         self._choose_drafts(plan, room=self.config.max_batch_tokens - tokens)
         return plan
 
+    def _open(self, r: LevelRequest) -> bool:
+        """Whether ``r`` holds a KV reservation, taking one if the pool has room; if not, it
+        waits (``waiting_kv``) until a request closes (``common.stage_kv``)."""
+        was_waiting = r.waiting_kv
+        if stage_kv.try_open(self.backend, r):
+            return True
+        if not was_waiting:
+            self._count("kv_waits")
+            log.debug("kv_wait", request_id=r.request_id, stage_level=self.level)
+        return False
+
     def _choose_drafts(self, plan: list[PlannedRun], room: int) -> None:
         """Trim each planned request's drafts to what the policy keeps and the batch has room
-        for (``room``: tokens left under ``max_batch_tokens``)."""
+        for (``room``: tokens left under ``max_batch_tokens``); weigh the lead advice first."""
         goodput = self.config.draft_policy == "goodput" and self.level > 0
-        for p in plan:  # did the drafts we asked for arrive? (the first pass after advice: no time)
-            if p.r.wanted_drafts:
-                p.r.advised_passes += 1
-                if p.r.advised_passes > 1:
-                    p.r.supplied_passes += bool(p.drafts)
-        fed = [len(p.pending) for p in plan]
-        rates = [
-            acceptance_estimate(p.r.stats.accepted_tokens, p.r.stats.draft_tokens) for p in plan
-        ]
-        curve = self.backend.cost_curve
-        if goodput and isinstance(self.schedule, AsyncSchedule):
-            # the drafters' lead: what the policy would check in the passes to come if every
-            # request had drafts, counting what making them costs where the drafter shares our
-            # compute. In those passes every running request feeds one token (its correction or
-            # bonus), whatever this pass feeds: a prefill's many tokens make any draft look cheap
-            # and would send the drafters to prefill for passes that then check none. A draft
-            # counts by its chance of being accepted and of arriving in time (on_time_estimate).
-            now = self.clock()
-            running = [r for r in self.requests.values() if self.schedule.wants_pass(r, now)]
-            wanted = draft_lengths(
-                [1] * len(running),
-                [
-                    acceptance_estimate(r.stats.accepted_tokens, r.stats.draft_tokens)
-                    * on_time_estimate(r.supplied_passes, max(0, r.advised_passes - 1))
-                    for r in running
-                ],
-                [self.config.draft_cap] * len(running),
-                curve,
-                draft_cost=self.config.drafter_cost,
-            )
-            by_request = {r.request_id: w for r, w in zip(running, wanted)}
-            for p in plan:
-                p.r.wanted_drafts = by_request.get(p.r.request_id, 0)
+        for p in plan:  # did the drafts we asked for arrive?
+            p.r.lead = lead_advice.after_planned_pass(p.r.lead, found_drafts=bool(p.drafts))
+        if goodput and self.schedule.advises_leads:
+            self._weigh_leads(plan)
         if not any(p.drafts for p in plan):
             return
-        offered = [len(p.drafts) for p in plan]
-        if goodput:
-            offered = draft_lengths(fed, rates, offered, curve)  # made: only checking costs
-        for p, k in zip(plan, offered):
-            k = max(0, min(k, room))
-            room -= k
+        counts = policy_drafts(plan, self.backend.cost_curve) if goodput else None
+        offered = counts if counts is not None else [len(p.drafts) for p in plan]
+        for p, k in zip(plan, within_room(offered, room)):
             p.drafts = p.drafts[:k]
 
-    def _open(self, r: LevelRequest) -> bool:
-        """Whether ``r`` holds a KV reservation (its worst case: prompt + max_tokens), taking one
-        if the pool has room; if not, it waits (``waiting_kv``) until a request closes."""
-        if r.opened:
-            return True
-        capacity = len(r.prompt) + r.max_tokens
-        if not self.backend.can_open(capacity):
-            if not r.waiting_kv:
-                self._count("kv_waits")
-                log.debug("kv_wait", request_id=r.request_id, stage_level=self.level)
-            r.waiting_kv = True
-            return False
-        self.backend.open(r.request_id, capacity)
-        r.opened, r.waiting_kv = True, False
-        return True
+    def _weigh_leads(self, plan: list[PlannedRun]) -> None:
+        """Set ``lead.wanted`` of each planned request: the drafts the policy would check in the
+        passes to come, over every running request (``lead_advice.wanted_drafts``)."""
+        now = self.clock()
+        running = [r for r in self.requests.values() if self.schedule.wants_pass(r, now)]
+        values = [
+            lead_advice.draft_value(r.stats.accepted_tokens, r.stats.draft_tokens, r.lead)
+            for r in running
+        ]
+        wanted = lead_advice.wanted_drafts(
+            values, self.config.draft_cap, self.backend.cost_curve, self.config.drafter_cost
+        )
+        by_request = {r.request_id: w for r, w in zip(running, wanted)}
+        for p in plan:
+            p.r.lead = replace(p.r.lead, wanted=by_request.get(p.r.request_id, 0))
 
+    def _apply_cores_rule(self, plan: list[PlannedRun]) -> None:
+        """Threads for this pass (``draft_policy.pass_threads``), set only when they change."""
+        config = self.config
+        if self._set_threads is None or config.threads_alone is None:
+            return
+        share = config.threads or config.threads_alone
+        n = pass_threads([p.r.lead.wanted for p in plan], share, config.threads_alone)
+        if n != self._threads:
+            self._set_threads(n)
+            self._threads = n
+
+    def _commit(self, p: PlannedRun, result: RunResult, seconds: float) -> None:
+        """Accept / correct / bonus for one request of the pass, then its spans, notices and
+        outputs. ``result`` has one row per draft plus one; ``seconds``: its share of the pass."""
+        r = p.r
+        chooser = stage_commit.chooser_for(r, self.is_target(r))
+        preds = stage_commit.predictions(result, chooser)
+        if preds[0] is None:  # a drafter with nothing to propose: wait for news from above
+            stage_kv.sync_cache(self.backend, r)  # drop what the pass fed but the last token
+            r.stalled = True
+            r.stats.busy_s += seconds
+            return
+        v = stage_commit.accept(r, p.drafts, preds, chooser)
+        # the cache drops rejected drafts and the new last token (or what a stop cut off)
+        stage_kv.sync_cache(self.backend, r)
+        stage_commit.record(r, self.level, v, seconds)
+        self.observer.on_pass(v.drafts, v.accepted, v.emitted, v.rejected, seconds)
+        if self.is_target(r):
+            r.target_len = len(r.tokens)
+            if v.finish is not None:
+                r.finish_reason = v.finish
+        self._send_commit(r, v)
+
+    def _send_commit(self, r: LevelRequest, v: stage_commit.Verdict) -> None:
+        """What a pass changed, to the levels below (a notice), and above (a span) or, at the
+        target, to the gateway."""
+        if self.level > 0:
+            below_end = r.span.start + len(r.span.tokens) if r.span else 0
+            self._publish(
+                r,
+                start=min(v.old_len, below_end),
+                rollback=v.rejected,
+                final=r.finish_reason is not None,
+            )
+        if not self.is_target(r):
+            self.send.span(r)
+            return
+        self.send.output(r, done=r.finish_reason is not None)
+        if r.finish_reason is not None:
+            self._finish_target(r)
+
+    # ------------------------------------------------------------------ notices out
+    def _publish(
+        self, r: LevelRequest, start: int, rollback: bool = False, final: bool = False
+    ) -> None:
+        start = max(0, min(start, len(r.tokens)))
+        r.last_publish = self.clock()
+        self.send.notice(r, start, rollback, final, lead=self._advised_lead(r))
+
+    def _advised_lead(self, r: LevelRequest) -> int | None:
+        """The lead the level below should keep (None: no advice, it uses its ``max_lead``)."""
+        if not self.schedule.advises_leads:
+            return None
+        above = self.schedule.lead(r)
+        return lead_advice.advice(r.lead.wanted, above, self.is_target(r), self.config.max_lead)
+
+    def _maybe_republish(self, r: LevelRequest) -> None:
+        """A drafter is behind on our rollbacks (its notice may be lost): repeat our state."""
+        if self.clock() - r.last_publish >= self.config.republish_interval_s:
+            self._count("republished")
+            self._publish(r, start=0)
+
+    # ------------------------------------------------------------------ endings
     def tick(self) -> None:
         """Timers: forget silent drafter requests and expired finished ones."""
         now = self.clock()
@@ -648,183 +427,9 @@ class StageEngine:
         for rid in [k for k, f in self.finished.items() if f.expires < now]:
             del self.finished[rid]
 
-    # ------------------------------------------------------------------ the pass
-    def _commit(self, p: PlannedRun, result: RunResult, seconds: float) -> None:
-        """Accept / correct / bonus for one request of the pass, then its spans, notices and
-        outputs. ``result`` has one row per draft plus one; ``seconds``: its share of the pass."""
-        r, drafts = p.r, p.drafts
-        chooser = self._chooser(r, skip=0)
-        if chooser is not None and result.logits is not None:
-            preds = chooser(result.logits)
-        else:
-            preds = result.greedy
-        if preds[0] is None:  # a drafter with nothing to propose: wait for news from above
-            self._sync_cache(r)  # drop what the pass fed but the last token
-            r.stalled = True
-            r.stats.busy_s += seconds
-            return
-        m = accept_greedy(drafts, preds)
-        new = drafts[:m] + [preds[m]]
-        old_len = len(r.tokens)
-        r.tokens, finish = apply_stop(r.tokens + new, r.eos_ids, r.max_tokens, checked=old_len)
-        self._sync_cache(r)  # rejected drafts and the new last token (or a cut at a stop) go
-        if chooser is not None and chooser.logprobs is not None:
-            r.logprobs = (r.logprobs[:old_len] + chooser.logprobs[: m + 1])[: len(r.tokens)]
-        rejected = m < len(drafts)
-        st = r.stats
-        st.forward_passes += 1
-        st.emitted_tokens += len(r.tokens) - old_len
-        if drafts:
-            st.drafts += 1
-            st.draft_tokens += len(drafts)
-            st.accepted_tokens += m
-            _count_positions(st.accepted_per_pos, m)
-            log.debug(  # the trace the acceptance tests replay against the drafter offline
-                "drafts_verified",
-                request_id=r.request_id,
-                stage_level=self.level,
-                position=old_len,  # output index of the first draft
-                drafts=len(drafts),
-                accepted=m,
-            )
-        if rejected:
-            r.epoch += 1
-            st.rollbacks_issued += 1
-        st.busy_s += seconds
-        self.observer.on_pass(len(drafts), m, len(r.tokens) - old_len, rejected, seconds)
-        if self.is_target(r):
-            r.target_len = len(r.tokens)
-            if finish is not None:
-                r.finish_reason = finish
-        if self.level > 0:
-            below_end = r.span.start + len(r.span.tokens) if r.span else 0
-            self._publish(
-                r,
-                start=min(old_len, below_end),
-                rollback=rejected,
-                final=r.finish_reason is not None,
-            )
-        if self.is_target(r):
-            self._send_output(r, done=r.finish_reason is not None)
-            if r.finish_reason is not None:
-                self._finish_target(r)
-        else:
-            self._send_span(r)
-
-    def _sync_cache(self, r: LevelRequest, valid: int | None = None) -> None:
-        """Enforce the KV cache invariant, after anything that changes ``r.tokens`` or feeds the
-        cache: the reservation holds a prefix of ``prompt + tokens[:-1]``, so that the next pass
-        has at least the last token to feed.
-
-        ``valid``: how many of ``r.tokens`` the cache may still hold as they are now (after a
-        rollback, the positions from the divergence on held other tokens); default all. The
-        cache is only ever cut, never extended: a pass feeds what it lacks.
-        """
-        if not r.opened:
-            return
-        keep = len(r.tokens) - 1 if valid is None else min(valid, len(r.tokens) - 1)
-        if len(r.prompt) + keep < self.backend.length(r.request_id):
-            self.backend.crop(r.request_id, len(r.prompt) + keep)
-
-    def _chooser(self, r: LevelRequest, skip: int) -> Chooser | None:
-        """None for a plain greedy pass; else what picks this pass's tokens (and, at the target,
-        records their log-probabilities). Row ``skip`` predicts generated position
-        ``len(r.tokens)``."""
-        logprobs = r.top_logprobs if self.is_target(r) and r.top_logprobs >= 0 else None
-        if r.sampling.greedy and logprobs is None:
-            return None
-        return Chooser(r.sampling, len(r.tokens), skip=skip, top_logprobs=logprobs)
-
-    # ------------------------------------------------------------------ messages out
-    def _all_stats(self, r: LevelRequest) -> list[LevelStats]:
-        below = list(r.span.stats) if r.span is not None else []
-        have = {s.level for s in below}
-        below += [
-            LevelStats(level=i, replica=r.route[i].replica)
-            for i in range(self.level)
-            if i not in have
-        ]
-        return sorted(below, key=lambda s: s.level) + [r.stats.model_copy()]
-
-    def _send_span(self, r: LevelRequest) -> None:
-        above = r.seen.get(self.level + 1)
-        hop = r.route[self.level + 1]
-        fresh = above is not None and above.replica == hop.replica
-        start = min(above.end, len(r.tokens)) if fresh else 0
-        self.outbox.send_span(
-            hop,
-            Span(
-                request_id=r.request_id,
-                level=self.level,
-                replica=self.replica,
-                start=start,
-                tokens=r.tokens[start:],
-                base_epoch=above.epoch if fresh else 0,
-                epoch=r.epoch,
-                stats=self._all_stats(r),
-            ),
-        )
-
-    def _publish(
-        self, r: LevelRequest, start: int, rollback: bool = False, final: bool = False
-    ) -> None:
-        start = max(0, min(start, len(r.tokens)))
-        r.last_publish = self.clock()
-        self.outbox.publish(
-            Notice(
-                request_id=r.request_id,
-                level=self.level,
-                replica=self.replica,
-                start=start,
-                tokens=r.tokens[start:],
-                epoch=r.epoch,
-                rollback=rollback,
-                final=final,
-                drafter_lead=self._advised_lead(r),
-            )
-        )
-
-    def _advised_lead(self, r: LevelRequest) -> int | None:
-        """The lead the level below should keep (None: no advice, it uses its ``max_lead``)."""
-        if r.wanted_drafts is None or not isinstance(self.schedule, AsyncSchedule):
-            return None
-        above = self.schedule.lead(r)
-        if above == 0 and not self.is_target(r):
-            return 0  # the level above wants no drafts from us: we idle, and so does our drafter
-        return drafter_lead(r.wanted_drafts, self.config.max_lead, above=above)
-
-    def _maybe_republish(self, r: LevelRequest) -> None:
-        """A drafter is behind on our rollbacks (its notice may be lost): repeat our state."""
-        if self.clock() - r.last_publish >= self.config.republish_interval_s:
-            self._count("republished")
-            self._publish(r, start=0)
-
-    def _send_output(self, r: LevelRequest, done: bool) -> None:
-        start = r.sent
-        self.outbox.send_reply(
-            r.reply_to,
-            Output(
-                request_id=r.request_id,
-                replica=self.replica,
-                start=start,
-                tokens=r.tokens[start:],
-                done=done,
-                finish_reason=r.finish_reason,
-                stats=self._all_stats(r),
-                logprobs=_complete(r.logprobs[start:]) if r.top_logprobs >= 0 else [],
-            ),
-        )
-        r.sent = len(r.tokens)
-
-    # ------------------------------------------------------------------ endings
     def _finish_target(self, r: LevelRequest) -> None:
-        self.finished[r.request_id] = FinishedRequest(
-            tokens=list(r.tokens),
-            finish_reason=r.finish_reason or "stop",
-            stats=self._all_stats(r),
-            expires=self.clock() + self.config.done_retention_s,
-            logprobs=list(r.logprobs) if r.top_logprobs >= 0 else [],
-        )
+        expires = self.clock() + self.config.done_retention_s
+        self.finished[r.request_id] = FinishedRequest.of(r, self.send.all_stats(r), expires)
         log.info(
             "request_finished",
             request_id=r.request_id,
@@ -839,12 +444,7 @@ class StageEngine:
 
     def _fail(self, r: LevelRequest, message: str) -> None:
         if self.is_target(r):
-            self.outbox.send_reply(
-                r.reply_to,
-                RequestError(
-                    request_id=r.request_id, replica=self.replica, level=self.level, message=message
-                ),
-            )
+            self.send.error(r.reply_to, r.request_id, message)
             self._publish(r, start=len(r.tokens), final=True)
         self._drop(r, reason="failed")
 
@@ -854,40 +454,9 @@ class StageEngine:
             self._order.remove(r.request_id)
         except ValueError:
             pass
-        if r.opened:
-            self.backend.close(r.request_id)
-            r.opened = False
+        stage_kv.close(self.backend, r)
         self.outbox.unsubscribe(r.request_id)
         log.debug("request_dropped", request_id=r.request_id, stage_level=self.level, reason=reason)
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
-
-
-MAX_COUNTED_POSITIONS = 32
-
-
-def _count_positions(per_pos: list[int], accepted: int) -> None:
-    """Add one pass that accepted ``accepted`` drafts: positions 0..accepted-1 each count once."""
-    n = min(accepted, MAX_COUNTED_POSITIONS)
-    if len(per_pos) < n:
-        per_pos.extend([0] * (n - len(per_pos)))
-    for j in range(n):
-        per_pos[j] += 1
-
-
-def _sampling(msg: Start) -> SamplingParams:
-    """A Start's sampling fields; raises ValueError when they are out of range."""
-    return SamplingParams(
-        temperature=msg.temperature,
-        seed=msg.seed,
-        top_p=msg.top_p,
-        top_k=msg.top_k,
-        min_p=msg.min_p,
-    )
-
-
-def _complete(logprobs: list[TokenLogprob | None]) -> list[TokenLogprob]:
-    """``logprobs`` if every entry is known, else [] (a resumed target does not know those of
-    the output it was handed; the gateway has them already)."""
-    return [] if any(lp is None for lp in logprobs) else list(logprobs)  # type: ignore[misc]

@@ -30,7 +30,7 @@ def test_stage_settings_pass_every_engine_field_they_have():
     )
     config = StageSettings(level=1, backend="ngram", **changed).engine_config()
     assert config == EngineConfig(level=1, **changed)
-    service_only = {"min_drafts", "republish_interval_s"}  # set only by simulations
+    service_only = {"republish_interval_s"}  # set only by simulations
     engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
     assert engine_fields - service_only <= set(StageSettings.model_fields)
 
@@ -113,17 +113,9 @@ def test_a_full_window_ends_the_wait():
     assert engine.step() is True and r.waiting_since is None
 
 
-@pytest.mark.parametrize("min_drafts, checked", [(0, 1), (2, 0)])
-def test_min_drafts_ignores_short_windows(min_drafts, checked):
-    engine = target(EngineConfig(level=1, min_drafts=min_drafts), [0.0])
-    drafts(engine, [7])
-    assert engine.step() is True
-    assert engine.requests["r"].stats.draft_tokens == checked
-
-
 def cached(engine, r) -> list[int]:
-    """The tokens the request's KV cache (a simulated session) holds at this level."""
-    return engine.backend.session(r.request_id).history
+    """The tokens the request's KV cache (a simulated history) holds at this level."""
+    return engine.backend.state(r.request_id).history
 
 
 @pytest.mark.parametrize("schedule", ["async", "sync"])

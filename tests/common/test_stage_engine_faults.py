@@ -24,6 +24,8 @@ from common.simnet import (
 )
 from tests.tiny_models import EOS, VOCAB_SIZE, noisy_copy, tiny_llama, to_gguf
 
+pytestmark = pytest.mark.slow  # 500 runs per runner: over a minute each
+
 RUNS = 500
 POOL_TOKENS = 1024  # per level and run: room for every request of a run
 
