@@ -22,6 +22,8 @@ BINDS = {zmq.PULL, zmq.PUB, zmq.ROUTER, zmq.XPUB}
 CONNECTS = {zmq.PUSH, zmq.SUB, zmq.DEALER, zmq.XSUB, zmq.REQ}
 RECEIVES = {zmq.PULL, zmq.SUB, zmq.ROUTER, zmq.DEALER, zmq.XSUB, zmq.REQ}
 DEFAULT_MAX_MSG_BYTES = 16 << 20
+# bind hosts that mean "every interface": a socket bound to one is reached by another name
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "*", "::", ""})
 
 
 def secure_server(sock: zmq.Socket, curve: Curve, allow: set[str]) -> None:

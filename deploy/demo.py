@@ -6,6 +6,9 @@ and whether the texts are equal.
 The target-alone run is the reference decoder the tests use (``common.simnet.reference_decode``),
 so "same text: yes" is the lossless claim checked live. On a machine whose cores the stages
 share, the comparison runs while the stages sit idle.
+
+It takes what it needs of the launcher's plan as plain values (the HTTP URL, the target's stage
+settings, the tokenizer): the launcher imports this module for ``--demo``, never the reverse.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from deploy.launch import Plan
+from common.settings import StageSettings
 
 
 @dataclass
@@ -91,43 +94,48 @@ def side_by_side(
     )
 
 
-def target_alone(plan: Plan, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+def target_alone(
+    target: StageSettings, tokenizer: str, prompt: str, max_tokens: int
+) -> tuple[str, int, float]:
     """The target's own greedy decoding of ``prompt`` on the runner its stage serves with, given
     every core of the machine (the quantized runner's logits do not depend on the thread count;
     the transformers runner keeps its stage's threads): text, tokens, seconds (prefill
     included, as in the pipeline's wall time)."""
     import os
 
-    from common.backends.batched_factory import load_batched_backend
+    from common.backends import load_backend
     from common.simnet import reference_decode
     from common.tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(plan.gateway.tokenizer)
-    settings = plan.target
+    tok = load_tokenizer(tokenizer)
+    settings = target
     if settings.backend == "quantized":
         settings = settings.model_copy(update={"threads": os.cpu_count()})
-    backend = load_batched_backend(settings)
-    prompt_ids = tokenizer.encode(prompt)
-    eos = backend.eos_token_ids or [tokenizer.eos_token_id]
+    backend = load_backend(settings)
+    prompt_ids = tok.encode(prompt)
+    eos = backend.eos_token_ids or [tok.eos_token_id]
     started = time.perf_counter()
     tokens = reference_decode(backend, prompt_ids, max_tokens, eos)
     seconds = time.perf_counter() - started
-    return tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), seconds
+    return tok.decode(tokens, skip_special_tokens=True), len(tokens), seconds
 
 
-def run_demo(plan: Plan, prompt: str, max_tokens: int) -> bool:
-    """Stream one completion, print its statistics and the side-by-side line. False on an
-    error."""
-    got = stream_completion(plan.http_url, prompt, max_tokens)
+def run_demo(
+    url: str, target: StageSettings | None, tokenizer: str, prompt: str, max_tokens: int
+) -> bool:
+    """Stream one completion from the gateway at ``url``, print its statistics and the
+    side-by-side line against ``target`` (the top level's stage settings) decoding alone with
+    ``tokenizer`` (the gateway's). False on an error."""
+    got = stream_completion(url, prompt, max_tokens)
     if got is None:
         return False
     if got.stats is None:
         return True
     print(format_stats(got.stats))
-    if plan.target is None or plan.target.backend not in ("quantized", "hf", "early-exit"):
+    if target is None or target.backend not in ("quantized", "hf", "early-exit"):
         return True
     print("\ndecoding the same prompt with the target alone ...", flush=True)
-    text, tokens, seconds = target_alone(plan, prompt, max_tokens)
+    text, tokens, seconds = target_alone(target, tokenizer, prompt, max_tokens)
     print(
         side_by_side(
             got.stats["completion_tokens"],
@@ -135,7 +143,7 @@ def run_demo(plan: Plan, prompt: str, max_tokens: int) -> bool:
             tokens,
             seconds,
             text == got.text,
-            Path(plan.target.model or plan.target.backend).name,
+            Path(target.model or target.backend).name,
         ),
         flush=True,
     )

@@ -59,6 +59,7 @@ import httpx
 
 from common import security
 from common.settings import GatewaySettings, StageSettings
+from common.sockets import WILDCARD_HOSTS
 
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
@@ -104,7 +105,7 @@ class Plan:
 
 
 def connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "*", "::", "") else host
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
 
 
 _HANDED_OUT: set[int] = set()  # every port free_port has returned in this process
@@ -478,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo is not None:
             from deploy.demo import run_demo  # torch and transformers, for --demo only
 
-            return 0 if run_demo(plan, args.demo, args.max_tokens) else 1
+            ok = run_demo(
+                plan.http_url, plan.target, plan.gateway.tokenizer, args.demo, args.max_tokens
+            )
+            return 0 if ok else 1
         if not plan.secure:
             print("WARNING: insecure = true: plain TCP between the services", flush=True)
         else:

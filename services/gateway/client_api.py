@@ -19,14 +19,12 @@ request.
 from __future__ import annotations
 
 import asyncio
-import secrets
 
 import msgpack
 import structlog
 import zmq
 from pydantic import ValidationError
 
-from common.sampling import SamplingParams
 from common.security import CLIENT
 from common.sockets import arrivals, bound_endpoint, open_socket
 from services.gateway.admission import Overloaded
@@ -35,6 +33,7 @@ from services.gateway.core import Gateway, Generation, advertised_host
 from services.gateway.detokenizer import IncrementalDetokenizer
 from services.gateway.events import GenerationError, InvalidRequest, TokensEvent
 from services.gateway.registry import NoRoute
+from services.gateway.schemas import sampling_params
 
 log = structlog.get_logger("gateway.zmq")
 
@@ -150,13 +149,7 @@ class ClientApi:
         try:
             if not request.prompt:
                 raise InvalidRequest("prompt must not be empty", "prompt")
-            sampling = SamplingParams(
-                temperature=request.temperature or 0.0,
-                seed=secrets.randbits(63) if request.seed is None else request.seed,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                top_k=request.top_k or 0,
-                min_p=request.min_p or 0.0,
-            )
+            sampling = sampling_params(request)
             return await self.gateway.generate(
                 self.tokenizer.encode(request.prompt), request.max_tokens, sampling=sampling
             )

@@ -40,7 +40,7 @@ from common.request_tracker import RequestTracker, Send
 from common.sampling import GREEDY, SamplingParams
 from common.security import GATEWAY, denied_total, identity, level_role, release, sender_role
 from common.settings import GatewaySettings
-from common.sockets import PushPool, arrivals, bound_endpoint, open_socket
+from common.sockets import WILDCARD_HOSTS, PushPool, arrivals, bound_endpoint, open_socket
 from services.gateway.admission import Admission
 from services.gateway.events import (
     FinishEvent,
@@ -62,7 +62,6 @@ log = structlog.get_logger("gateway")
 TICK_S = 0.05
 ROUTE_POLL_S = 0.05  # a request waiting for a route re-checks the registry this often
 DEADLINE_GRACE_S = 1.0  # a consumer waits this long past the ticker's timeout before giving up
-WILDCARD_HOSTS = {"0.0.0.0", "*", "::", ""}
 
 
 def advertised_host(settings: GatewaySettings) -> str:

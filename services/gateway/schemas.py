@@ -14,7 +14,8 @@ are accepted at 0 only. Fields not listed here are refused by name rather than s
 from __future__ import annotations
 
 import json
-from typing import Literal
+import secrets
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -25,6 +26,43 @@ from services.gateway.events import InvalidRequest
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n
 INT64 = 2**63
+
+
+class SamplingFields(Protocol):
+    """A request's sampling fields, as the HTTP bodies (``RequestFields``) and the ZMQ client API
+    (``client_schema.ClientRequest``) both carry them; None: the field is absent."""
+
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    seed: int | None
+
+
+def draw_seed(seed: int | None) -> int:
+    """The request's ``seed``, or a fresh random one (63 bits) when it gave none.
+
+    >>> draw_seed(7), 0 <= draw_seed(None) < 2**63
+    (7, True)
+    """
+    return secrets.randbits(63) if seed is None else seed
+
+
+def sampling_params(fields: SamplingFields) -> SamplingParams:
+    """The ``SamplingParams`` of a request's sampling fields: an absent field takes its neutral
+    value (temperature 0 is greedy), ``top_k`` -1 (vLLM's "off") is 0, and the seed is the
+    request's or one drawn for it (``draw_seed``; the stats report it).
+
+    >>> sampling_params(CompletionRequest(prompt="hi", temperature=0.5, top_k=-1, seed=3))
+    SamplingParams(temperature=0.5, seed=3, top_p=1.0, top_k=0, min_p=0.0)
+    """
+    return SamplingParams(
+        temperature=fields.temperature or 0.0,
+        seed=draw_seed(fields.seed),
+        top_p=1.0 if fields.top_p is None else fields.top_p,
+        top_k=max(0, fields.top_k or 0),
+        min_p=fields.min_p or 0.0,
+    )
 
 
 class Strict(BaseModel):
@@ -91,15 +129,9 @@ class RequestFields(Strict):
         """-1: no logprobs; else how many alternatives per token."""
         return -1
 
-    def sampling(self, seed: int) -> SamplingParams:
-        """The sampling parameters, with ``seed`` (the request's, or one drawn for it)."""
-        return SamplingParams(
-            temperature=self.temperature or 0.0,
-            seed=seed,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(0, self.top_k or 0),
-            min_p=self.min_p or 0.0,
-        )
+    def sampling(self) -> SamplingParams:
+        """The sampling parameters (``sampling_params``), a seed drawn when the body gave none."""
+        return sampling_params(self)
 
 
 class CompletionRequest(RequestFields):

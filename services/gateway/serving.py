@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -170,7 +169,6 @@ class OpenAIServing:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if body.user is not None:
             log.info("request_user", request_id=reply.id, user=body.user)
-        seed = secrets.randbits(63) if body.seed is None else body.seed
         return Job(
             reply,
             prompt,
@@ -178,7 +176,7 @@ class OpenAIServing:
             echo,
             body.stream,
             include_usage,
-            body.sampling(seed),
+            body.sampling(),
             body.n,
             body.top_logprobs_wanted(),
         )

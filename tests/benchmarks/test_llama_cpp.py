@@ -2,7 +2,6 @@
 llama-speculative-simple's summary, where it looks for the binaries, and the serving table with
 the llama systems in it. Nothing is built or run."""
 
-import doctest
 import io
 import os
 import tarfile
@@ -66,10 +65,6 @@ draft:
 
 llama_perf_context_print:        load time =     300.00 ms
 """
-
-
-def test_doctests():
-    assert doctest.testmod(llama_cpp).failed == 0
 
 
 def test_build_commands():

@@ -2,7 +2,6 @@
 logits are known, llama-perplexity's output parsing, and the greedy comparison. No binaries, no
 real models."""
 
-import doctest
 import math
 
 import pytest
@@ -61,10 +60,6 @@ def fake_logits(token: int) -> torch.Tensor:
 
 def nll(prev: int, nxt: int) -> float:
     return -math.log(0.5 if nxt == (prev + 1) % VOCAB else 0.5 / (VOCAB - 1))
-
-
-def test_doctests():
-    assert doctest.testmod(quality).failed == 0
 
 
 def test_chunks_drop_the_tail_and_put_bos_first():

@@ -1,16 +1,9 @@
 """The soak's verdicts on tiny arrays: RSS stability after warm-up and which requests failed."""
 
-import doctest
-
 import pytest
 
-from benchmarks import soak
 from benchmarks.load_test import Result
 from benchmarks.soak import request_errors, rss_verdict, verdicts
-
-
-def test_doctests():
-    assert doctest.testmod(soak).failed == 0
 
 
 def test_baseline_is_the_first_sample_at_or_after_warmup():

@@ -3,16 +3,10 @@ multi-process test: tests/e2e, tests/services/gateway/test_real_models.py, ...).
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 
 from deploy import harness
 from deploy.launch import plan_from_config
-
-
-def test_doctest():
-    assert doctest.testmod(harness).failed == 0
 
 
 @pytest.mark.parametrize(

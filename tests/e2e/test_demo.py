@@ -8,7 +8,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.tiny_models import tiny_llama
+
+pytestmark = pytest.mark.slow  # three processes and two models: about half a minute
 
 
 def test_demo_prints_the_side_by_side_line_with_the_same_text(tmp_path):
@@ -59,12 +63,3 @@ threads = 1
     assert line is not None, run.stdout[-3000:]
     assert line[1] == "yes", run.stdout[-3000:]
     assert "tokens per pass" in run.stdout
-
-
-def test_the_side_by_side_lines_worked_example_holds():
-    import doctest
-
-    from deploy import demo
-
-    failed, attempted = doctest.testmod(demo)
-    assert attempted >= 1 and failed == 0

@@ -1,4 +1,4 @@
-"""The level hijack of issue 11, replayed against a real system (launcher, fresh CURVE keys):
+"""A level hijack, replayed against a real system (launcher, fresh CURVE keys):
 a script registers itself as the target under the live target's replica id with a new
 incarnation and the public vocabulary fingerprint, then answers any prompt it receives with
 " HACKED TEXT". Without an allowed key the handshake stops it; with another level's key the

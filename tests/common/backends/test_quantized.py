@@ -8,7 +8,6 @@ Tiny random Llama and Qwen2 models written as GGUF files (``tests.tiny_models.to
 
 from __future__ import annotations
 
-import doctest
 import random
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 import torch
 
 from common import kernels, model_catalog
-from common.backends import gguf_model, quantized
 from common.backends.batched import Run, greedy_decode, one_at_a_time
 from common.backends.quantized import QuantizedRunner
 from tests.common.backends.batched_fixtures import BUILDERS
@@ -35,12 +33,6 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
-
-
-def test_worked_examples():
-    for module in (quantized, gguf_model):
-        result = doctest.testmod(module)
-        assert result.failed == 0
 
 
 def test_it_serves_the_model_in_the_file(tmp_path, monkeypatch):

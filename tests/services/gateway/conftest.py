@@ -4,9 +4,13 @@ survive."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from common.settings import GatewaySettings
 
 EOS = "<|endoftext|>"
 CORPUS = [
@@ -32,3 +36,26 @@ def byte_level_bpe(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return byte_level_bpe()
+
+
+# What every gateway test runs on: two levels, ports the OS picks, no lingering sockets, and plain
+# TCP (fake stages; CURVE is tested in tests/e2e/test_security.py).
+GATEWAY_TEST_SETTINGS = dict(
+    tokenizer="built-in-test",
+    num_levels=2,
+    registry_port=0,
+    client_port=0,
+    linger_ms=0,
+    insecure=True,
+)
+
+
+@pytest.fixture
+def gateway_settings() -> Callable[..., GatewaySettings]:
+    """``gateway_settings(**overrides)``: the gateway settings of these tests, with ``overrides``
+    (any ``GatewaySettings`` field) on top."""
+
+    def make(**overrides) -> GatewaySettings:
+        return GatewaySettings(**(GATEWAY_TEST_SETTINGS | overrides))
+
+    return make

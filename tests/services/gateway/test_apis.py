@@ -40,18 +40,7 @@ def wait_until(condition, timeout_s: float = 5.0) -> None:
 class System:
     """App + gateway + client API, and a faked drafter and target that reply with TEXT."""
 
-    def __init__(self, tokenizer, settings: dict | None = None, **target_options):
-        fields = dict(
-            tokenizer="built-in-test",
-            num_levels=2,
-            registry_port=0,
-            client_port=0,
-            linger_ms=0,
-            default_max_tokens=64,
-            chat_template=CHAT_TEMPLATE,
-            insecure=True,  # fake stages on plain TCP; CURVE is tested in tests/e2e/test_security.py
-        )
-        settings = GatewaySettings(**(fields | (settings or {})))
+    def __init__(self, tokenizer, settings: GatewaySettings, **target_options):
         self.gateway = Gateway(settings, fingerprint(tokenizer), [tokenizer.eos_token_id])
         self.client_api = ClientApi(self.gateway, tokenizer)
         self.app = create_app(self.gateway, tokenizer, self.client_api)
@@ -73,9 +62,21 @@ class System:
             stage.stop()
 
 
+@pytest.fixture
+def make_system(tokenizer, gateway_settings):
+    """``make_system(settings=None, **target_options)``: a System on the shared test settings
+    with 64 tokens by default and the test chat template, then the fields in ``settings``."""
+
+    def make(settings: dict | None = None, **target_options) -> System:
+        fields = dict(default_max_tokens=64, chat_template=CHAT_TEMPLATE) | (settings or {})
+        return System(tokenizer, gateway_settings(**fields), **target_options)
+
+    return make
+
+
 @contextlib.contextmanager
-def running(tokenizer, settings: dict | None = None, **target_options):
-    system = System(tokenizer, settings, **target_options)
+def running(system: System):
+    """``system`` served by a TestClient (``system.http``), with its stages up."""
     with TestClient(system.app) as http:
         system.http = http
         system.start_stages()
@@ -86,8 +87,8 @@ def running(tokenizer, settings: dict | None = None, **target_options):
 
 
 @pytest.fixture
-def system(tokenizer):
-    with running(tokenizer) as system:
+def system(make_system):
+    with running(make_system()) as system:
         yield system
 
 
@@ -197,8 +198,10 @@ def test_chat_stream_starts_with_the_role_and_ends_with_an_empty_delta(system):
     ],
 )
 @pytest.mark.parametrize("stream", [True, False])
-def test_stop_strings_end_the_request_and_never_reach_the_client(tokenizer, stop, expected, stream):
-    with running(tokenizer, piece=1, delay_s=0.01) as system:
+def test_stop_strings_end_the_request_and_never_reach_the_client(
+    make_system, stop, expected, stream
+):
+    with running(make_system(piece=1, delay_s=0.01)) as system:
         body = {"prompt": "Le café", "stop": stop}
         if stream:
             chunks = stream_chunks(system, "/v1/completions", body)
@@ -230,9 +233,9 @@ def test_echo_and_token_id_prompts(system):
     assert "".join(c["choices"][0]["text"] for c in chunks) == "Le café" + TEXT
 
 
-def test_requests_beyond_the_admission_limits_get_429(tokenizer):
+def test_requests_beyond_the_admission_limits_get_429(make_system):
     settings = {"max_requests_in_flight": 1, "max_queued_requests": 1, "queue_timeout_s": 0.2}
-    with running(tokenizer, settings, piece=1, delay_s=0.05) as system:
+    with running(make_system(settings, piece=1, delay_s=0.05)) as system:
         first = threading.Thread(
             target=system.http.post, args=("/v1/completions",), kwargs={"json": {"prompt": "a"}}
         )
@@ -333,8 +336,8 @@ def test_zmq_bad_input_gets_an_error_and_nothing_breaks(system, payload, words):
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_http_client_disconnect_cancels_the_request(tokenizer, stream):
-    system = System(tokenizer, piece=1, delay_s=0.05)
+def test_http_client_disconnect_cancels_the_request(make_system, stream):
+    system = make_system(piece=1, delay_s=0.05)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(system.app, host="127.0.0.1", port=port, log_level="warning")
@@ -362,9 +365,9 @@ def test_http_client_disconnect_cancels_the_request(tokenizer, stream):
         thread.join(timeout=10)
 
 
-def test_kv_usage_on_health_and_metrics_and_a_request_no_pool_can_hold(tokenizer):
+def test_kv_usage_on_health_and_metrics_and_a_request_no_pool_can_hold(make_system, tokenizer):
     """The target reports 48 of 192 KV positions reserved and 2 requests waiting for room."""
-    with running(tokenizer, {"route_wait_s": 0.1}, kv=(48, 192, 2)) as system:
+    with running(make_system({"route_wait_s": 0.1}, kv=(48, 192, 2))) as system:
         levels = system.http.get("/health").json()["levels"]
         target, drafter = levels[1][0], levels[0][0]
         assert (target["kv_used_tokens"], target["kv_capacity_tokens"]) == (48, 192)

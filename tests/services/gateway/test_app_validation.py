@@ -7,7 +7,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from common.protocol import Heartbeat
-from common.settings import GatewaySettings
 from common.tokenization import fingerprint
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
@@ -18,18 +17,12 @@ BODY_LIMIT = 4096
 
 
 @pytest.fixture
-def gateway(tokenizer) -> Gateway:
-    settings = GatewaySettings(
-        tokenizer="built-in-test",
-        num_levels=2,
+def gateway(tokenizer, gateway_settings) -> Gateway:
+    settings = gateway_settings(
         served_model_name=MODEL,
-        registry_port=0,
-        client_port=0,
-        linger_ms=0,
         max_tokens_limit=LIMIT,
         max_request_bytes=BODY_LIMIT,
         route_wait_s=0.1,  # no stages here: requests that pass validation end in 503 quickly
-        insecure=True,
     )
     return Gateway(settings, fingerprint(tokenizer), [tokenizer.eos_token_id])
 

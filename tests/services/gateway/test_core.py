@@ -13,7 +13,6 @@ import zmq
 
 from common.codec import encode
 from common.protocol import RequestError
-from common.settings import GatewaySettings
 from common.tokenization import fingerprint
 from services.gateway.admission import Overloaded
 from services.gateway.core import Gateway
@@ -35,39 +34,37 @@ def script(tokenizer) -> list[int]:
     return tokenizer.encode(TEXT) + [tokenizer.eos_token_id]
 
 
-@contextlib.asynccontextmanager
-async def running_gateway(tokenizer, **overrides):
-    fields = (
-        dict(
-            tokenizer="built-in-test",
-            num_levels=2,
-            registry_port=0,
-            client_port=0,
-            linger_ms=0,
-            heartbeat_timeout_s=0.3,
-            resend_after_s=0.2,
-            insecure=True,  # fake stages on plain TCP; CURVE is tested in tests/e2e/test_security.py
-        )
-        | overrides
-    )
-    gateway = Gateway(GatewaySettings(**fields), fingerprint(tokenizer), [tokenizer.eos_token_id])
-    await gateway.start()
-    stages: list[FakeStage] = []
+@pytest.fixture
+def running_gateway(tokenizer, gateway_settings):
+    """``async with running_gateway(**overrides) as (gateway, stage)``: a started gateway on the
+    shared test settings (quick heartbeat timeout and re-sync, then ``overrides``), and
+    ``stage(level, script, **kw)`` to start a fake stage for it."""
 
-    def stage(level: int, script=None, **kw) -> FakeStage:
-        stages.append(
-            FakeStage(gateway.reply_to, level, script, fingerprint=fingerprint(tokenizer), **kw)
+    @contextlib.asynccontextmanager
+    async def run(**overrides):
+        settings = gateway_settings(
+            **(dict(heartbeat_timeout_s=0.3, resend_after_s=0.2) | overrides)
         )
-        return stages[-1]
+        gateway = Gateway(settings, fingerprint(tokenizer), [tokenizer.eos_token_id])
+        await gateway.start()
+        stages: list[FakeStage] = []
 
-    try:
-        yield gateway, stage
-        await until(lambda: not gateway.tracker.requests)
-        assert gateway.requests_running == 0, "every ended request gives its slot back"
-    finally:
-        for s in stages:
-            s.stop()
-        await gateway.stop()
+        def stage(level: int, script=None, **kw) -> FakeStage:
+            stages.append(
+                FakeStage(gateway.reply_to, level, script, fingerprint=fingerprint(tokenizer), **kw)
+            )
+            return stages[-1]
+
+        try:
+            yield gateway, stage
+            await until(lambda: not gateway.tracker.requests)
+            assert gateway.requests_running == 0, "every ended request gives its slot back"
+        finally:
+            for s in stages:
+                s.stop()
+            await gateway.stop()
+
+    return run
 
 
 async def until(condition, timeout_s: float = 5.0) -> None:
@@ -87,9 +84,9 @@ async def collect(generation) -> tuple[list[int], FinishEvent]:
     raise AssertionError("no finish event")
 
 
-def test_streams_the_targets_output_with_statistics(tokenizer, script):
+def test_streams_the_targets_output_with_statistics(running_gateway, tokenizer, script):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             drafter, target = stage(0), stage(1, script)
             await until(lambda: gateway.unavailable_reason() is None)
             ids, finish = await collect(
@@ -117,9 +114,9 @@ def test_streams_the_targets_output_with_statistics(tokenizer, script):
     asyncio.run(main())
 
 
-def test_max_tokens_is_passed_to_the_target(tokenizer, script):
+def test_max_tokens_is_passed_to_the_target(running_gateway, script):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             stage(0), stage(1, script)
             await until(lambda: gateway.unavailable_reason() is None)
             ids, finish = await collect(await gateway.generate([5, 6], max_tokens=3))
@@ -128,9 +125,9 @@ def test_max_tokens_is_passed_to_the_target(tokenizer, script):
     asyncio.run(main())
 
 
-def test_leaving_early_cancels_at_every_stage(tokenizer, script):
+def test_leaving_early_cancels_at_every_stage(running_gateway, script):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             drafter, target = stage(0), stage(1, script, piece=1, delay_s=0.05)
             await until(lambda: gateway.unavailable_reason() is None)
             async with await gateway.generate([5, 6], max_tokens=64) as generation:
@@ -144,9 +141,9 @@ def test_leaving_early_cancels_at_every_stage(tokenizer, script):
     asyncio.run(main())
 
 
-def test_task_cancellation_while_waiting_cancels_the_request(tokenizer):
+def test_task_cancellation_while_waiting_cancels_the_request(running_gateway):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             stage(0), stage(1)  # a target that never answers
             await until(lambda: gateway.unavailable_reason() is None)
             task = asyncio.create_task(collect(await gateway.generate([5], max_tokens=4)))
@@ -159,9 +156,9 @@ def test_task_cancellation_while_waiting_cancels_the_request(tokenizer):
     asyncio.run(main())
 
 
-def test_a_dead_target_is_replaced_when_one_appears(tokenizer, script):
+def test_a_dead_target_is_replaced_when_one_appears(running_gateway, script):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             stage(0), stage(1, script, die_on_start=True)
             await until(lambda: gateway.unavailable_reason() is None)
             generation = await gateway.generate([5, 6], max_tokens=64)
@@ -175,12 +172,12 @@ def test_a_dead_target_is_replaced_when_one_appears(tokenizer, script):
     asyncio.run(main())
 
 
-def test_a_request_waits_for_a_level_without_replicas_then_gets_no_route(tokenizer, script):
+def test_a_request_waits_for_a_level_without_replicas_then_gets_no_route(running_gateway, script):
     """A level with no live replica (a late heartbeat, a restart) holds a new request for up to
     ``route_wait_s``: it runs if a replica appears in time, and fails with NoRoute if not."""
 
     async def main():
-        async with running_gateway(tokenizer, route_wait_s=2.0) as (gateway, stage):
+        async with running_gateway(route_wait_s=2.0) as (gateway, stage):
             stage(0)
             waiting = asyncio.create_task(gateway.generate([5, 6], max_tokens=64))
             await asyncio.sleep(0.5)
@@ -188,7 +185,7 @@ def test_a_request_waits_for_a_level_without_replicas_then_gets_no_route(tokeniz
             stage(1, script)
             ids, finish = await collect(await waiting)
             assert ids == script and finish.finish_reason == "stop"
-        async with running_gateway(tokenizer, route_wait_s=0.4) as (gateway, stage):
+        async with running_gateway(route_wait_s=0.4) as (gateway, stage):
             stage(0)
             started = time.monotonic()
             with pytest.raises(NoRoute, match="no live replica at level 1"):
@@ -199,9 +196,9 @@ def test_a_request_waits_for_a_level_without_replicas_then_gets_no_route(tokeniz
     asyncio.run(main())
 
 
-def test_a_dead_drafter_without_replacement_does_not_stop_the_request(tokenizer, script):
+def test_a_dead_drafter_without_replacement_does_not_stop_the_request(running_gateway, script):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             drafter, _ = stage(0, die_on_start=True), stage(1, script, piece=1, delay_s=0.025)
             await until(lambda: gateway.unavailable_reason() is None)
             ids, finish = await collect(await gateway.generate([5, 6], max_tokens=64))
@@ -211,9 +208,9 @@ def test_a_dead_drafter_without_replacement_does_not_stop_the_request(tokenizer,
     asyncio.run(main())
 
 
-def test_requests_time_out_and_are_cancelled(tokenizer):
+def test_requests_time_out_and_are_cancelled(running_gateway):
     async def main():
-        async with running_gateway(tokenizer, request_timeout_s=0.3) as (gateway, stage):
+        async with running_gateway(request_timeout_s=0.3) as (gateway, stage):
             _, target = stage(0), stage(1)
             await until(lambda: gateway.unavailable_reason() is None)
             with pytest.raises(GenerationTimeout, match="timed out"):
@@ -223,9 +220,9 @@ def test_requests_time_out_and_are_cancelled(tokenizer):
     asyncio.run(main())
 
 
-def test_a_stage_error_fails_the_request(tokenizer):
+def test_a_stage_error_fails_the_request(running_gateway):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             stage(0), stage(1)
             await until(lambda: gateway.unavailable_reason() is None)
             generation = await gateway.generate([5], max_tokens=4)
@@ -248,9 +245,9 @@ def test_a_stage_error_fails_the_request(tokenizer):
     asyncio.run(main())
 
 
-def test_undecodable_frames_are_counted_and_dropped(tokenizer, script):
+def test_undecodable_frames_are_counted_and_dropped(running_gateway, script):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             push = gateway.context.socket(zmq.PUSH)
             push.connect(gateway.reply_to)
             for junk in (
@@ -272,9 +269,9 @@ def test_undecodable_frames_are_counted_and_dropped(tokenizer, script):
     asyncio.run(main())
 
 
-def test_cancelling_wakes_a_waiting_consumer(tokenizer):
+def test_cancelling_wakes_a_waiting_consumer(running_gateway):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             _, target = stage(0), stage(1)  # a target that never answers
             await until(lambda: gateway.unavailable_reason() is None)
             generation = await gateway.generate([5], max_tokens=4)
@@ -288,9 +285,9 @@ def test_cancelling_wakes_a_waiting_consumer(tokenizer):
     asyncio.run(main())
 
 
-def test_stop_ends_the_request_early_with_statistics(tokenizer, script):
+def test_stop_ends_the_request_early_with_statistics(running_gateway, script):
     async def main():
-        async with running_gateway(tokenizer) as (gateway, stage):
+        async with running_gateway() as (gateway, stage):
             _, target = stage(0), stage(1, script, piece=1, delay_s=0.02)
             await until(lambda: gateway.unavailable_reason() is None)
             generation = await gateway.generate([5, 6], max_tokens=64)
@@ -307,10 +304,10 @@ def test_stop_ends_the_request_early_with_statistics(tokenizer, script):
     asyncio.run(main())
 
 
-def test_admission_queues_then_refuses_and_counts(tokenizer, script):
+def test_admission_queues_then_refuses_and_counts(running_gateway, script):
     async def main():
         limits = dict(max_requests_in_flight=1, max_queued_requests=1, queue_timeout_s=5)
-        async with running_gateway(tokenizer, **limits) as (gateway, stage):
+        async with running_gateway(**limits) as (gateway, stage):
             stage(0), stage(1, script, piece=1, delay_s=0.02)
             await until(lambda: gateway.unavailable_reason() is None)
             first = await gateway.generate([5], max_tokens=5)

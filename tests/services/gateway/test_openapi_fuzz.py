@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS
 
-from common.settings import GatewaySettings
 from common.tokenization import fingerprint
 from deploy.launch import free_port
 from services.gateway.__main__ import Server
@@ -35,18 +34,12 @@ TEXT = "Hello, schema!"
 
 
 @pytest.fixture
-def served(tokenizer):
-    settings = GatewaySettings(
-        tokenizer="built-in-test",
-        num_levels=2,
+def served(tokenizer, gateway_settings):
+    settings = gateway_settings(
         http_port=free_port(),
-        registry_port=0,
-        client_port=0,
-        linger_ms=0,
         max_tokens_limit=64,
         default_max_tokens=16,
         max_requests_in_flight=8,
-        insecure=True,  # fake stages on plain TCP; CURVE is tested in tests/e2e/test_security.py
     )
     gateway = Gateway(settings, fingerprint(tokenizer), [tokenizer.eos_token_id])
     app = create_app(gateway, tokenizer, ClientApi(gateway, tokenizer))

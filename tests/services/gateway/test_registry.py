@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 
 from common.protocol import Heartbeat
-from services.gateway import registry as registry_module
 from services.gateway.registry import NoRoute, ReplicaRegistry, routing_key
 
 FP = "gateway-vocab"
@@ -183,11 +180,6 @@ def test_refusals_expire_with_their_heartbeats(registry, clock):
 
 
 # -- KV memory ---------------------------------------------------------------------------------
-
-
-def test_the_worked_examples_in_the_docstrings_hold():
-    result = doctest.testmod(registry_module)
-    assert result.attempted >= 2 and result.failed == 0
 
 
 @pytest.mark.parametrize(
