@@ -1,4 +1,4 @@
-"""Acceptance through the pipeline against the drafter offline, verdict by verdict.
+"""Does the pipeline accept exactly the drafts the drafter picks offline, verdict by verdict?
 
 A k=2 system runs the prompts with its target logging every verification (the stage's
 ``drafts_verified`` debug event: output position of the first draft, drafts, accepted). Each pass

@@ -1,7 +1,10 @@
-"""What a batched pass costs: the numbers behind docs/batched-runner.md.
+"""What does a pass cost, batched or not, by requests and tokens? The numbers behind
+docs/batched-runner.md and the CPU notes of benchmarks/results/README.md.
 
     python -m benchmarks.batched_costs padding            # lone 1-token step, row padding on/off
     python -m benchmarks.batched_costs curve              # pass cost vs requests x tokens
+    python -m benchmarks.batched_costs curve --model qwen2.5-coder-1.5b --requests 1 \
+        --tokens 1,2,3,4,6,8,12,16                         # one request: what a window of k costs
     python -m benchmarks.batched_costs cb                 # transformers' continuous batching
     python -m benchmarks.batched_costs agree --model qwen2.5-coder-0.5b   # vs generate
 
@@ -9,9 +12,10 @@
 context) through the batched runner with ``min_rows`` as probed on this machine, 4 and 1, and
 through the transformers model with a ``DynamicCache``.
 
-``curve``: min and median ms of one runner pass in which R requests (64-token contexts) each feed T tokens,
-for R in 1, 2, 4, 8, 16 and T in 1, 4, against R separate transformers passes of T tokens each
-(what the per-request engine pays today).
+``curve``: min and median ms of one runner pass in which R requests (64-token contexts) each feed
+T tokens, for R in ``--requests`` (1, 2, 4, 8, 16) and T in ``--tokens`` (1, 4), against R separate
+transformers passes of T tokens each (a per-request engine's cost; at R = 1, what a verifier pays
+for a window of T - 1 drafts).
 
 ``agree``: greedy decoding of a few prompts through the runner (all in one batch) against
 transformers ``generate``: prompts fully equal, the top-2 margin at any first divergence, and the
@@ -111,12 +115,18 @@ def padding(model: str, repeats: int, weight_layout: str = "auto") -> None:
     print(json.dumps({"what": "lone 1-token step, ms (min, median)"} | got))
 
 
-def curve(model: str, repeats: int, weight_layout: str = "auto") -> None:
-    runner = HFBatchedBackend(
-        model, threads=1, kv_pool_tokens=16 * (CONTEXT + 16), weight_layout=weight_layout
-    )
-    for tokens in (1, 4):
-        for requests in (1, 2, 4, 8, 16):
+def curve(
+    model: str,
+    repeats: int,
+    weight_layout: str = "auto",
+    requests_list: tuple[int, ...] = (1, 2, 4, 8, 16),
+    tokens_list: tuple[int, ...] = (1, 4),
+) -> None:
+    per_request = -(-(CONTEXT + max(tokens_list)) // 16) * 16  # the pool's blocks: 16 positions
+    pool = max(requests_list) * per_request
+    runner = HFBatchedBackend(model, threads=1, kv_pool_tokens=pool, weight_layout=weight_layout)
+    for tokens in tokens_list:
+        for requests in requests_list:
             once, close = _runner_pass(runner, requests, tokens)
             fns = {
                 "runner": once,
@@ -211,8 +221,17 @@ def agree(model: str, new_tokens: int = 16) -> None:
     print(json.dumps(report | {"of": len(prompts), "max_abs_logit_delta": delta.item()}))
 
 
+def counts(text: str) -> tuple[int, ...]:
+    """``--requests`` / ``--tokens``: comma-separated positive counts.
+
+    >>> counts("1, 2,16")
+    (1, 2, 16)
+    """
+    return tuple(int(c) for c in text.split(",") if c.strip())
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("padding", "curve", "cb", "agree"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=9)
@@ -222,12 +241,14 @@ def main() -> None:
         default="auto",
         help="padding, curve: how the runner stores its weights (auto: probe both)",
     )
+    parser.add_argument("--requests", type=counts, default=(1, 2, 4, 8, 16), help="curve: R")
+    parser.add_argument("--tokens", type=counts, default=(1, 4), help="curve: T per request")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "padding":
         padding(args.model, args.repeats, args.weight_layout)
     elif args.what == "curve":
-        curve(args.model, args.repeats, args.weight_layout)
+        curve(args.model, args.repeats, args.weight_layout, args.requests, args.tokens)
     elif args.what == "agree":
         agree(args.model)
     else:

@@ -1,5 +1,5 @@
-"""Offline: how often a drafter's coupled sample equals the target's, against rejection
-sampling's optimum 1 - TV, teacher-forced on the target's own seeded text.
+"""How often does a drafter's coupled sample equal the target's, against rejection's 1 - TV?
+Offline, teacher-forced on the target's own seeded text.
 
 For each prompt the target samples its text with the reference decoder
 (``common.simnet.reference_decode``); then, at every position of that text, on the same prefix:

@@ -1,4 +1,4 @@
-"""What CURVE costs per hop, on loopback, plain and CURVE in the same run:
+"""What does CURVE encryption add per hop? On loopback, plain and CURVE in the same run:
 
     python -m benchmarks.curve_cost [--messages 3000] [--bytes 200 4096]
 

@@ -1,4 +1,4 @@
-"""GPU check: PipeSpec systems on one CUDA device against the target's own ``generate``.
+"""Are PipeSpec systems on one CUDA device exact and fast against the target's ``generate``?
 
     python -m benchmarks.gpu_check                 # ~1B-parameter random Llama, every stage on cuda:0
     python -m benchmarks.gpu_check --small         # tiny models on the CPU: checks the script itself
@@ -53,15 +53,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
+from benchmarks.tiny_models import random_llama, save_tokenizer  # noqa: E402
 from common.backends.batched import Run  # noqa: E402
 from common.backends.batched_hf import BatchedRunner  # noqa: E402
 from deploy.harness import complete, exit_codes, loopback_config, running  # noqa: E402
 from deploy.launch import System, plan_from_config  # noqa: E402
 
-BOS, EOS = 1, 2
 NOISE, ALPHA = 0.004, 0.1
 FULL = dict(vocab=32000, hidden=2048, intermediate=5632, layers=20, heads=32, kv_heads=4, early=5)
 SMALL = dict(vocab=512, hidden=64, intermediate=176, layers=6, heads=4, kv_heads=2, early=2)
@@ -74,35 +73,12 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- models
 
 
-def save_tokenizer(path: Path, vocab_size: int) -> None:
-    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS} | {f"w{i}": i for i in range(3, vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    ).save_pretrained(path)
-
-
 def build_models(
     size: dict, work: Path, device: torch.device, seed: int
 ) -> tuple[LlamaForCausalLM, Path, Path]:
     """T (kept in memory, fp32, on ``device``) and the directories of T and N."""
-    config = LlamaConfig(
-        vocab_size=size["vocab"],
-        hidden_size=size["hidden"],
-        intermediate_size=size["intermediate"],
-        num_hidden_layers=size["layers"],
-        num_attention_heads=size["heads"],
-        num_key_value_heads=size["kv_heads"],
-        max_position_embeddings=2048,
-        initializer_range=0.05,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-    )
-    torch.manual_seed(seed)
-    with device:
-        target = LlamaForCausalLM(config).eval()
+    shape = {k: v for k, v in size.items() if k != "early"}
+    target = random_llama(**shape, init=0.05, max_positions=2048, seed=seed, device=device)
     with torch.no_grad():
         for layer in target.model.layers[size["early"] :]:
             layer.self_attn.o_proj.weight.mul_(ALPHA)

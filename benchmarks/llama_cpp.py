@@ -24,7 +24,6 @@ the ``--n`` shortest HumanEval prompts (greedy, ``--max-tokens``), each setting'
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -330,39 +329,6 @@ def launch_servers(
         running[name] = srv
         log(f"{name}: llama-server -np {n} -c {ctx} on {model.name}, log {srv.log_path}")
     return running, errors
-
-
-def serving_round(
-    system: str,
-    srv: Server,
-    prompts: Sequence[tuple[str, str]],
-    clients: int,
-    repeat: int,
-    per_client: int,
-    max_tokens: int,
-    encode,
-    reference: dict[str, str] | None = None,
-):
-    """One round of ``benchmarks.serving`` against ``srv``: as its ``serve_round``, the same
-    clients, the bodies with ``completion_extras()``; no stage counters. A ``serving.Round``."""
-    from benchmarks import serving
-
-    pids = {"llama-server": srv.pid}
-    cpu_before = serving.cpu_seconds(pids)
-    wall, done = asyncio.run(
-        serving.run_clients(
-            srv.url, system, prompts, clients, per_client, max_tokens, completion_extras()
-        )
-    )
-    cpu = serving.cpu_seconds(pids)
-    return serving.Round(
-        system,
-        clients,
-        repeat,
-        wall,
-        [serving.served_request(i, pid, res, encode, reference) for i, pid, res in done],
-        cpu_s={k: round(v - cpu_before[k], 2) for k, v in cpu.items() if k in cpu_before},
-    )
 
 
 # ---------------------------------------------------------------------------- llama-bench

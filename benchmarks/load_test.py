@@ -1,4 +1,4 @@
-"""Load test: concurrent streaming clients against the OpenAI API of a PipeSpec system.
+"""What throughput and latency do concurrent streaming clients get from a PipeSpec system?
 
     python -m benchmarks.load_test                                 # 32 clients, 60 s, k=3 simulated
     python -m benchmarks.load_test --clients 8 --duration 10
@@ -31,23 +31,14 @@ from deploy.harness import launched, loopback_config
 
 ERROR_PAUSE_S = 0.1  # a client whose request failed waits this long before the next one
 SIM_VOCAB = 90  # simulated ids 0..89; the tokenizer has 96 words and EOS is "w95"
-TOKENIZER_WORDS = 96
 
 
 def save_simulation_tokenizer(path: Path) -> Path:
-    """A word-level tokenizer ("<unk>", "<s>", "</s>", "w3" ... "w95") whose EOS is "w95", so a
+    """The word-level tokenizer (``benchmarks.tiny_models``) with "w95" as its EOS, so a
     simulated backend with ``sim_vocab = SIM_VOCAB`` never ends a request early."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from benchmarks.tiny_models import VOCAB_SIZE, save_tokenizer
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, TOKENIZER_WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    eos = f"w{TOKENIZER_WORDS - 1}"
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos).save_pretrained(
-        path
-    )
-    return path
+    return save_tokenizer(path, eos_token=f"w{VOCAB_SIZE - 1}")
 
 
 def simulated_config(tokenizer: Path, levels: int = 3, target_ms: float = 10.0, **gateway) -> dict:

@@ -20,6 +20,7 @@ Vocabulary (the same for every method, so rows compare):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from collections.abc import Sequence
@@ -276,6 +277,25 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
 
 
+@contextlib.contextmanager
+def figure(path: Path, panels: int = 1, panel_size: tuple[float, float] = (6.5, 4.6)):
+    """Axes for ``panels`` side-by-side panels; the figure is saved to ``path`` (PNG) when the
+    block ends. matplotlib without a display; ImportError where it is not installed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width, height = panel_size
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    try:
+        yield list(axes[0])
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
 def plot(
     path: Path,
     rows: Sequence[dict[str, Any]],
@@ -284,50 +304,44 @@ def plot(
 ) -> None:
     """One panel per suite: end-to-end speedup over autoregressive per method; the simulated
     panel also shows the ideal schedule and the paper's numbers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     suites = list(dict.fromkeys(r["suite"] for r in rows))
-    fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.6), squeeze=False)
-    for ax, suite in zip(axes[0], suites):
-        measured = [
-            r
-            for r in rows
-            if r["suite"] == suite and r.get("kind") == "measured" and "error" not in r
-        ]
-        ideal = {
-            r["method"]: r
-            for r in rows
-            if r["suite"] == suite and r.get("kind") == "ideal" and "error" not in r
-        }
-        names = [r["method"] for r in measured]
-        x = list(range(len(names)))
-        series = [("measured", [r.get("speedup") or 0 for r in measured])]
-        if ideal:
-            series.append(("ideal schedule", [ideal.get(n, {}).get("speedup") or 0 for n in names]))
-        if paper and suite == paper_suite:
-            series.append(("paper (A100)", [paper.get(n, 0) for n in names]))
-        width = 0.8 / len(series)
-        for i, (label, values) in enumerate(series):
-            bars = ax.bar(
-                [v + (i - (len(series) - 1) / 2) * width for v in x], values, width, label=label
-            )
-            ax.bar_label(
-                bars,
-                labels=[f"{v:.2f}" if v else "" for v in values],
-                fontsize=6,
-                rotation=90,
-                padding=2,
-            )
-        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
-        ax.set_ylabel("speedup over autoregressive (x)")
-        ax.set_title(suite)
-        ax.legend(fontsize=7)
-        ax.margins(y=0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, len(suites)) as axes:
+        for ax, suite in zip(axes, suites):
+            _speedup_panel(ax, suite, rows, paper if suite == paper_suite else None)
+
+
+def _speedup_panel(ax, suite: str, rows: Sequence[dict[str, Any]], paper) -> None:
+    measured = [
+        r for r in rows if r["suite"] == suite and r.get("kind") == "measured" and "error" not in r
+    ]
+    ideal = {
+        r["method"]: r
+        for r in rows
+        if r["suite"] == suite and r.get("kind") == "ideal" and "error" not in r
+    }
+    names = [r["method"] for r in measured]
+    x = list(range(len(names)))
+    series = [("measured", [r.get("speedup") or 0 for r in measured])]
+    if ideal:
+        series.append(("ideal schedule", [ideal.get(n, {}).get("speedup") or 0 for n in names]))
+    if paper:
+        series.append(("paper (A100)", [paper.get(n, 0) for n in names]))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        bars = ax.bar(
+            [v + (i - (len(series) - 1) / 2) * width for v in x], values, width, label=label
+        )
+        ax.bar_label(
+            bars,
+            labels=[f"{v:.2f}" if v else "" for v in values],
+            fontsize=6,
+            rotation=90,
+            padding=2,
+        )
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("speedup over autoregressive (x)")
+    ax.set_title(suite)
+    ax.legend(fontsize=7)
+    ax.margins(y=0.2)

@@ -68,7 +68,7 @@ import httpx
 
 from benchmarks import llama_cpp
 from benchmarks.load_test import one_request
-from benchmarks.report import percentile, ratio, to_jsonable, write_json
+from benchmarks.report import figure, percentile, ratio, to_jsonable, write_json
 from benchmarks.systems import scrape
 from deploy.harness import complete, launched, with_metrics_ports
 
@@ -287,24 +287,16 @@ def markdown(table: dict[str, dict[int, dict[str, Any]]], systems: Sequence[str]
 
 def plot_throughput(path: Path, table: dict[str, dict[int, dict[str, Any]]], title: str) -> None:
     """Aggregate tokens/s against concurrent clients, one line per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for system, by_clients in table.items():
-        xs = sorted(c for c in by_clients if by_clients[c].get("tokens_per_s") is not None)
-        ax.plot(xs, [by_clients[c]["tokens_per_s"] for c in xs], marker="o", label=system)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("aggregate tokens/s (median of repeats)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, panel_size=(6.5, 4.5)) as (ax,):
+        for system, by_clients in table.items():
+            xs = sorted(c for c in by_clients if by_clients[c].get("tokens_per_s") is not None)
+            ax.plot(xs, [by_clients[c]["tokens_per_s"] for c in xs], marker="o", label=system)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("aggregate tokens/s (median of repeats)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -460,6 +452,37 @@ def serve_round(
     )
 
 
+def llama_round(
+    system: str,
+    srv: llama_cpp.Server,
+    prompts: Sequence[tuple[str, str]],
+    clients: int,
+    repeat: int,
+    per_client: int,
+    max_tokens: int,
+    encode,
+    reference: dict[str, str] | None = None,
+):
+    """One round against a llama-server ``srv``: as ``serve_round``, the same clients, the bodies
+    with ``llama_cpp.completion_extras()``; no stage counters."""
+    pids = {"llama-server": srv.pid}
+    cpu_before = cpu_seconds(pids)
+    wall, done = asyncio.run(
+        run_clients(
+            srv.url, system, prompts, clients, per_client, max_tokens, llama_cpp.completion_extras()
+        )
+    )
+    cpu = cpu_seconds(pids)
+    return Round(
+        system,
+        clients,
+        repeat,
+        wall,
+        [served_request(i, pid, res, encode, reference) for i, pid, res in done],
+        cpu_s={k: round(v - cpu_before[k], 2) for k, v in cpu.items() if k in cpu_before},
+    )
+
+
 def serve_interleaved(
     configs: dict[str, dict[str, Any]],
     prompts: Sequence[tuple[str, str]],
@@ -558,11 +581,11 @@ def summary_line(r: Round) -> str:
 def quantized_reference(model: str, ids, max_tokens: int) -> dict[str, list[int]]:
     """Each prompt decoded alone, greedily, one token per pass, by the quantized runner our
     stages serve with (every core: its logits do not depend on the thread count)."""
-    from common.backends.batched_factory import load_batched_backend
+    from common.backends import load_backend
     from common.settings import StageSettings
     from common.simnet import reference_decode
 
-    backend = load_batched_backend(StageSettings(level=0, backend="quantized", model=model))
+    backend = load_backend(StageSettings(level=0, backend="quantized", model=model))
     eos = backend.eos_token_ids
     return {pid: reference_decode(backend, list(t), max_tokens, eos) for pid, t in ids}
 
@@ -682,18 +705,16 @@ def main(argv: list[str] | None = None) -> int:
             llama_stack, slots, gguf, log_dir, args.max_tokens, run.WARMUP_TEXT, log
         )
         for system, srv in llama.items():
-            in_process[system] = lambda clients, repeat, system=system, srv=srv: (
-                llama_cpp.serving_round(
-                    system,
-                    srv,
-                    texts,
-                    clients,
-                    repeat,
-                    args.requests_per_client,
-                    args.max_tokens,
-                    encode,
-                    reference_text,
-                )
+            in_process[system] = lambda clients, repeat, system=system, srv=srv: llama_round(
+                system,
+                srv,
+                texts,
+                clients,
+                repeat,
+                args.requests_per_client,
+                args.max_tokens,
+                encode,
+                reference_text,
             )
         log(f"launching {', '.join(configs)}; logs in {log_dir}")
         rounds, errors = serve_interleaved(

@@ -3,19 +3,19 @@ engines on ``common.simnet``'s virtual clock, with no communication or schedulin
 
 Cost derivation (a simulated pass over n tokens costs ``cost_ms + (n - 1) * per_token_ms``)
 ----------------------------------------------------------------------------------------
-From ``shared/research/pipespec.md`` (Table 2, §1.7, §3.4-3.5; HumanEval, the paper's own runs):
+From ``docs/pipespec.md`` (§3.2 and §3.3; HumanEval, the paper's own runs):
 
-* 70B: autoregressive 123.69 ms/token (Table 2) -> ``cost_ms`` = 123.69, a 1-token pass.
+* 70B: autoregressive 123.69 ms/token (§3.2) -> ``cost_ms`` = 123.69, a 1-token pass.
   In PipeSpec {1B,8B,70B} its mean step took 437 ms while committing 10.75 tokens per verify
-  step (§3.4, §1.7); taking tokens committed as the tokens fed, n = 10.75:
+  step (§3.3); taking tokens committed as the tokens fed, n = 10.75:
   ``per_token_ms`` = (437 - 123.69) / (10.75 - 1) = 32.13.
-* 8B: autoregressive 22.46 ms/token (§3.5, the AR row of the lookahead sweep) -> ``cost_ms``.
-  Its verify steps in {1B,8B,70B} took 28.08 ms committing 4.28 tokens (§3.4, §1.7):
+* 8B: autoregressive 22.46 ms/token (§3.3, the AR row of the lookahead sweep) -> ``cost_ms``.
+  Its verify steps in {1B,8B,70B} took 28.08 ms committing 4.28 tokens (§3.3):
   ``per_token_ms`` = (28.08 - 22.46) / (4.28 - 1) = 1.71.
-* 1B: only drafts in PipeSpec; its mean step took 12.45 ms (§3.4) -> ``cost_ms``. No verify
+* 1B: only drafts in PipeSpec; its mean step took 12.45 ms (§3.3) -> ``cost_ms``. No verify
   step to fit, so ``per_token_ms`` keeps the 8B's ratio to its base: 12.45 * 1.71 / 22.46 = 0.95
   (it matters only when a drafter feeds several adopted tokens after a rollback).
-* Agreement with the 70B (α, §3.4, inverted from the SD runs' mean window): 8B 0.94, 1B 0.92.
+* Agreement with the 70B (α, §3.3, inverted from the SD runs' mean window): 8B 0.94, 1B 0.92.
   The simulated backend draws each level's agreement with the *target* independently, so the
   1B's drafts match the 8B's tokens at about 0.92 * 0.94 ≈ 0.865 (plus a 1-in-89 chance that two wrong tokens agree),
   below the paper's ≈ 0.92 for that pair (the backend has no way to correlate levels' errors).
@@ -44,16 +44,16 @@ SIM_VOCAB = 90  # simulated ids 0..89; the word tokenizer has 96 words, EOS "w95
 SIM_SEED = 7
 SIM_PROMPT_WORDS = 6
 
-# The paper's numbers (shared/research/pipespec.md), all ms.
+# The paper's numbers (docs/pipespec.md), all ms.
 PAPER = {
-    "ar_70b_ms": 123.69,  # Table 2, HumanEval, AR LLaMA3.1-70B
-    "ar_8b_ms": 22.46,  # §3.5, AR 8B in the lookahead sweep
-    "step_1b_ms": 12.45,  # §3.4, PS {1B,8B,70B} mean step per stage
+    "ar_70b_ms": 123.69,  # §3.2 (Table 2), HumanEval, AR LLaMA3.1-70B
+    "ar_8b_ms": 22.46,  # §3.3, AR 8B in the lookahead sweep
+    "step_1b_ms": 12.45,  # §3.3, PS {1B,8B,70B} mean step per stage
     "step_8b_ms": 28.08,
     "step_70b_ms": 437.0,
-    "window_8b": 4.28,  # §1.7, mean tokens committed per verify step
+    "window_8b": 4.28,  # §3.3, mean tokens committed per verify step
     "window_70b": 10.75,
-    "alpha_8b": 0.94,  # §3.4, implied by the SD runs
+    "alpha_8b": 0.94,  # §3.3, implied by the SD runs
     "alpha_1b": 0.92,
 }
 # Table 1/2, HumanEval, speedup over AR LLaMA3.1-70B (123.69 ms/token).

@@ -1,9 +1,9 @@
-"""Soak: a long run under load, watching every process's memory and file descriptors (issue 9).
+"""Does any process's memory or descriptor count grow over a long run under load?
 
     python -m benchmarks.soak                       # 30 minutes (outside the test suite)
     python -m benchmarks.soak --minutes 2 --sample-s 10 --out soak.json
     python -m benchmarks.soak --config deploy/configs/smollm2-k3.toml --clients 32 --minutes 5 \\
-        --warmup-s 60 --sample-s 15                 # issue 9's memory acceptance
+        --warmup-s 60 --sample-s 15                 # the memory check: RSS within 10 %
 
 System (launched supervised, with CURVE keys, by ``deploy.harness.launched``): without
 ``--config``, a gateway and k=3 simulated stages (``benchmarks.load_test.simulated_config``),

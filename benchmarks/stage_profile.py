@@ -1,4 +1,4 @@
-"""Where a stage's time goes: the stage service under cProfile, and a breakdown of its main loop.
+"""Where does a stage's time go: model passes, engine, codec, sockets or waiting?
 
 ``python -m benchmarks.run ... --profile-stages`` starts every stage as
 ``python -m benchmarks.stage_profile`` instead of ``python -m services.stage``: the same
@@ -6,13 +6,17 @@
 ``$PIPESPEC_BENCH_PROFILE`` when the stage stops. ``breakdown(path)`` splits the main loop's
 time into
 
-* forward   model calls: ``Session.forward`` and prefill (``Backend.new_session``)
+* forward   model passes: ``step`` of the stage's batched backend (whichever class under
+            ``common/backends`` it is: every stage serves through one), prefill included
 * engine    the rest of ``StageEngine.step`` and ``handle`` (Python bookkeeping, pydantic
             message construction)
 * codec     msgpack + pydantic: ``common.codec.encode`` / ``decode`` (both directions)
 * sockets   ``zmq`` sends and receives (not the poll)
 * waiting   ``zmq.Poller.poll`` (idle: nothing to do, or waiting for input)
 * other     the loop itself, metrics, ticks
+
+>>> [model_pass(f"/x/common/{f}.py", "step") for f in ("backends/quantized", "stage_engine")]
+[True, False]
 """
 
 from __future__ import annotations
@@ -53,12 +57,16 @@ def _cumulative(stats: pstats.Stats, match) -> float:
     return total
 
 
+def model_pass(file: str, name: str) -> bool:
+    """A batched backend's pass (what ``StageEngine.step`` calls once per pass); a ``step`` that
+    calls another (a subclass's to its base's) is counted once, by ``_cumulative``."""
+    return name == "step" and "common/backends/" in file
+
+
 def breakdown(path: str) -> dict[str, Any]:
     stats = pstats.Stats(path)
     loop = _cumulative(stats, lambda f, n: n == "run" and f.endswith("services/stage/service.py"))
-    forward = _cumulative(
-        stats, lambda f, n: n in ("forward", "new_session") and "common/backends" in f
-    )
+    forward = _cumulative(stats, model_pass)
     step = _cumulative(
         stats, lambda f, n: n in ("step", "handle") and f.endswith("common/stage_engine.py")
     )

@@ -3,11 +3,10 @@
     target = tiny_llama(tmp / "target")                    # seed 0, 4 layers
     draft = tiny_llama(tmp / "draft", seed=1, layers=2)    # same tokenizer, unrelated weights
     close = noisy_copy(target, tmp / "close")  # target + 2 % noise: agrees about half the time
+    gguf = to_gguf(target, tmp / "t.gguf")  # the same model, quantized as llama.cpp lays it out
 
-Every directory holds a ``config.json``, ``model.safetensors`` and a word-level tokenizer over
-``VOCAB_SIZE`` tokens ("<unk>", "<s>", "</s>", then "w3" ... "w95") that ``AutoTokenizer`` loads.
-Weights are drawn with a large ``initializer_range`` so logits are far apart and argmax is stable
-under the tiny float differences between one-token and many-token forward passes.
+The builder and the word-level tokenizer are ``benchmarks.tiny_models``'s (the benchmarks build
+the same models); this module adds what only tests need.
 """
 
 from __future__ import annotations
@@ -15,47 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM
 
-VOCAB_SIZE = 96
-BOS, EOS = 1, 2
+from benchmarks.tiny_models import BOS, EOS, VOCAB_SIZE, save_tokenizer, tiny_llama
 
-
-def save_tokenizer(path: Path) -> None:
-    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS} | {f"w{i}": i for i in range(3, VOCAB_SIZE)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
-    fast.save_pretrained(path)
-
-
-def tiny_llama(path: Path, *, seed: int = 0, layers: int = 4, hidden: int = 32) -> Path:
-    """A random fp32 LlamaForCausalLM with the shared tokenizer, saved to ``path``."""
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    save_tokenizer(path)
-    return path
+__all__ = ["BOS", "EOS", "VOCAB_SIZE", "noisy_copy", "save_tokenizer", "tiny_llama", "to_gguf"]
 
 
 def noisy_copy(source: Path, path: Path, *, noise: float = 0.02, seed: int = 1) -> Path:

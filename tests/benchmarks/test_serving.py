@@ -3,7 +3,6 @@ ratios, the table) on tiny arrays, and one end-to-end round on the simulated bac
 target alone, k=2 and k=3 served, clients 1 and 2, 4 tokens per request. No timing assertions:
 speed claims live only in the benchmark's output."""
 
-import doctest
 import json
 
 import pytest
@@ -12,10 +11,6 @@ from benchmarks import serving
 from benchmarks.load_test import save_simulation_tokenizer, simulated_config
 from benchmarks.report import percentile, to_jsonable
 from benchmarks.serving import Request, Round, cells, markdown, ratios, round_summary
-
-
-def test_doctests():
-    assert doctest.testmod(serving).failed == 0
 
 
 def test_percentile_interpolates_between_ranks():
@@ -79,6 +74,13 @@ def test_round_with_a_failed_request_counts_it_and_not_its_tokens():
     assert (s["tokens"], s["errors"], s["checked"]) == (4, 1, 1)
 
 
+def test_throughput_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    table = {"target": {1: {"tokens_per_s": 20.0}, 2: {"tokens_per_s": None}}}
+    serving.plot_throughput(tmp_path / "t.png", table, "title")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_generate_rounds_are_left_padded_static_batches(tmp_path):
     """(a) on a tiny model: every row of a round's batch equals its prompt decoded alone
     (the reference), and its latencies come from the streamer's step times."""
@@ -97,6 +99,7 @@ def test_generate_rounds_are_left_padded_static_batches(tmp_path):
     assert round_summary(r)["tokens"] == sum(len(reference[p]) for p in "abc") * 2
 
 
+@pytest.mark.slow
 def test_end_to_end_on_the_simulated_backend(tmp_path):
     """Every served system the benchmark compares, on the simulated backend, launched together and
     run interleaved: every request completes, every round has its numbers (CPU seconds of every
