@@ -5,20 +5,19 @@ A BLAS library picks its kernel by the shapes, and kernels sum in different orde
 ``x @ W.T`` can change in its last bits with the number of rows ``M``. Padding every product to ``R``
 rows makes a request's logits independent of the batch and of the window it is fed in, if every
 ``M >= R`` falls in one kernel regime. Where that threshold lies is the machine's business, so the
-runner asks this module at load time (``min_rows = 0``, the default) instead of assuming it:
-
-* test bed of 2026-11-30 (x86, MKL, fp32, one thread): rows bit-identical for every ``M >= 4``;
-* test bed of 2026-12-01 (Xeon with AVX-512 and AMX, MKL 2024.2, fp32, one thread): two regimes,
-  ``M`` = 2..15 and ``M >= 16``, so 4 rows no longer suffice and 16 do.
+runner asks this module at load time (``min_rows = 0``, the default) instead of assuming it. With
+MKL in fp32 on one thread, one CPU gives bit-identical rows for every ``M >= 4``; another (a Xeon
+with AVX-512 and AMX) has two regimes, ``M`` = 2..15 and ``M >= 16``, so 4 rows no longer suffice
+and 16 do. The measurements, machine by machine, are in ``docs/batched-runner.md`` (*Row
+invariance, machine by machine*).
 
 The kernel also depends on how the weight is laid out. Stored column-major (``W.t().contiguous()
 .t()``: the same ``[out, in]`` tensor, its transpose contiguous), ``x @ W.T`` is a plain NN product:
 
-* on the 12-01 bed that has one regime for every ``M`` from 2 up to at least 128 (to 191 for inputs
-  of 4864 or 8960 features, a third regime from 192 rows) and is 1.1-1.6x faster from 4 rows up;
-* on the 12-02 bed (AMD EPYC, AVX-512) both layouts need 4 rows, and the row-major (transformers')
-  layout is 10-20 % faster (a lone SmolLM2 step 152 ms against 177: ``python -m
-  benchmarks.batched_costs padding --weight-layout row|column``).
+* on that Xeon it has one regime for every ``M`` from 2 up to at least 128 (to 191 for inputs of
+  4864 or 8960 features, a third regime from 192 rows) and is faster from 4 rows up;
+* on an AMD EPYC (AVX-512) both layouts need 4 rows, and the row-major (transformers') layout is
+  faster (``python -m benchmarks.batched_costs padding --weight-layout row|column`` compares them).
 
 So the runner probes both layouts (:func:`fewest_rows` on each, ``weight_layout = "auto"``) and
 stores its weights column-major (:func:`store_column_major`) only where that needs fewer rows. It
