@@ -433,11 +433,9 @@ def serve_round(
     stage did meanwhile (``cpu_seconds``, ``round_counters``)."""
     model = served.plan.gateway.served_model_name
     before = [stage_counters(port) for port in served.ports]
-    cpu_before = cpu_seconds(served.pids)
-    wall, done = asyncio.run(
-        run_clients(served.plan.http_url, model, prompts, clients, per_client, max_tokens)
+    wall, done, cpu = timed_clients(
+        served.plan.http_url, model, prompts, clients, per_client, max_tokens, served.pids
     )
-    cpu = cpu_seconds(served.pids)
     after = [stage_counters(port) for port in served.ports]
     target = [(c["passes"], c["requests"]) for c in (before[-1], after[-1])]
     return Round(
@@ -447,9 +445,20 @@ def serve_round(
         wall,
         [served_request(i, pid, res, encode, reference) for i, pid, res in done],
         per_pass(*target),
-        {k: round(v - cpu_before[k], 2) for k, v in cpu.items() if k in cpu_before},
+        cpu,
         {f"stage{i}": round_counters(b, a) for i, (b, a) in enumerate(zip(before, after))},
     )
+
+
+def timed_clients(url, model, prompts, clients, per_client, max_tokens, pids, extra=None):
+    """``run_clients`` and the CPU seconds each process of ``pids`` spent meanwhile:
+    ``(wall_s, done, cpu_s)``."""
+    cpu_before = cpu_seconds(pids)
+    wall, done = asyncio.run(
+        run_clients(url, model, prompts, clients, per_client, max_tokens, extra)
+    )
+    cpu = cpu_seconds(pids)
+    return wall, done, {k: round(v - cpu_before[k], 2) for k, v in cpu.items() if k in cpu_before}
 
 
 def llama_round(
@@ -466,21 +475,12 @@ def llama_round(
     """One round against a llama-server ``srv``: as ``serve_round``, the same clients, the bodies
     with ``llama_cpp.completion_extras()``; no stage counters."""
     pids = {"llama-server": srv.pid}
-    cpu_before = cpu_seconds(pids)
-    wall, done = asyncio.run(
-        run_clients(
-            srv.url, system, prompts, clients, per_client, max_tokens, llama_cpp.completion_extras()
-        )
+    extra = llama_cpp.completion_extras()
+    wall, done, cpu = timed_clients(
+        srv.url, system, prompts, clients, per_client, max_tokens, pids, extra
     )
-    cpu = cpu_seconds(pids)
-    return Round(
-        system,
-        clients,
-        repeat,
-        wall,
-        [served_request(i, pid, res, encode, reference) for i, pid, res in done],
-        cpu_s={k: round(v - cpu_before[k], 2) for k, v in cpu.items() if k in cpu_before},
-    )
+    requests = [served_request(i, pid, res, encode, reference) for i, pid, res in done]
+    return Round(system, clients, repeat, wall, requests, cpu_s=cpu)
 
 
 def serve_interleaved(

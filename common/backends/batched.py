@@ -104,10 +104,18 @@ class BatchedBackend(ABC):
     eos_token_ids: tuple[int, ...] = ()
     # (tokens in a pass, its cost / a one-token pass's): what the draft-length policy weighs
     cost_curve: tuple[tuple[int, float], ...] = DEFAULT_CURVE
+    tokenizer_source: str | None = None  # the tokenizer its ids mean; None: raw ids
+    _fingerprint: str | None = None
 
     @property
     def tokenizer_fingerprint(self) -> str | None:
-        return None
+        """Stable hash of the vocabulary its ids mean (``tokenizer_source`` is loaded on first
+        use, then remembered); None for a backend that works on raw ids."""
+        if self._fingerprint is None and self.tokenizer_source is not None:
+            from common.tokenization import fingerprint, load_tokenizer
+
+            self._fingerprint = fingerprint(load_tokenizer(self.tokenizer_source))
+        return self._fingerprint
 
     @abstractmethod
     def open(self, request: Hashable, capacity: int) -> None:

@@ -419,7 +419,7 @@ class HFBatchedBackend(BatchedRunner):
         weight_layout: str = "auto",
         cuda_graph_max_tokens: int = 128,
     ):
-        from common.backends.hf import _ids, load_causal_lm
+        from common.backends.hf import eos_token_ids, load_causal_lm, model_label
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -433,20 +433,6 @@ class HFBatchedBackend(BatchedRunner):
             graph_rows=cuda_graph_max_tokens if torch.device(device).type == "cuda" else 0,
         )
         self.kind = "hf" if early_exit_layers is None else "early-exit"
-        self.name = (
-            model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"
-        )
-        generation = lm.generation_config
-        self.eos_token_ids = _ids(generation and generation.eos_token_id) or _ids(
-            lm.config.eos_token_id
-        )
-        self._tokenizer_source = tokenizer or model
-        self._fingerprint: str | None = None
-
-    @property
-    def tokenizer_fingerprint(self) -> str:
-        if self._fingerprint is None:
-            from common.tokenization import fingerprint, load_tokenizer
-
-            self._fingerprint = fingerprint(load_tokenizer(self._tokenizer_source))
-        return self._fingerprint
+        self.name = model_label(model, early_exit_layers)
+        self.eos_token_ids = eos_token_ids(lm)
+        self.tokenizer_source = tokenizer or model

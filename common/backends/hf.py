@@ -25,7 +25,6 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel  # 
 from common import model_catalog  # noqa: E402
 from common.backends.history import HistoryBackend  # noqa: E402
 from common.sampling import Chooser  # noqa: E402
-from common.tokenization import fingerprint, load_tokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -77,6 +76,18 @@ def _ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def eos_token_ids(lm: PreTrainedModel) -> tuple[int, ...]:
+    """The ids that end a generation: the generation config's, else the model config's."""
+    generation = lm.generation_config
+    config = lm.config.get_text_config(decoder=True)
+    return _ids(generation and generation.eos_token_id) or _ids(config.eos_token_id)
+
+
+def model_label(model: str, early_exit_layers: int | None) -> str:
+    """What logs and /health call a loaded model."""
+    return model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"
 
 
 class HFSession:
@@ -147,25 +158,12 @@ class HFBackend(HistoryBackend):
         self.device = torch.device(device)
         self.model = load_causal_lm(model, dtype, early_exit_layers).to(self.device)
         self.kind = "hf" if early_exit_layers is None else "early-exit"
-        self.name = (
-            model if early_exit_layers is None else f"{model} (first {early_exit_layers} layers)"
-        )
+        self.name = model_label(model, early_exit_layers)
         config = self.model.config.get_text_config(decoder=True)
         self.max_context = getattr(config, "max_position_embeddings", None) or 0
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
-        generation = self.model.generation_config
-        self.eos_token_ids = _ids(generation and generation.eos_token_id) or _ids(
-            config.eos_token_id
-        )
-        self._tokenizer_source = tokenizer or model
-        self._fingerprint: str | None = None
-
-    @property
-    def tokenizer_fingerprint(self) -> str:
-        """Computed on first use (loads the tokenizer), then remembered by this backend."""
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint(load_tokenizer(self._tokenizer_source))
-        return self._fingerprint
+        self.eos_token_ids = eos_token_ids(self.model)
+        self.tokenizer_source = tokenizer or model
 
     def new_session(self, context: list[int]) -> HFSession:
         """A request's cache with ``context`` prefilled, outside any pass (what tests compare)."""

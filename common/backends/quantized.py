@@ -168,8 +168,7 @@ class QuantizedRunner(PooledRunner):
         shape = self.shape = tensors.shape
         self._tensors = tensors
         self.name = name or path
-        self._tokenizer_source = tokenizer or path
-        self._fingerprint: str | None = None
+        self.tokenizer_source = tokenizer or path
         self.max_context = shape.context
         self.vocab_size = shape.vocab
         self.eos_token_ids = shape.eos_token_ids
@@ -257,14 +256,6 @@ class QuantizedRunner(PooledRunner):
             slot.length = s + t
             results[r.request] = RunResult(r.row_positions(s), rows.argmax(dim=-1).tolist(), rows)
         return results
-
-    @property
-    def tokenizer_fingerprint(self) -> str:
-        if self._fingerprint is None:
-            from common.tokenization import fingerprint, load_tokenizer
-
-            self._fingerprint = fingerprint(load_tokenizer(self._tokenizer_source))
-        return self._fingerprint
 
 
 _TOY = ModelShape("llama", 1, 8, 16, 2, 1, 4, 1e-5, 10000.0, "adjacent", 16, 32, (0,))
