@@ -115,28 +115,48 @@ def padded_curve(curve: Sequence[tuple[int, float]], rows: int) -> tuple[tuple[i
     return ((1, 1.0), (rows, 1.0), *tail) if rows > 1 else ((1, 1.0), *tail)
 
 
-def acceptance_estimate(accepted: int, checked: int) -> float:
-    """A request's acceptance rate so far, pulled toward the prior while few drafts were checked.
+def acceptance_estimate(accepted: int, checked: int, prior: float = PRIOR_ACCEPTANCE) -> float:
+    """A request's acceptance rate so far, pulled toward ``prior`` while few drafts were checked
+    (``PRIOR_ACCEPTANCE``, or what this level's finished requests scored: ``level_prior``).
 
     >>> acceptance_estimate(0, 0), acceptance_estimate(8, 8), acceptance_estimate(0, 12)
     (0.5, 0.8333333333333334, 0.125)
+    >>> acceptance_estimate(0, 0, prior=0.9)
+    0.9
     """
-    return (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (checked + PRIOR_WEIGHT)
+    return (accepted + prior * PRIOR_WEIGHT) / (checked + PRIOR_WEIGHT)
+
+
+EVIDENCE = 64  # drafts checked (or passes awaited) by a level's finished requests before it counts
+
+
+def level_prior(hits: int, tries: int) -> float | None:
+    """The rate a level's finished requests scored, all together (``hits`` of ``tries``: drafts
+    accepted of those checked, or passes that found drafts of those that awaited them), once
+    there are ``EVIDENCE`` tries; None before: nothing known yet.
+
+    >>> level_prior(30, 40) is None, level_prior(60, 80)
+    (True, 0.75)
+    """
+    return hits / tries if tries >= EVIDENCE else None
 
 
 ON_TIME_PRIOR_WEIGHT = 4  # passes a drafter is assumed on time for before any is counted
 
 
-def on_time_estimate(supplied: int, awaited: int) -> float:
+def on_time_estimate(supplied: int, awaited: int, prior: float = 1.0) -> float:
     """The share of a request's passes that found drafts waiting, among those whose drafter had
     been advised a lead in time to make them (``awaited``), pulled toward 1 while few were
     counted. A drafter too slow to stay ahead of this level makes drafts no pass checks, whatever
-    their acceptance, so the lead advice weighs each draft's chance by it.
+    their acceptance, so the lead advice weighs each draft's chance by it. ``prior``: what is
+    assumed before any pass is counted (1, or this level's record: ``level_prior``).
 
     >>> on_time_estimate(0, 0), on_time_estimate(8, 8), on_time_estimate(1, 12)
     (1.0, 1.0, 0.3125)
+    >>> on_time_estimate(0, 0, prior=0.25)
+    0.25
     """
-    return (supplied + ON_TIME_PRIOR_WEIGHT) / (awaited + ON_TIME_PRIOR_WEIGHT)
+    return (supplied + prior * ON_TIME_PRIOR_WEIGHT) / (awaited + ON_TIME_PRIOR_WEIGHT)
 
 
 def draft_lengths(
@@ -145,22 +165,49 @@ def draft_lengths(
     offered: Sequence[int],
     curve: Sequence[tuple[int, float]] = DEFAULT_CURVE,
     draft_cost: float = 0.0,
+    sharing_cost: float = 1.0,
 ) -> list[int]:
     """Drafts to check per request: ``fed[i]`` tokens request ``i`` feeds anyway (what its cache
     lacks), ``acceptance[i]`` its per-draft acceptance rate, ``offered[i]`` the drafts it has. The
     ``k`` that maximise the batch's expected tokens per pass cost, the pass's own (``curve``) plus
-    ``draft_cost`` per draft for making it (module docstring)."""
+    ``draft_cost`` per draft for making it (module docstring).
+
+    ``sharing_cost``: what every pass costs, relative to passes without drafts, while this level
+    drafts at all, because drafting makes it share its cores with its drafters (the cores rule:
+    ``threads`` instead of ``threads_alone``). Drafting must then pay for it as a whole: the best
+    ``k`` at that cost, or none where decoding alone on every core yields more. One request at
+    acceptance 0.8 drafts on a flat curve at half speed; four such requests on the quantized
+    runner's curve decode alone:
+
+    >>> draft_lengths([1], [0.8], [8], curve=((1, 1.0), (9, 1.0)), sharing_cost=2.0)
+    [8]
+    >>> quantized = ((1, 1.0), (4, 1.31), (8, 1.51), (16, 2.52))
+    >>> draft_lengths([1] * 4, [0.8] * 4, [8] * 4, quantized, sharing_cost=1.83)
+    [0, 0, 0, 0]
+    >>> draft_lengths([1] * 4, [0.8] * 4, [8] * 4, quantized)   # cores not shared: drafts pay
+    [2, 2, 2, 2]
+    """
     k = [0] * len(fed)
     tokens = sum(fed)
     if not tokens:
         return k
+    alone = len(fed) / relative_cost(tokens, curve)  # every request emits its correction/bonus
+    k, goodput = _greedy_drafts(fed, acceptance, offered, curve, draft_cost, sharing_cost)
+    return k if sharing_cost <= 1.0 or goodput > alone else [0] * len(fed)
+
+
+def _greedy_drafts(fed, acceptance, offered, curve, draft_cost, sharing_cost):
+    """:func:`draft_lengths`' search: drafts added one at a time, the likeliest first, while the
+    goodput of passes that cost ``sharing_cost`` times the curve grows; ``(k, goodput)``."""
+    k = [0] * len(fed)
+    tokens = sum(fed)
     expected = float(len(fed))  # every request emits its correction/bonus token
     # the chance that request i's next draft is accepted (all earlier ones being accepted)
     chance = [max(0.0, min(1.0, a)) for a in acceptance]
     fed_tokens = tokens
 
     def cost(tokens: int) -> float:  # the pass, plus making its drafts (tokens past those fed)
-        return relative_cost(tokens, curve) + draft_cost * (tokens - fed_tokens)
+        return sharing_cost * relative_cost(tokens, curve) + draft_cost * (tokens - fed_tokens)
 
     best = expected / cost(tokens)
     while True:
@@ -170,10 +217,10 @@ def draft_lengths(
             default=None,
         )
         if pick is None:
-            return k
+            return k, best
         goodput = (expected + chance[pick]) / cost(tokens + 1)
         if goodput < best:
-            return k
+            return k, best
         best, expected, tokens = goodput, expected + chance[pick], tokens + 1
         k[pick] += 1
         chance[pick] *= max(0.0, min(1.0, acceptance[pick]))

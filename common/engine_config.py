@@ -43,6 +43,22 @@ class EngineConfig:
     #   wants no drafts (the drafters below idle and free their cores); None: no switching
 
     @property
+    def sharing_cost(self) -> float:
+        """What a pass costs on ``threads`` relative to one on ``threads_alone`` (1: no cores
+        rule): the quantized kernels scale about linearly with cores (1 thread: 1.8x the time of
+        2 on Qwen 1.5B; docs/cpu-kernels.md), so drafting, which keeps the drafters' cores
+        busy, must gain that much (``draft_policy.draft_lengths``).
+
+        >>> EngineConfig(level=1, threads=1, threads_alone=2).sharing_cost
+        2.0
+        >>> EngineConfig(level=1).sharing_cost, EngineConfig(level=1, threads_alone=2).sharing_cost
+        (1.0, 1.0)
+        """
+        if self.threads and self.threads_alone and self.threads < self.threads_alone:
+            return self.threads_alone / self.threads
+        return 1.0
+
+    @property
     def draft_cap(self) -> int:
         """Draft tokens one verification pass checks, at most (before the room left)."""
         return self.lookahead if self.schedule == "sync" else self.max_verify_tokens

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 from common.draft_policy import (
     DEFAULT_CURVE,
+    PRIOR_ACCEPTANCE,
     acceptance_estimate,
     draft_lengths,
     drafter_lead,
@@ -72,19 +73,37 @@ def after_planned_pass(state: LeadState, found_drafts: bool) -> LeadState:
     return replace(state, advised_passes=advised, supplied_passes=supplied)
 
 
-def draft_value(accepted: int, checked: int, state: LeadState) -> float:
+def draft_value(
+    accepted: int,
+    checked: int,
+    state: LeadState,
+    prior: float = PRIOR_ACCEPTANCE,
+    on_time_prior: float = 1.0,
+) -> float:
     """What one draft of a request is worth to the advice: its chance of being accepted
     (``accepted`` of ``checked`` so far: ``acceptance_estimate``) times its chance of arriving
     before the pass that would check it (``on_time_estimate`` over the advised passes but the
     first). A drafter too slow to keep ahead makes drafts no pass checks, however good.
+    ``prior`` and ``on_time_prior``: what the two are taken to be before the request has its
+    own record (the defaults, or what the level's finished requests scored).
 
     >>> draft_value(0, 0, LeadState())   # nothing known: the priors, 0.5 and on time
     0.5
     >>> draft_value(0, 0, LeadState(wanted=3, advised_passes=13, supplied_passes=1))
     0.15625
     """
-    on_time = on_time_estimate(state.supplied_passes, max(0, state.advised_passes - 1))
-    return acceptance_estimate(accepted, checked) * on_time
+    awaited = awaited_passes(state)
+    on_time = on_time_estimate(state.supplied_passes, awaited, on_time_prior)
+    return acceptance_estimate(accepted, checked, prior) * on_time
+
+
+def awaited_passes(state: LeadState) -> int:
+    """Passes after advice in which the drafter had time to supply drafts (all but the first).
+
+    >>> awaited_passes(LeadState(wanted=2, advised_passes=5, supplied_passes=3))
+    4
+    """
+    return max(0, state.advised_passes - 1)
 
 
 def wanted_drafts(
@@ -92,10 +111,13 @@ def wanted_drafts(
     draft_cap: int,
     curve: Sequence[tuple[int, float]] = DEFAULT_CURVE,
     draft_cost: float = 0.0,
+    sharing_cost: float = 1.0,
 ) -> list[int]:
     """Drafts the policy would check per running request (``values``: each one's
     :func:`draft_value`) in the passes to come, if every request had them, counting what making
-    them costs where the drafter shares this level's compute (``draft_cost``).
+    them costs where the drafter shares this level's compute (``draft_cost``), and what sharing
+    the cores with the drafters costs every pass (``sharing_cost``; see
+    ``draft_policy.draft_lengths``).
 
     In those passes every running request feeds one token (its correction or bonus), whatever the
     current pass feeds: a prefill's many tokens would make any draft look cheap and send the
@@ -107,7 +129,9 @@ def wanted_drafts(
     [0]
     """
     n = len(values)
-    return draft_lengths([1] * n, list(values), [draft_cap] * n, curve, draft_cost=draft_cost)
+    return draft_lengths(
+        [1] * n, list(values), [draft_cap] * n, curve, draft_cost, sharing_cost=sharing_cost
+    )
 
 
 def advice(wanted: int | None, above: int, at_target: bool, max_lead: int) -> int | None:

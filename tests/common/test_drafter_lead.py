@@ -261,3 +261,49 @@ def test_the_cores_rule_gives_the_target_every_core_while_its_drafters_idle():
         assert seen[-1] == threads, (cost, seen)
         leads = list(advised(outbox).values())
         assert all(lead == 0 for lead in leads) if threads == 2 else any(leads)
+
+
+def test_under_the_cores_rule_drafting_must_pay_for_the_cores_it_takes():
+    """Sharing the cores with the drafters makes every pass cost ``threads_alone / threads`` (2)
+    times more. Until this level's finished requests have checked enough drafts it explores:
+    sixteen requests are advised to draft, on their share of the cores. Once a request has had
+    every draft accepted, the sixteen would gain less from drafts than the cores cost them: the
+    drafters idle and the pass takes every core. Without the cores rule they keep drafting."""
+
+    def sixteen(e: StageEngine, outbox: Recorder, seen: list[int]) -> tuple[list, int]:
+        outbox.sent.clear()
+        start(e, 16)
+        assert e.step()
+        return [advised(outbox).get(f"q{i}") for i in range(16)], seen[-1] if seen else 0
+
+    def verifier(**rule) -> tuple[StageEngine, Recorder, list[int]]:
+        outbox, seen = Recorder(), []
+        backend = SimulatedBackend(agreement=1.0, seed=1, vocab=50, sleep=lambda s: None)
+        cfg = EngineConfig(level=1, max_lead=16, **rule)
+        e = StageEngine(cfg, backend, outbox, "L1", clock=lambda: 0.0, set_threads=seen.append)
+        return e, outbox, seen
+
+    e, outbox, seen = verifier(threads=1, threads_alone=2)
+    leads, threads = sixteen(e, outbox, seen)
+    assert all(leads) and threads == 1  # nothing known yet: explore
+
+    e, outbox, seen = verifier(threads=1, threads_alone=2)
+    oracle = SimulatedBackend(agreement=1.0, seed=1, vocab=50)
+    e.handle(Start(request_id="p", prompt=[1, 2, 3], max_tokens=90, route=ROUTE, reply_to="gw"))
+    for epoch in range(200):
+        r = e.requests.get("p")
+        if r is None:
+            break
+        if r.tokens:
+            history, offered = r.prompt + r.tokens, []
+            for _ in range(8):
+                offered.append(oracle.predict(history + offered))
+            drafts(e, offered, epoch, request="p")
+        assert e.step()
+    assert "p" not in e.requests and e.finished["p"]
+    leads, threads = sixteen(e, outbox, seen)
+    assert leads == [0] * 16 and threads == 2
+
+    e, outbox, seen = verifier()
+    leads, _ = sixteen(e, outbox, seen)
+    assert all(leads)
