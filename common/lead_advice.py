@@ -38,6 +38,7 @@ from common.draft_policy import (
     acceptance_estimate,
     draft_lengths,
     drafter_lead,
+    level_prior,
     on_time_estimate,
 )
 
@@ -183,3 +184,49 @@ def first_hint(last_advised: int | None, others_in_flight: bool) -> int | None:
     if last_advised is not None and (last_advised == 0 or others_in_flight):
         return 0
     return None
+
+
+@dataclass(frozen=True)
+class DraftRecord:
+    """What a level's ended requests scored, all together: drafts accepted of those checked, and
+    passes that found drafts of those that awaited them (replaced, never changed in place)."""
+
+    accepted: int = 0
+    checked: int = 0
+    supplied: int = 0
+    awaited: int = 0
+
+    def add(self, accepted: int, checked: int, state: LeadState) -> DraftRecord:
+        """This record with one more ended request's drafts and lead.
+
+        >>> DraftRecord().add(6, 8, LeadState(wanted=2, advised_passes=5, supplied_passes=3))
+        DraftRecord(accepted=6, checked=8, supplied=3, awaited=4)
+        """
+        return DraftRecord(
+            self.accepted + accepted,
+            self.checked + checked,
+            self.supplied + state.supplied_passes,
+            self.awaited + awaited_passes(state),
+        )
+
+
+def evidence(record: DraftRecord, sharing_cost: float) -> tuple[float, float, float]:
+    """The acceptance and on-time priors of a new request, and the sharing cost, that a level
+    weighs its advice with. Under the cores rule (``sharing_cost`` > 1: drafting makes passes
+    run on fewer cores) a request starts from what the level's ended requests scored, and
+    drafting must pay for the cores it takes, but only once they checked enough drafts
+    (``draft_policy.level_prior``): until then the level drafts to find out. Without the rule,
+    the defaults.
+
+    >>> evidence(DraftRecord(), 2.0)                   # nothing known yet: explore
+    (0.5, 1.0, 1.0)
+    >>> evidence(DraftRecord(90, 100, 60, 80), 2.0)
+    (0.9, 0.75, 2.0)
+    >>> evidence(DraftRecord(90, 100, 60, 80), 1.0)    # no cores rule
+    (0.5, 1.0, 1.0)
+    """
+    prior = level_prior(record.accepted, record.checked)
+    if sharing_cost <= 1.0 or prior is None:
+        return PRIOR_ACCEPTANCE, 1.0, 1.0
+    on_time = level_prior(record.supplied, record.awaited)
+    return prior, 1.0 if on_time is None else on_time, sharing_cost

@@ -36,7 +36,7 @@ import structlog
 from common import lead_advice, stage_commit, stage_kv
 from common.backends.batched import BatchedBackend, PoolUsage, RunResult
 from common.decoding import apply_stop, reconcile
-from common.draft_policy import PRIOR_ACCEPTANCE, level_prior, pass_threads
+from common.draft_policy import pass_threads
 from common.engine_config import EngineConfig
 from common.level_request import (
     FinishedRequest,
@@ -87,8 +87,7 @@ class StageEngine:
         self.observer = observer or PassObserver()
         # the cores rule (config.threads_alone): every core while the drafters below idle
         self._set_threads = set_threads
-        # drafts accepted, checked; passes that found drafts, that awaited them: ended requests
-        self._finished_drafts = (0, 0, 0, 0)
+        self._record = lead_advice.DraftRecord()  # what the ended requests' drafts scored
         self._threads: int | None = None
         self.requests: dict[str, LevelRequest] = {}
         self.finished: dict[str, FinishedRequest] = {}  # target only: for re-sends
@@ -336,7 +335,7 @@ class StageEngine:
         passes to come, over every running request (``lead_advice.wanted_drafts``)."""
         now = self.clock()
         running = [r for r in self.requests.values() if self.schedule.wants_pass(r, now)]
-        prior, on_time, sharing = self._evidence()
+        prior, on_time, sharing = lead_advice.evidence(self._record, self.config.sharing_cost)
         values = [
             lead_advice.draft_value(
                 r.stats.accepted_tokens, r.stats.draft_tokens, r.lead, prior, on_time
@@ -353,19 +352,6 @@ class StageEngine:
         by_request = {r.request_id: w for r, w in zip(running, wanted)}
         for p in plan:
             p.r.lead = replace(p.r.lead, wanted=by_request.get(p.r.request_id, 0))
-
-    def _evidence(self) -> tuple[float, float, float]:
-        """The acceptance and on-time priors and the sharing cost the lead advice weighs. Under
-        the cores rule a new request starts from what this level's finished requests scored, and
-        drafting must pay for the cores it takes (``EngineConfig.sharing_cost``), but only once
-        they checked enough drafts (``draft_policy.level_prior``): until then the level drafts
-        to find out."""
-        accepted, checked, supplied, awaited = self._finished_drafts
-        prior = level_prior(accepted, checked)
-        if self.config.sharing_cost <= 1.0 or prior is None:
-            return PRIOR_ACCEPTANCE, 1.0, 1.0
-        on_time = level_prior(supplied, awaited)
-        return prior, 1.0 if on_time is None else on_time, self.config.sharing_cost
 
     def _apply_cores_rule(self, plan: list[PlannedRun]) -> None:
         """Threads for this pass (``draft_policy.pass_threads``), set only when they change."""
@@ -472,13 +458,7 @@ class StageEngine:
 
     def _drop(self, r: LevelRequest, reason: str) -> None:
         if self.requests.pop(r.request_id, None) is not None:
-            record = (
-                r.stats.accepted_tokens,
-                r.stats.draft_tokens,
-                r.lead.supplied_passes,
-                lead_advice.awaited_passes(r.lead),
-            )
-            self._finished_drafts = tuple(a + b for a, b in zip(self._finished_drafts, record))
+            self._record = self._record.add(r.stats.accepted_tokens, r.stats.draft_tokens, r.lead)
         try:
             self._order.remove(r.request_id)
         except ValueError:
