@@ -88,7 +88,7 @@ MODEL_SETS = {
         "target": "qwen2.5-coder-1.5b",
         "mid": "qwen2.5-coder-0.5b",
         "mid_layers": None,
-        "drafter_cost": 0.2,
+        "drafter_cost": 0.0,
         "names": ("n-gram", "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B"),
     },
     "smollm2": {
