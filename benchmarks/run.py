@@ -129,7 +129,7 @@ def real_stages(
 
     schedule, k = method.split("-k")
     if backend == "quantized":
-        if models["mid_layers"]:
+        if models["mid_layers"] and k != "1":
             raise SystemExit("the quantized runner has no early-exit drafter: use --models qwen")
         target = {"backend": "quantized", "model": f"@{models['target']}"}
         mid = {"backend": "quantized", "model": f"@{models['mid']}"}

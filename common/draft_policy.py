@@ -166,11 +166,15 @@ def draft_lengths(
     curve: Sequence[tuple[int, float]] = DEFAULT_CURVE,
     draft_cost: float = 0.0,
     sharing_cost: float = 1.0,
+    reach: Sequence[float] | None = None,
 ) -> list[int]:
     """Drafts to check per request: ``fed[i]`` tokens request ``i`` feeds anyway (what its cache
     lacks), ``acceptance[i]`` its per-draft acceptance rate, ``offered[i]`` the drafts it has. The
     ``k`` that maximise the batch's expected tokens per pass cost, the pass's own (``curve``) plus
-    ``draft_cost`` per draft for making it (module docstring).
+    ``draft_cost`` per draft for making it (module docstring). ``reach[i]``: the chance that a
+    pass finds request ``i``'s drafts at all (a drafter that cannot keep up supplies some passes,
+    not fewer drafts each): its first draft counts ``reach x acceptance``, each next one
+    ``acceptance`` more (None: every pass finds them).
 
     ``sharing_cost``: what every pass costs, relative to passes without drafts, while this level
     drafts at all, because drafting makes it share its cores with its drafters (the cores rule:
@@ -186,24 +190,32 @@ def draft_lengths(
     [0, 0, 0, 0]
     >>> draft_lengths([1] * 4, [0.8] * 4, [8] * 4, quantized)   # cores not shared: drafts pay
     [2, 2, 2, 2]
+
+    A drafter that supplies two passes in three, its drafts all but always right:
+
+    >>> draft_lengths([1], [0.97], [8], quantized, sharing_cost=2.0, reach=[0.67])
+    [8]
+    >>> draft_lengths([1] * 4, [0.97] * 4, [8] * 4, quantized, sharing_cost=2.0, reach=[0.67] * 4)
+    [0, 0, 0, 0]
     """
     k = [0] * len(fed)
     tokens = sum(fed)
     if not tokens:
         return k
     alone = len(fed) / relative_cost(tokens, curve)  # every request emits its correction/bonus
-    k, goodput = _greedy_drafts(fed, acceptance, offered, curve, draft_cost, sharing_cost)
+    reach = [1.0] * len(fed) if reach is None else reach
+    k, goodput = _greedy_drafts(fed, acceptance, reach, offered, curve, draft_cost, sharing_cost)
     return k if sharing_cost <= 1.0 or goodput > alone else [0] * len(fed)
 
 
-def _greedy_drafts(fed, acceptance, offered, curve, draft_cost, sharing_cost):
+def _greedy_drafts(fed, acceptance, reach, offered, curve, draft_cost, sharing_cost):
     """:func:`draft_lengths`' search: drafts added one at a time, the likeliest first, while the
     goodput of passes that cost ``sharing_cost`` times the curve grows; ``(k, goodput)``."""
     k = [0] * len(fed)
     tokens = sum(fed)
     expected = float(len(fed))  # every request emits its correction/bonus token
     # the chance that request i's next draft is accepted (all earlier ones being accepted)
-    chance = [max(0.0, min(1.0, a)) for a in acceptance]
+    chance = [max(0.0, min(1.0, a)) * max(0.0, min(1.0, r)) for a, r in zip(acceptance, reach)]
     fed_tokens = tokens
 
     def cost(tokens: int) -> float:  # the pass, plus making its drafts (tokens past those fed)

@@ -74,6 +74,24 @@ def after_planned_pass(state: LeadState, found_drafts: bool) -> LeadState:
     return replace(state, advised_passes=advised, supplied_passes=supplied)
 
 
+def draft_chances(
+    accepted: int,
+    checked: int,
+    state: LeadState,
+    prior: float = PRIOR_ACCEPTANCE,
+    on_time_prior: float = 1.0,
+) -> tuple[float, float]:
+    """A request's drafts' chance of being accepted and a pass's chance of finding them
+    (:func:`draft_value` is their product).
+
+    >>> draft_chances(8, 8, LeadState(wanted=3, advised_passes=13, supplied_passes=8))
+    (0.8333333333333334, 0.75)
+    """
+    awaited = awaited_passes(state)
+    on_time = on_time_estimate(state.supplied_passes, awaited, on_time_prior)
+    return acceptance_estimate(accepted, checked, prior), on_time
+
+
 def draft_value(
     accepted: int,
     checked: int,
@@ -93,9 +111,8 @@ def draft_value(
     >>> draft_value(0, 0, LeadState(wanted=3, advised_passes=13, supplied_passes=1))
     0.15625
     """
-    awaited = awaited_passes(state)
-    on_time = on_time_estimate(state.supplied_passes, awaited, on_time_prior)
-    return acceptance_estimate(accepted, checked, prior) * on_time
+    acceptance, on_time = draft_chances(accepted, checked, state, prior, on_time_prior)
+    return acceptance * on_time
 
 
 def awaited_passes(state: LeadState) -> int:
@@ -113,12 +130,13 @@ def wanted_drafts(
     curve: Sequence[tuple[int, float]] = DEFAULT_CURVE,
     draft_cost: float = 0.0,
     sharing_cost: float = 1.0,
+    reach: Sequence[float] | None = None,
 ) -> list[int]:
     """Drafts the policy would check per running request (``values``: each one's
     :func:`draft_value`) in the passes to come, if every request had them, counting what making
     them costs where the drafter shares this level's compute (``draft_cost``), and what sharing
     the cores with the drafters costs every pass (``sharing_cost``; see
-    ``draft_policy.draft_lengths``).
+    ``draft_policy.draft_lengths``, also for ``reach``: then ``values`` are acceptances alone).
 
     In those passes every running request feeds one token (its correction or bonus), whatever the
     current pass feeds: a prefill's many tokens would make any draft look cheap and send the
@@ -131,7 +149,7 @@ def wanted_drafts(
     """
     n = len(values)
     return draft_lengths(
-        [1] * n, list(values), [draft_cap] * n, curve, draft_cost, sharing_cost=sharing_cost
+        [1] * n, list(values), [draft_cap] * n, curve, draft_cost, sharing_cost, reach
     )
 
 

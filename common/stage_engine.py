@@ -336,18 +336,22 @@ class StageEngine:
         now = self.clock()
         running = [r for r in self.requests.values() if self.schedule.wants_pass(r, now)]
         prior, on_time, sharing = lead_advice.evidence(self._record, self.config.sharing_cost)
-        values = [
-            lead_advice.draft_value(
+        chances = [
+            lead_advice.draft_chances(
                 r.stats.accepted_tokens, r.stats.draft_tokens, r.lead, prior, on_time
             )
             for r in running
         ]
+        # under the cores rule a late drafter costs passes, not drafts (draft_lengths' reach)
+        reach = [t for _, t in chances] if sharing > 1.0 else None
+        values = [a for a, _ in chances] if reach else [a * t for a, t in chances]
         wanted = lead_advice.wanted_drafts(
             values,
             self.config.draft_cap,
             self.backend.cost_curve,
             self.config.drafter_cost,
             sharing,
+            reach,
         )
         by_request = {r.request_id: w for r, w in zip(running, wanted)}
         for p in plan:
