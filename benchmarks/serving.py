@@ -505,6 +505,7 @@ def serve_interleaved(
     rounds: list[Round] = []
     errors: dict[str, str] = {}
     runners: dict[str, Callable[[int, int], Round]] = dict(in_process or {})
+    served_systems: dict[str, Served] = {}
     with contextlib.ExitStack() as stack:
         for system, config in configs.items():
             config, ports = with_metrics_ports(config)
@@ -521,6 +522,7 @@ def serve_interleaved(
             served = Served(
                 running.plan, ports, {c.spec.name: c.process.pid for c in running.children}
             )
+            served_systems[system] = served
             runners[system] = lambda clients, repeat, system=system, served=served: serve_round(
                 system, served, prompts, clients, repeat, per_client, max_tokens, encode, reference
             )
@@ -539,7 +541,25 @@ def serve_interleaved(
                         log(f"{system} FAILED: {errors[system]}")
                         continue
                     log(f"{system} clients={clients} repeat={repeat}: {summary_line(rounds[-1])}")
+        for system, served in served_systems.items():
+            peaks = {name: peak_rss_gb(pid) for name, pid in served.pids.items()}
+            log(
+                f"{system} peak RSS (VmHWM), GB: "
+                + ", ".join(f"{name} {gb:.2f}" for name, gb in peaks.items() if gb is not None)
+            )
     return rounds, errors
+
+
+def peak_rss_gb(pid: int) -> float | None:
+    """A live process's peak resident set (``VmHWM`` of ``/proc/PID/status``), in GB (None:
+    gone, or no ``/proc``)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        return None
+    return None
 
 
 def served_request(client, pid, res, encode, reference: dict[str, str] | None) -> Request:

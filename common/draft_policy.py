@@ -273,3 +273,28 @@ def pass_threads(wanted_drafts: Sequence[int | None], share: int, alone: int) ->
     """
     idle = bool(wanted_drafts) and all(w == 0 for w in wanted_drafts)
     return alone if idle else share
+
+
+LOAD_MEMORY = 64  # passes whose most requests make the load a level decides to draft for
+
+
+def drafting_allowed(recent_loads: Sequence[int], max_load: int | None) -> bool:
+    """Whether a level under the cores rule drafts at all: while the most requests it ran in any
+    of its last passes (``recent_loads``, ``LOAD_MEMORY`` of them) is at most ``max_load`` (None:
+    no cap; ``EngineConfig.max_drafting_load``).
+
+    Measured on two cores split between a target and its drafter, drafting pays for one request
+    and costs more than it saves for two or more: each new request's prefill runs on half the
+    cores, and batching already fills the passes (docs/cpu-kernels.md). The most of recent
+    passes, not the pass at hand, because a switch to drafting costs the drafter a catch-up (the
+    request's context to prefill) while the level already runs on its share of the cores: the
+    moment between one client's requests, or the first request after a burst, must not switch
+    modes; for the same reason a request that ran above the cap never drafts (its last tokens
+    alone would not repay the catch-up).
+
+    >>> drafting_allowed([1, 1, 1], max_load=1), drafting_allowed([2, 1, 1], max_load=1)
+    (True, False)
+    >>> drafting_allowed([16], max_load=None)
+    True
+    """
+    return max_load is None or max(recent_loads, default=0) <= max_load

@@ -41,6 +41,8 @@ class EngineConfig:
     threads: int | None = None  # the cores this level uses while its drafters run
     threads_alone: int | None = None  # the cores rule: threads for a pass in which the policy
     #   wants no drafts (the drafters below idle and free their cores); None: no switching
+    max_drafting_load: int | None = None  # the cores rule: requests (the most of recent passes)
+    #   above which the level does not draft at all (draft_policy.drafting_allowed); None: no cap
 
     @property
     def sharing_cost(self) -> float:

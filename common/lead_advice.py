@@ -184,13 +184,20 @@ def lead_limit(hint: int | None, max_lead: int) -> int:
     return max_lead if hint is None else min(max_lead, hint)
 
 
-def first_hint(last_advised: int | None, others_in_flight: bool) -> int | None:
+FRESH_ADVICE_S = 1.0  # seconds after which the last advice no longer speaks for a new request
+
+
+def first_hint(
+    last_advised: int | None, others_in_flight: bool, advice_age_s: float = 0.0
+) -> int | None:
     """The hint a new request starts with at a drafter, given the last lead the level above
-    advised for any request (None: it never advised). Once it advises, a new request waits for
-    its own advice (hint 0: no pass, not even a prefill the level above may never check) when it
-    finds others in flight or the last advice was to idle; one that finds the drafter idle after
-    advice to draft starts at once (waiting would only delay its drafts by the target's first
-    pass).
+    advised for any request (None: it never advised), ``advice_age_s`` seconds ago. Once it
+    advises, a new request waits for its own advice (hint 0: no pass, not even a prefill the
+    level above may never check) when it finds others in flight, or the last advice was to idle
+    or is older than ``FRESH_ADVICE_S``. One that finds the drafter idle right after advice to
+    draft (one client's next request) starts at once: waiting would only delay its drafts by the
+    target's first pass. After a pause the load ahead is unknown: a burst's first request would
+    wake the drafter, whose prefill then competes for the cores with the target's.
 
     >>> first_hint(None, others_in_flight=True) is None   # no advice ever: run the full lead
     True
@@ -198,8 +205,12 @@ def first_hint(last_advised: int | None, others_in_flight: bool) -> int | None:
     (0, 0)
     >>> first_hint(5, others_in_flight=False) is None
     True
+    >>> first_hint(5, others_in_flight=False, advice_age_s=10.0)
+    0
     """
-    if last_advised is not None and (last_advised == 0 or others_in_flight):
+    if last_advised is None:
+        return None
+    if last_advised == 0 or others_in_flight or advice_age_s > FRESH_ADVICE_S:
         return 0
     return None
 

@@ -68,6 +68,7 @@ class LevelRequest:
     top_logprobs: int = -1  # target only: -1 no logprobs, else alternatives per token
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # target: per token
     lead: LeadState = LeadState()  # the lead advice, given (verifier) or heard (drafter)
+    over_drafting_load: bool = False  # ran in a pass above max_drafting_load: never drafts
 
     @property
     def target_level(self) -> int:

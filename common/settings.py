@@ -54,6 +54,14 @@ class StageSettings(TransportSettings):
         "policy wants no drafts, so the model stages below idle and free their cores (the "
         "launcher sets it to every core for a target sharing its machine); None: always `threads`",
     )
+    max_drafting_load: int | None = Field(
+        None,
+        ge=0,
+        description="the cores rule: above this many requests (the most of the last 64 passes) "
+        "the level does not draft at all, and takes `threads_alone`, nor for a request that ran "
+        "above it (the launcher sets 1 for a target sharing its machine); None: the draft policy "
+        "alone decides",
+    )
     early_exit_layers: int | None = Field(None, ge=1, description="early-exit: layers kept")
     ngram_max: int = Field(3, ge=1, description="n-gram drafter: longest suffix to match")
     ngram_min: int = Field(1, ge=1, description="n-gram drafter: shortest suffix to match")
@@ -164,6 +172,7 @@ class StageSettings(TransportSettings):
             drafter_cost=self.drafter_cost,
             threads=self.threads,
             threads_alone=self.threads_alone,
+            max_drafting_load=self.max_drafting_load,
             request_ttl_s=self.request_ttl_s,
             done_retention_s=self.done_retention_s,
         )

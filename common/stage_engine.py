@@ -36,7 +36,7 @@ import structlog
 from common import lead_advice, stage_commit, stage_kv
 from common.backends.batched import BatchedBackend, PoolUsage, RunResult
 from common.decoding import apply_stop, reconcile
-from common.draft_policy import pass_threads
+from common.draft_policy import LOAD_MEMORY, drafting_allowed, pass_threads
 from common.engine_config import EngineConfig
 from common.level_request import (
     FinishedRequest,
@@ -88,6 +88,7 @@ class StageEngine:
         # the cores rule (config.threads_alone): every core while the drafters below idle
         self._set_threads = set_threads
         self._record = lead_advice.DraftRecord()  # what the ended requests' drafts scored
+        self._loads: deque[int] = deque(maxlen=LOAD_MEMORY)  # requests in the last passes
         self._threads: int | None = None
         self.requests: dict[str, LevelRequest] = {}
         self.finished: dict[str, FinishedRequest] = {}  # target only: for re-sends
@@ -96,6 +97,7 @@ class StageEngine:
         self.counters: dict[str, int] = {}
         # the last lead the level above advised, for any request (lead_advice.first_hint)
         self._last_advised_lead: int | None = None
+        self._last_advised_at = 0.0
 
     def is_target(self, r: LevelRequest) -> bool:
         return self.level == r.target_level
@@ -148,7 +150,8 @@ class StageEngine:
             return
         r = new_request(msg, self.level, self.replica, self.clock())
         if not self.is_target(r):  # no pass for it until the level above advises, maybe
-            hint = lead_advice.first_hint(self._last_advised_lead, bool(self.requests))
+            age = self.clock() - self._last_advised_at
+            hint = lead_advice.first_hint(self._last_advised_lead, bool(self.requests), age)
             r.lead = replace(r.lead, hint=hint)
         self.requests[r.request_id] = r
         self._order.append(r.request_id)
@@ -159,6 +162,7 @@ class StageEngine:
             stage_level=self.level,
             prompt_tokens=len(r.prompt),
             resumed_from=len(r.tokens),
+            lead_hint=r.lead.hint,
         )
 
     def _on_cancel(self, msg: Cancel) -> None:
@@ -198,7 +202,7 @@ class StageEngine:
         r.last_heard = self.clock()
         if n.level == self.level + 1 and n.drafter_lead is not None:
             r.lead = replace(r.lead, hint=n.drafter_lead)
-            self._last_advised_lead = n.drafter_lead
+            self._last_advised_lead, self._last_advised_at = n.drafter_lead, self.clock()
         if n.level == r.target_level:
             r.target_len = max(r.target_len, end)
         if n.final:
@@ -353,6 +357,12 @@ class StageEngine:
             sharing,
             reach,
         )
+        if self.config.max_drafting_load is not None:  # the cores rule's cap on the load
+            self._loads.append(len(running))
+            over = not drafting_allowed(self._loads, self.config.max_drafting_load)
+            for r in running:  # a request that ran above the cap ends without drafts
+                r.over_drafting_load = r.over_drafting_load or over
+            wanted = [0 if r.over_drafting_load else w for r, w in zip(running, wanted)]
         by_request = {r.request_id: w for r, w in zip(running, wanted)}
         for p in plan:
             p.r.lead = replace(p.r.lead, wanted=by_request.get(p.r.request_id, 0))

@@ -5,7 +5,9 @@ and whether the texts are equal.
 
 The target-alone run is the reference decoder the tests use (``common.simnet.reference_decode``),
 so "same text: yes" is the lossless claim checked live. On a machine whose cores the stages
-share, the comparison runs while the stages sit idle.
+share, the comparison runs while the stages sit idle. Both sides are warmed up first, untimed:
+the system with one completion of another prompt (as a server that has served before: its levels
+have scored their drafts and measured when drafting pays), the target alone with a few tokens.
 
 It takes what it needs of the launcher's plan as plain values (the HTTP URL, the target's stage
 settings, the tokenizer): the launcher imports this module for ``--demo``, never the reverse.
@@ -28,6 +30,19 @@ from common.settings import StageSettings
 class Streamed:
     text: str
     stats: dict | None
+
+
+WARMUP_PROMPT = "def fibonacci(n):"  # decoded, untimed, by both sides before the timed run
+WARMUP_TOKENS = 4  # the target alone's warm-up: first touches of the weights, nothing to learn
+
+
+def warm_up(url: str, max_tokens: int) -> None:
+    """One completion of another prompt through the system, untimed, as a server that has served
+    before: the weights are touched and the levels have scored their drafts and measured when
+    drafting pays (``common.draft_mode``), so the timed completion shows the steady state."""
+    body = {"prompt": WARMUP_PROMPT, "max_tokens": max_tokens}
+    with httpx.Client(timeout=httpx.Timeout(10.0, read=300.0)) as http:
+        http.post(f"{url}/v1/completions", json=body).raise_for_status()
 
 
 def stream_completion(url: str, prompt: str, max_tokens: int) -> Streamed | None:
@@ -100,7 +115,7 @@ def target_alone(
     """The target's own greedy decoding of ``prompt`` on the runner its stage serves with, given
     every core of the machine (the quantized runner's logits do not depend on the thread count;
     the transformers runner keeps its stage's threads): text, tokens, seconds (prefill
-    included, as in the pipeline's wall time)."""
+    included, as in the pipeline's wall time; after a warm-up, as the pipeline's)."""
     import os
 
     from common.backends import load_backend
@@ -114,6 +129,7 @@ def target_alone(
     backend = load_backend(settings)
     prompt_ids = tok.encode(prompt)
     eos = backend.eos_token_ids or [tok.eos_token_id]
+    reference_decode(backend, tok.encode(WARMUP_PROMPT), WARMUP_TOKENS, eos)  # as warm_up
     started = time.perf_counter()
     tokens = reference_decode(backend, prompt_ids, max_tokens, eos)
     seconds = time.perf_counter() - started
@@ -126,6 +142,8 @@ def run_demo(
     """Stream one completion from the gateway at ``url``, print its statistics and the
     side-by-side line against ``target`` (the top level's stage settings) decoding alone with
     ``tokenizer`` (the gateway's). False on an error."""
+    print("warming up: one untimed completion of another prompt ...", flush=True)
+    warm_up(url, max_tokens)
     got = stream_completion(url, prompt, max_tokens)
     if got is None:
         return False

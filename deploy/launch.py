@@ -154,14 +154,17 @@ def share_cores(stages: list[dict[str, Any]], cores: int) -> list[dict[str, Any]
     """The cores rule for quantized stages that share this machine and set no ``threads``: the
     model stages split the cores evenly (one replica each counts), and the target level, when
     model stages below it share them, gets every core for the passes in which its draft policy
-    idles them (``threads_alone``). The quantized kernels give the same bits at any thread count,
-    so the rule changes speed only. Stages that set ``threads`` keep theirs.
+    idles them (``threads_alone``), which it does whenever it serves more than one request
+    (``max_drafting_load``: measured on two cores, ``draft_policy.drafting_allowed``). The
+    quantized kernels give the same bits at any thread count, so the rule changes speed only.
+    Stages that set ``threads`` keep theirs; one that sets ``max_drafting_load`` keeps it.
 
     >>> stages = [{"level": 0, "backend": "ngram"},
     ...           {"level": 1, "backend": "quantized", "model": "m"},
     ...           {"level": 2, "backend": "quantized", "model": "t"}]
-    >>> [(s.get("threads"), s.get("threads_alone")) for s in share_cores(stages, 2)]
-    [(None, None), (1, None), (1, 2)]
+    >>> [(s.get("threads"), s.get("threads_alone"), s.get("max_drafting_load"))
+    ...  for s in share_cores(stages, 2)]
+    [(None, None, None), (1, None, None), (1, 2, 1)]
     >>> [(s.get("threads"), s.get("threads_alone")) for s in share_cores(stages[::2], 2)]
     [(None, None), (2, None)]
     """
@@ -177,6 +180,7 @@ def share_cores(stages: list[dict[str, Any]], cores: int) -> list[dict[str, Any]
             s = {"threads": share} | s
             if s["level"] == top and share < cores:
                 s.setdefault("threads_alone", cores)
+                s.setdefault("max_drafting_load", 1)
         out.append(s)
     return out
 
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--demo", metavar="PROMPT", help="stream one completion of PROMPT, then stop"
     )
-    parser.add_argument("--max-tokens", type=int, default=64, help="for --demo (default 64)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="for --demo (default 128)")
     parser.add_argument(
         "--log-dir", type=Path, help="where children's logs go (default: a new temp dir)"
     )

@@ -2,6 +2,7 @@
 ahead (Notice.drafter_lead), and a drafter keeps within it."""
 
 from common.backends.simulated import SimulatedBackend
+from common.draft_policy import LOAD_MEMORY
 from common.engine_config import EngineConfig
 from common.protocol import Notice, RouteHop, Start
 from common.stage_engine import StageEngine
@@ -307,3 +308,34 @@ def test_under_the_cores_rule_drafting_must_pay_for_the_cores_it_takes():
     e, outbox, seen = verifier()
     leads, _ = sixteen(e, outbox, seen)
     assert all(leads)
+
+
+def test_under_the_cores_rule_a_level_above_its_drafting_load_takes_every_core():
+    """With ``max_drafting_load`` 1, a lone request drafts on the level's share of the cores; a
+    second one makes the level idle its drafters and take every core. The first, having run
+    above the cap, ends without drafts; a new lone request drafts again once the level's last
+    ``LOAD_MEMORY`` passes held one request."""
+    outbox, seen = Recorder(), []
+    backend = SimulatedBackend(agreement=0.8, seed=1, vocab=50, sleep=lambda s: None)
+    cfg = EngineConfig(level=1, max_lead=16, threads=1, threads_alone=2, max_drafting_load=1)
+    e = StageEngine(cfg, backend, outbox, "L1", clock=lambda: 0.0, set_threads=seen.append)
+    start(e, 1, max_tokens=20)
+    assert e.step() and seen[-1] == 1 and advised(outbox)["q0"]
+
+    e.handle(Start(request_id="q1", prompt=[1, 2], max_tokens=3, route=ROUTE, reply_to="gw"))
+    outbox.sent.clear()
+    assert e.step()
+    assert seen[-1] == 2 and advised(outbox) == {"q0": 0, "q1": 0}
+    while "q0" in e.requests:  # q1 ends first; q0 decodes alone to its end
+        outbox.sent.clear()
+        assert e.step()
+        assert seen[-1] == 2 and set(advised(outbox).values()) <= {0}
+
+    threads = []
+    for i in range(LOAD_MEMORY + 1):  # one request after another, each decoding one token
+        rid = f"n{i}"
+        e.handle(Start(request_id=rid, prompt=[1, 2], max_tokens=1, route=ROUTE, reply_to="gw"))
+        outbox.sent.clear()
+        assert e.step()
+        threads.append(seen[-1])
+    assert threads[0] == 2 and threads[-1] == 1 and advised(outbox)[rid]

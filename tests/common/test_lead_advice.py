@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.lead_advice import (
+    FRESH_ADVICE_S,
     LeadState,
     advice,
     after_planned_pass,
@@ -80,3 +81,9 @@ def test_lead_limit_is_max_lead_unless_advised_less():
 )
 def test_first_hint(last, others, hint):
     assert first_hint(last, others_in_flight=others) == hint
+
+
+def test_first_hint_after_a_pause_waits_for_advice():
+    assert first_hint(4, others_in_flight=False, advice_age_s=0.2) is None
+    assert first_hint(4, others_in_flight=False, advice_age_s=FRESH_ADVICE_S + 0.1) == 0
+    assert first_hint(None, others_in_flight=False, advice_age_s=100.0) is None
