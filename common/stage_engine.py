@@ -305,7 +305,9 @@ class StageEngine:
                 continue
             plan.append(PlannedRun(r, pending, self.schedule.drafts(r)))
             tokens += len(pending)
-        self._choose_drafts(plan, room=self.config.max_batch_tokens - tokens)
+        # an idle poll is no pass: it must not count in the load (draft_policy.LOAD_MEMORY)
+        if plan:
+            self._choose_drafts(plan, room=self.config.max_batch_tokens - tokens)
         return plan
 
     def _open(self, r: LevelRequest) -> bool:

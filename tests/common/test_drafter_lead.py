@@ -313,8 +313,8 @@ def test_under_the_cores_rule_drafting_must_pay_for_the_cores_it_takes():
 def test_under_the_cores_rule_a_level_above_its_drafting_load_takes_every_core():
     """With ``max_drafting_load`` 1, a lone request drafts on the level's share of the cores; a
     second one makes the level idle its drafters and take every core. The first, having run
-    above the cap, ends without drafts; a new lone request drafts again once the level's last
-    ``LOAD_MEMORY`` passes held one request."""
+    above the cap, ends without drafts; a new lone request, however long the level sat idle,
+    drafts again once the level's last ``LOAD_MEMORY`` passes held one request."""
     outbox, seen = Recorder(), []
     backend = SimulatedBackend(agreement=0.8, seed=1, vocab=50, sleep=lambda s: None)
     cfg = EngineConfig(level=1, max_lead=16, threads=1, threads_alone=2, max_drafting_load=1)
@@ -331,6 +331,8 @@ def test_under_the_cores_rule_a_level_above_its_drafting_load_takes_every_core()
         assert e.step()
         assert seen[-1] == 2 and set(advised(outbox).values()) <= {0}
 
+    for _ in range(2 * LOAD_MEMORY):  # idle polls are no passes: the load is remembered
+        assert not e.step()
     threads = []
     for i in range(LOAD_MEMORY + 1):  # one request after another, each decoding one token
         rid = f"n{i}"
