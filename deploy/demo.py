@@ -7,7 +7,7 @@ The target-alone run is the reference decoder the tests use (``common.simnet.ref
 so "same text: yes" is the lossless claim checked live. On a machine whose cores the stages
 share, the comparison runs while the stages sit idle. Both sides are warmed up first, untimed:
 the system with one completion of another prompt (as a server that has served before: its levels
-have scored their drafts and measured when drafting pays), the target alone with a few tokens.
+have scored their drafts), the target alone with a few tokens.
 
 It takes what it needs of the launcher's plan as plain values (the HTTP URL, the target's stage
 settings, the tokenizer): the launcher imports this module for ``--demo``, never the reverse.
@@ -38,8 +38,8 @@ WARMUP_TOKENS = 4  # the target alone's warm-up: first touches of the weights, n
 
 def warm_up(url: str, max_tokens: int) -> None:
     """One completion of another prompt through the system, untimed, as a server that has served
-    before: the weights are touched and the levels have scored their drafts and measured when
-    drafting pays (``common.draft_mode``), so the timed completion shows the steady state."""
+    before: the weights are touched and the levels have scored their drafts
+    (``common.lead_advice.DraftRecord``), so the timed completion shows the steady state."""
     body = {"prompt": WARMUP_PROMPT, "max_tokens": max_tokens}
     with httpx.Client(timeout=httpx.Timeout(10.0, read=300.0)) as http:
         http.post(f"{url}/v1/completions", json=body).raise_for_status()
