@@ -10,7 +10,7 @@ type    the file's weight (ggml-common.h)    u         s, z              group  
 Q4_0    d * (q - 8),        q 0..15          q         d, -8 d           32     4
 Q4_1    d * q + m,          q 0..15          q         d, m              32     4
 Q4_K    d sc * q - dmin m,  q 0..15          q         d sc, -dmin m     32     4
-Q5_0    d * (q - 16),       q 0..31          q         d, -16 d          32     8
+Q5_0    d * (q - 16),       q 0..31          q         d, -16 d          32     5
 Q6_K    d sc * (q - 32),    q 0..63          q         d sc, -32 d sc    16     8
 Q8_0    d * q,              q -128..127      q + 128   d, -128 d         32     8
 ======  ===================================  ========  ================  =====  ====
@@ -166,7 +166,7 @@ _FORMATS: dict[gguf.GGMLQuantizationType, tuple[_Decoder, int, int]] = {
     T.Q4_0: (_q4_0, 32, 4),
     T.Q4_1: (_q4_1, 32, 4),
     T.Q4_K: (_q4_k, 32, 4),
-    T.Q5_0: (_q5_0, 32, 8),
+    T.Q5_0: (_q5_0, 32, 5),
     T.Q6_K: (_q6_k, 16, 6),
     T.Q8_0: (_q8_0, 32, 8),
 }

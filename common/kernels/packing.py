@@ -4,9 +4,9 @@ Every GGUF block format the runner serves decodes to the same shape of number,
 
     w[n, k] = s[n, g] * u[n, k] + z[n, g]        g = k // group,  u an unsigned integer code,
 
-with ``u`` in 0..15 (Q4_0, Q4_1, Q4_K: 4-bit codes), 0..63 (Q6_K: 6-bit codes) or 0..255 (Q5_0,
-Q8_0: 8-bit codes) and
-``s``, ``z`` float32 per group of 32 (16 for Q6_K). ``common.kernels.gguf_blocks`` makes the three
+with ``u`` in 0..15 (Q4_0, Q4_1, Q4_K: 4-bit codes), 0..31 (Q5_0: 5-bit codes), 0..63 (Q6_K:
+6-bit codes) or 0..255 (Q8_0: 8-bit codes) and ``s``, ``z`` float32 per group of 32 (16 for
+Q6_K). ``common.kernels.gguf_blocks`` makes the three
 arrays from a file's blocks, reproducing every weight exactly; this module lays them out.
 
 Two layouts hold the same numbers:
@@ -23,6 +23,10 @@ Two layouts hold the same numbers:
   - 6-bit: 3 loads per 16 k (h = k // 16): two of low 4 bits, laid out as 4-bit codes, then one
     of high 2 bits, ``codes[t, 3 h + 2, j, b] = sum over i of (u[16 t + j, 16 h + 4 i + b] >> 4)
     << 2 i``: shape ``[N/16, 3 K/16, 16, 4]``, 6 bits per code;
+  - 5-bit (groups of 32): 5 loads per 32 k (h = k // 32): four of low 4 bits, laid out as 4-bit
+    codes, then one of the fifth bits, ``codes[t, 5 h + 4, j, b] = sum over p of
+    (u[16 t + j, 32 h + 4 p + b] >> 4) << p``: shape ``[N/16, 5 K/32, 16, 4]``, 5 bits per code
+    (the kernel moves bit ``p`` of that load to bit 4 of the ``p``-th group of 4 k);
   - ``s`` and ``z``: ``[N/16, K/group, 16]``.
 
 Factored scales (:class:`Factors`): GGUF files store ``s`` and ``z`` as products of a float16
@@ -107,7 +111,7 @@ class RowWeight:
     u: torch.Tensor
     s: torch.Tensor
     z: torch.Tensor
-    bits: int  # 4: every code < 16 (two per byte when tiled); 6: < 64 (4 in 3 bytes); 8: < 256
+    bits: int  # 4: every code < 16 (two per byte tiled); 5: < 32 (8 in 5 bytes); 6: < 64; 8: < 256
     factors: Factors | None = None
 
     def __post_init__(self):
@@ -116,8 +120,10 @@ class RowWeight:
             raise TypeError("codes must be uint8 and scales float32")
         if self.s.shape != self.z.shape or self.s.shape[0] != n or k % self.s.shape[1]:
             raise ValueError(f"scales {tuple(self.s.shape)} do not fit codes {(n, k)}")
-        if self.bits not in (4, 6, 8):
-            raise ValueError(f"bits must be 4, 6 or 8, not {self.bits}")
+        if self.bits not in (4, 5, 6, 8):
+            raise ValueError(f"bits must be 4, 5, 6 or 8, not {self.bits}")
+        if self.bits == 5 and k // self.s.shape[1] != 32:
+            raise ValueError("5-bit codes come in groups of 32")
         f = self.factors
         if f is not None and (f.sc.shape != self.s.shape or f.superblock * f.d.shape[1] != k):
             raise ValueError(f"factors of super-block {f.superblock} do not fit {(n, k)}")
@@ -185,6 +191,13 @@ def tile(row: RowWeight) -> TiledWeight:
         codes = u.view(n // LANES, LANES, k // 4, 4).permute(0, 2, 1, 3)
     elif row.bits == 4:
         codes = _nibble_loads(u)
+    elif row.bits == 5:
+        low = _nibble_loads(u & 0x0F).reshape(n // LANES, k // 32, 4, LANES, 4)
+        fifth = (u >> 4).view(n // LANES, LANES, k // 32, 8, 4)  # [t, j, h, p, b]
+        shifts = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8, 1)
+        high = (fifth << shifts).sum(dim=3, dtype=torch.uint8)  # distinct bits: sum = or
+        codes = torch.cat((low, high.permute(0, 2, 1, 3)[:, :, None]), dim=2)
+        codes = codes.view(n // LANES, 5 * k // 32, LANES, 4)
     else:
         low = _nibble_loads(u & 0x0F).view(n // LANES, k // 16, 2, LANES, 4)
         quads = (u >> 4).view(n // LANES, LANES, k // 16, 4, 4)  # [t, j, h, i, b]
@@ -227,6 +240,12 @@ def untile(t: TiledWeight) -> RowWeight:
         u = t.codes.permute(0, 2, 1, 3).reshape(t.n, t.k)
     elif t.bits == 4:
         u = _nibble_codes(t.codes)
+    elif t.bits == 5:
+        c = t.codes.view(tiles, t.k // 32, 5, LANES, 4)
+        low = _nibble_codes(c[:, :, :4].reshape(tiles, t.k // 8, LANES, 4))
+        hi = c[:, :, 4].permute(0, 2, 1, 3)  # [t, j, h, b]
+        fifth = torch.stack([(hi >> p) & 1 for p in range(8)], dim=3)  # [t, j, h, p, b]
+        u = low | (fifth.reshape(t.n, t.k) << 4)
     else:
         c = t.codes.view(tiles, t.k // 16, 3, LANES, 4)
         low = _nibble_codes(c[:, :, :2].reshape(tiles, t.k // 8, LANES, 4))

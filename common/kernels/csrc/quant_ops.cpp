@@ -203,7 +203,7 @@ QuantRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, Pat
 
 // What one call to a tile kernel sees: one tile of 16 columns, up to 8 activation rows.
 struct TileArgs {
-  const uint8_t* codes; // the tile's codes, [K/4, K/8 or 3K/16 loads, 16, 4]
+  const uint8_t* codes; // the tile's codes, [K/4, K/8, 5K/32 or 3K/16 loads, 16, 4]
   const float* s;       // the tile's scales [K/G, 16] (float32 layout)
   const float* z;       // the tile's offsets [K/G, 16] (float32 layout)
   const uint16_t* wd;   // factored layout: fp16 scale factors [K/S, 16]
@@ -223,13 +223,19 @@ struct TileArgs {
 // 4 matching activations (s8) are broadcast, and vpdpbusd adds the 4 products to the lane.
 // For 4 bits one load holds 8 k: low nibbles k 8o..8o+3, high nibbles 8o+4..8o+7. For 6 bits
 // three loads hold 16 k: their low 4 bits as two 4-bit loads, then their high 2 bits (k 16h + 4i
-// + b at bits 2i, 2i+1 of byte b).
+// + b at bits 2i, 2i+1 of byte b). For 5 bits (groups of 32) five loads hold 32 k: their low 4
+// bits as four 4-bit loads, then their fifth bits (k 32h + 4p + b at bit p of byte b).
 template <int BITS, int GROUP, int R, bool FACTORED>
 AVX512_TARGET void tile_vnni(const TileArgs& a) {
   constexpr int STEPS = GROUP / 4; // vpdpbusd per row and group
-  constexpr int LOADS = BITS == 8 ? GROUP / 4 : BITS == 4 ? GROUP / 8 : GROUP / 16 * 3;
+  static_assert(BITS != 5 || GROUP == 32, "5-bit codes come in groups of 32");
+  constexpr int LOADS = BITS == 8   ? GROUP / 4
+                        : BITS == 4 ? GROUP / 8
+                        : BITS == 5 ? 5
+                                    : GROUP / 16 * 3;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i top = _mm512_set1_epi8(0x30);
+  const __m512i fifth = _mm512_set1_epi8(0x10);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   __m512 wd = _mm512_setzero_ps(), wdm = _mm512_setzero_ps();
@@ -252,6 +258,23 @@ AVX512_TARGET void tile_vnni(const TileArgs& a) {
         w[4 * h + 2] = _mm512_or_si512(_mm512_and_si512(lo1, nibble), h2);
         w[4 * h + 3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo1, 4), nibble), h3);
       }
+    } else if constexpr (BITS == 5) {
+      const __m512i hi = _mm512_loadu_si512(c + 256);
+      for (int l = 0; l < 4; ++l) {
+        const __m512i raw = _mm512_loadu_si512(c + 64 * l);
+        w[2 * l] = _mm512_and_si512(raw, nibble);
+        w[2 * l + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+      }
+      // bit p of the fifth-bit load moved to bit 4 of step p's codes (the 16-bit shifts, at
+      // most 4 either way, spill only into bits the mask clears)
+      w[0] = _mm512_or_si512(w[0], _mm512_and_si512(_mm512_slli_epi16(hi, 4), fifth));
+      w[1] = _mm512_or_si512(w[1], _mm512_and_si512(_mm512_slli_epi16(hi, 3), fifth));
+      w[2] = _mm512_or_si512(w[2], _mm512_and_si512(_mm512_slli_epi16(hi, 2), fifth));
+      w[3] = _mm512_or_si512(w[3], _mm512_and_si512(_mm512_slli_epi16(hi, 1), fifth));
+      w[4] = _mm512_or_si512(w[4], _mm512_and_si512(hi, fifth));
+      w[5] = _mm512_or_si512(w[5], _mm512_and_si512(_mm512_srli_epi16(hi, 1), fifth));
+      w[6] = _mm512_or_si512(w[6], _mm512_and_si512(_mm512_srli_epi16(hi, 2), fifth));
+      w[7] = _mm512_or_si512(w[7], _mm512_and_si512(_mm512_srli_epi16(hi, 3), fifth));
     } else {
       for (int l = 0; l < LOADS; ++l) {
         const __m512i raw = _mm512_loadu_si512(c + 64 * l);
@@ -341,6 +364,13 @@ ALWAYS_INLINE void tile_plain_body(const TileArgs& a, int64_t rows, int bits, in
         const int shift = (kh % 8) < 4 ? 0 : 4, hshift = 2 * (kh / 4);
         for (int64_t j = 0; j < LANES; ++j)
           u[kk][j] = ((lo[4 * j] >> shift) & 0x0F) | (((hi[4 * j] >> hshift) & 0x03) << 4);
+      } else if (bits == 5) { // loads 5h..5h+3: low 4 bits as 4-bit codes; 5h+4: fifth bits
+        const int64_t h = k / 32, kh = k % 32;
+        const uint8_t* lo = a.codes + (5 * h + kh / 8) * LANES * 4 + k % 4;
+        const uint8_t* hi = a.codes + (5 * h + 4) * LANES * 4 + k % 4;
+        const int shift = (kh % 8) < 4 ? 0 : 4, hshift = static_cast<int>(kh / 4);
+        for (int64_t j = 0; j < LANES; ++j)
+          u[kk][j] = ((lo[4 * j] >> shift) & 0x0F) | (((hi[4 * j] >> hshift) & 0x01) << 4);
       } else {
         const uint8_t* c = a.codes + (k / 8) * LANES * 4 + k % 4;
         const int shift = (k % 8) < 4 ? 0 : 4; // low nibbles: k 8o..8o+3; high: 8o+4..8o+7
@@ -396,6 +426,7 @@ void run_tile(const TileArgs& a, int64_t rows, int bits, int64_t group, Path pat
   if (path == VNNI) {
     if (bits == 4 && group == 32) return tile_vnni_layout<4, 32>(a, rows);
     if (bits == 4 && group == 16) return tile_vnni_layout<4, 16>(a, rows);
+    if (bits == 5) return tile_vnni_layout<5, 32>(a, rows);
     if (bits == 6 && group == 32) return tile_vnni_layout<6, 32>(a, rows);
     if (bits == 6 && group == 16) return tile_vnni_layout<6, 16>(a, rows);
     if (bits == 8 && group == 32) return tile_vnni_layout<8, 32>(a, rows);
@@ -417,18 +448,20 @@ struct Scales {
   int64_t superblock = 0;
 };
 
-// 64-byte code loads per tile: 4 k per load (8 bits), 8 (4 bits), 16 per 3 loads (6 bits).
+// 64-byte code loads per tile: 4 k per load (8 bits), 8 (4 bits), 32 per 5 loads (5 bits), 16
+// per 3 loads (6 bits).
 int64_t loads_per_tile(int64_t k, int64_t bits) {
-  return bits == 8 ? k / 4 : bits == 4 ? k / 8 : k / 16 * 3;
+  return bits == 8 ? k / 4 : bits == 4 ? k / 8 : bits == 5 ? k / 32 * 5 : k / 16 * 3;
 }
 
 void check_codes(const torch::Tensor& x, const torch::Tensor& codes, int64_t n, int64_t k,
                  int64_t group, int64_t bits) {
   check_cpu_float(x, "x", 2);
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 4,
-              "codes must be contiguous uint8 [N/16, K/4, K/8 or 3K/16, 16, 4]");
-  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
+              "codes must be contiguous uint8 [N/16, K/4, K/8, 5K/32 or 3K/16, 16, 4]");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
   TORCH_CHECK(group == 16 || group == 32, "group must be 16 or 32");
+  TORCH_CHECK(bits != 5 || group == 32, "5-bit codes come in groups of 32");
   TORCH_CHECK(n % LANES == 0 && k % group == 0, "N must be a multiple of 16, K of the group");
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " features, the weight ", k);
   TORCH_CHECK(codes.size(0) == n / LANES && codes.size(1) == loads_per_tile(k, bits) &&

@@ -18,7 +18,7 @@ T = gguf.GGMLQuantizationType
 FP16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2)}
 FP16_FIELDS[T.Q6_K] = (208,)
 GROUP_BITS = {T.Q4_0: (32, 4), T.Q4_1: (32, 4), T.Q4_K: (32, 4)}
-GROUP_BITS |= {T.Q5_0: (32, 8), T.Q6_K: (16, 6), T.Q8_0: (32, 8)}
+GROUP_BITS |= {T.Q5_0: (32, 5), T.Q6_K: (16, 6), T.Q8_0: (32, 8)}
 MAX_CODE = {T.Q4_0: 15, T.Q4_1: 15, T.Q4_K: 15, T.Q5_0: 31, T.Q6_K: 63, T.Q8_0: 255}
 
 

@@ -20,7 +20,7 @@ from tests.common.kernels.test_reference import (
     random_weight,
 )
 
-WEIGHT_KINDS = [(4, 32), (8, 16), (8, 32), (4, 16), (6, 16), (6, 32)]
+WEIGHT_KINDS = [(4, 32), (8, 16), (8, 32), (4, 16), (5, 32), (6, 16), (6, 32)]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_qmatmul_bit_identical_small(ext, bits, group):
             assert torch.equal(native_qmatmul(ext, x[:m], t, path), expected), (m, path)
 
 
-@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 16), (6, 16)])
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, 16), (5, 32), (6, 16)])
 def test_qmatmul_bit_identical_realistic(ext, bits, group):
     w = random_weight(1536, 576, group, bits, seed=7)
     t = tile(w)
@@ -170,7 +170,8 @@ def check_across_threads(store, key, threads, out):
 
 
 @pytest.mark.parametrize(
-    ("bits", "group", "superblock"), [(4, 32, None), (8, 16, None), (4, 32, 256), (6, 16, 256)]
+    ("bits", "group", "superblock"),
+    [(4, 32, None), (8, 16, None), (4, 32, 256), (6, 16, 256), (5, 32, 32)],
 )
 def test_qmatmul_invariant(ext, threads, across_threads, bits, group, superblock):
     if superblock is None:

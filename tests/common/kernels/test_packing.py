@@ -38,9 +38,10 @@ def test_factored_round_trip(bits, group, superblock):
 
 def test_bytes_per_weight():
     """Q4_K's shape: 4.625 bits per weight factored, 6 as float32; Q6_K's: 7.125 and 10 (6-bit
-    codes), 9.125 and 12 with 8-bit codes; Q8_0's 9.5 and 10."""
+    codes), 9.125 and 12 with 8-bit codes; Q8_0's 9.5 and 10; Q5_0's 6.5 and 7."""
     kinds = {(4, 32, 256): (4.625, 6), (6, 16, 256): (7.125, 10), (8, 16, 256): (9.125, 12)}
     kinds[8, 32, 32] = (9.5, 10)
+    kinds[5, 32, 32] = (6.5, 7)
     for (bits, group, superblock), (factored, plain) in kinds.items():
         w = random_factored_weight(32, 1024, group, bits, superblock)
         assert tile(w).nbytes() * 8 / w.u.numel() == factored
@@ -79,3 +80,11 @@ def test_factors_are_checked():
         Factors(f.d, f.dm, f.sc.to(torch.uint8), f.mi, 256)
     with pytest.raises(ValueError, match="do not fit"):
         RowWeight(w.u, w.s, w.z, 4, Factors(f.d, f.dm, f.sc, f.mi, 128))
+
+
+def test_five_bit_codes_need_groups_of_32():
+    """The kernel reads a group's fifth bits in one load of 32 k."""
+    u = torch.zeros(16, 64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="groups of 32"):
+        RowWeight(u, torch.ones(16, 4), torch.zeros(16, 4), bits=5)
+    assert RowWeight(u, torch.ones(16, 2), torch.zeros(16, 2), bits=5).group == 32

@@ -46,8 +46,8 @@ def random_factored_weight(
     return RowWeight(u, *factors.scales(), bits, factors)
 
 
-# (bits, group, super-block): Q4_K's, Q6_K's, Q8_0 / Q5_0's and Q4_0 / Q4_1's shapes
-FACTORED_KINDS = [(4, 32, 256), (6, 16, 256), (8, 16, 256), (8, 32, 32), (4, 32, 32)]
+# (bits, group, super-block): Q4_K's, Q6_K's, Q8_0's, Q5_0's and Q4_0 / Q4_1's shapes
+FACTORED_KINDS = [(4, 32, 256), (6, 16, 256), (8, 16, 256), (8, 32, 32), (5, 32, 32), (4, 32, 32)]
 
 
 def probe_rows(m: int) -> list[int]:
