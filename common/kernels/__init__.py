@@ -14,7 +14,7 @@ import os
 import torch
 
 from common.kernels import reference
-from common.kernels.packing import RowWeight, TiledWeight, tile, untile
+from common.kernels.packing import BlockScales, RowWeight, TiledWeight, tile, untile
 
 __all__ = ["attention", "implementation", "prepare_weight", "qmatmul", "rmsnorm", "silu_mul"]
 
@@ -61,6 +61,8 @@ def qmatmul(x: torch.Tensor, w: RowWeight | TiledWeight) -> torch.Tensor:
     f = w.factors
     if f is None:
         return ext.qmatmul(x, w.codes, w.s, w.z, w.n, w.k, w.group, w.bits, _path())
+    if isinstance(f, BlockScales):
+        return ext.qmatmul_block(x, w.codes, f.d, f.offset, w.n, w.k, w.group, w.bits, _path())
     args = (w.n, w.k, w.group, f.superblock, w.bits, _path())
     return ext.qmatmul_factored(x, w.codes, f.d, f.dm, f.sc, f.mi, *args)
 

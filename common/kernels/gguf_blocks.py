@@ -30,9 +30,10 @@ Q6_K    d       sc (int8)   -32 d        sc
 Q8_0    d       1           -128 d       1
 ======  ======  ==========  ===========  ======
 
-Each ``dm`` is a float16 unless ``-8 d``, ``-16 d``, ``-32 d`` or ``-128 d`` overflows it (a
-``|d|`` above 511 at least; no real file): then the tensor has no factors and the kernel reads its
-float32 ``s`` and ``z``. The products are exact in float32 (11 significant bits times at most 8)
+Q4_0, Q5_0 and Q8_0 keep ``d`` alone (:class:`~common.kernels.packing.BlockScales`:
+``s = d``, ``z = -offset * d`` with offset 8, 16, 128), the rows above show what it stands for.
+For Q6_K, ``dm`` is a float16 unless ``-32 d`` overflows it (a ``|d|`` above 2047; no real file):
+then the tensor has no factors and the kernel reads its float32 ``s`` and ``z``. The products are exact in float32 (11 significant bits times at most 8)
 and equal the float32 ``s`` and ``z`` below to the bit (the tests check every type).
 
 Why exact: ``d`` is fp16 (11 significant bits) and ``sc`` at most 8 bits, so ``s`` is exact in
@@ -75,7 +76,7 @@ import gguf
 import numpy as np
 import torch
 
-from common.kernels.packing import Factors, RowWeight
+from common.kernels.packing import BlockScales, Factors, RowWeight
 
 T = gguf.GGMLQuantizationType
 CHUNK_ELEMENTS = 1 << 21  # codes decoded per step: temporaries stay a few MB
@@ -171,6 +172,8 @@ _FORMATS: dict[gguf.GGMLQuantizationType, tuple[_Decoder, int, int]] = {
     T.Q8_0: (_q8_0, 32, 8),
 }
 SUPPORTED: frozenset[gguf.GGMLQuantizationType] = frozenset(_FORMATS)
+# the types whose weight is d * (q - offset), one d per group: their scales are BlockScales
+_OFFSETS: dict[gguf.GGMLQuantizationType, int] = {T.Q4_0: 8, T.Q5_0: 16, T.Q8_0: 128}
 # decode_rows also reads plain floating-point tables
 _ROW_TYPES = SUPPORTED | {T.F32, T.F16, T.BF16}
 
@@ -228,13 +231,12 @@ def decode(
         decoder(blocks[r0:r1], u[r0:r1].reshape(rows), d[r0:r1], dm[r0:r1], sc_r, mi_r)
         np.multiply(d[r0:r1, :, None], sc_r, out=s[r0:r1].reshape(rows))
         np.multiply(dm[r0:r1, :, None], mi_r, out=z[r0:r1].reshape(rows))
-    return RowWeight(
-        torch.from_numpy(u),
-        torch.from_numpy(s),
-        torch.from_numpy(z),
-        bits,
-        _factors(d, dm, sc, mi, block),
-    )
+    offset = _OFFSETS.get(qtype)
+    if offset is not None:  # one scale per group: d alone (block scales), never overflowing
+        factors = BlockScales(torch.from_numpy(d.astype(np.float16)), offset)
+    else:
+        factors = _factors(d, dm, sc, mi, block)
+    return RowWeight(torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(z), bits, factors)
 
 
 def _factors(d, dm, sc, mi, superblock: int) -> Factors | None:

@@ -41,6 +41,11 @@ A :class:`RowWeight` always holds ``s`` and ``z``; where it also holds ``factors
 as ``[N/16, K/group, 16]``) and the kernel rebuilds ``s`` and ``z``: a Q4_K weight then streams
 4.625 bits per weight instead of 6, a Q6_K weight (6-bit codes) 7.125 instead of 10.
 
+Block scales (:class:`BlockScales`): where the file keeps one float16 scale per group and the
+codes are offset by a constant (Q4_0, Q5_0, Q8_0: ``w = d * (q - offset)``), ``s = d`` and
+``z = -offset * d`` (float32, exact), and the kernel reads ``d`` alone (``[N/16, K/group, 16]``):
+a Q5_0 weight streams 5.5 bits per weight, a Q8_0 weight 8.5, as in the file.
+
 >>> u = torch.arange(32 * 32, dtype=torch.int64).remainder(16).to(torch.uint8).view(32, 32)
 >>> s = torch.ones(32, 1); z = torch.zeros(32, 1)
 >>> row = RowWeight(u, s, z, bits=4)
@@ -104,15 +109,41 @@ class Factors:
 
 
 @dataclass(frozen=True)
+class BlockScales:
+    """One float16 scale ``d`` per group (``[N, K/group]``; tiled ``[N/16, K/group, 16]``) and a
+    code offset: ``s = d``, ``z = -offset * d``, both float32 and exact.
+
+    >>> b = BlockScales(torch.tensor([[0.5, -2.0]]).half(), offset=16)
+    >>> [t.tolist() for t in b.scales()]
+    [[[0.5, -2.0]], [[-8.0, 32.0]]]
+    """
+
+    d: torch.Tensor
+    offset: int
+
+    def __post_init__(self):
+        if self.d.dtype != torch.float16:
+            raise TypeError("d must be float16")
+        if not 0 <= self.offset < 256:
+            raise ValueError(f"offset {self.offset} is not in 0..255")
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, z)`` float32 ``[N, K/group]`` (row layout)."""
+        s = self.d.float()
+        return s, s * float(-self.offset)
+
+
+@dataclass(frozen=True)
 class RowWeight:
     """``w = s * u + z`` per group, row-major: ``u [N, K]`` uint8, ``s``/``z`` ``[N, K/group]``;
-    optionally the same ``s`` and ``z`` as :class:`Factors` (``factors.scales() == (s, z)``)."""
+    optionally the same ``s`` and ``z`` as :class:`Factors` or :class:`BlockScales`
+    (``factors.scales() == (s, z)``)."""
 
     u: torch.Tensor
     s: torch.Tensor
     z: torch.Tensor
     bits: int  # 4: every code < 16 (two per byte tiled); 5: < 32 (8 in 5 bytes); 6: < 64; 8: < 256
-    factors: Factors | None = None
+    factors: Factors | BlockScales | None = None
 
     def __post_init__(self):
         n, k = self.u.shape
@@ -125,7 +156,10 @@ class RowWeight:
         if self.bits == 5 and k // self.s.shape[1] != 32:
             raise ValueError("5-bit codes come in groups of 32")
         f = self.factors
-        if f is not None and (f.sc.shape != self.s.shape or f.superblock * f.d.shape[1] != k):
+        if isinstance(f, BlockScales):
+            if f.d.shape != self.s.shape:
+                raise ValueError(f"block scales {tuple(f.d.shape)} do not fit {(n, k)}")
+        elif f is not None and (f.sc.shape != self.s.shape or f.superblock * f.d.shape[1] != k):
             raise ValueError(f"factors of super-block {f.superblock} do not fit {(n, k)}")
 
     @property
@@ -159,11 +193,17 @@ class TiledWeight:
     k: int
     group: int
     bits: int
-    factors: Factors | None = None  # tiled: d, dm [N/16, K/S, 16], sc, mi [N/16, K/group, 16]
+    # tiled: d, dm [N/16, K/S, 16], sc, mi [N/16, K/group, 16]; block scales' d [N/16, K/group, 16]
+    factors: Factors | BlockScales | None = None
 
     def nbytes(self) -> int:
         f = self.factors
-        parts = (self.codes, self.s, self.z) if f is None else (self.codes, f.d, f.dm, f.sc, f.mi)
+        if f is None:
+            parts = (self.codes, self.s, self.z)
+        elif isinstance(f, BlockScales):
+            parts = (self.codes, f.d)
+        else:
+            parts = (self.codes, f.d, f.dm, f.sc, f.mi)
         return sum(t.numel() * t.element_size() for t in parts)
 
 
@@ -214,6 +254,10 @@ def tile(row: RowWeight) -> TiledWeight:
     f = row.factors
     if f is None:
         return TiledWeight(codes, lanes(row.s), lanes(row.z), n, k, group, row.bits)
+    if isinstance(f, BlockScales):
+        return TiledWeight(
+            codes, None, None, n, k, group, row.bits, BlockScales(lanes(f.d), f.offset)
+        )
     tiled = Factors(lanes(f.d), lanes(f.dm), lanes(f.sc), lanes(f.mi), f.superblock)
     return TiledWeight(codes, None, None, n, k, group, row.bits, tiled)
 
@@ -259,6 +303,9 @@ def untile(t: TiledWeight) -> RowWeight:
     f = t.factors
     if f is None:
         return RowWeight(u.contiguous(), rows(t.s), rows(t.z), t.bits)
+    if isinstance(f, BlockScales):
+        block = BlockScales(rows(f.d), f.offset)
+        return RowWeight(u.contiguous(), *block.scales(), t.bits, block)
     factors = Factors(rows(f.d), rows(f.dm), rows(f.sc), rows(f.mi), f.superblock)
     return RowWeight(u.contiguous(), *factors.scales(), t.bits, factors)
 
@@ -269,9 +316,11 @@ def concat(weights: list[RowWeight]) -> RowWeight:
     first = weights[0]
     if any((w.k, w.group, w.bits) != (first.k, first.group, first.bits) for w in weights):
         raise ValueError("only weights of one input size, group and code width concatenate")
-    factors = None  # kept where every weight has them, with one super-block
+    factors = None  # kept where every weight has them, of one kind (one super-block, one offset)
     fs = [w.factors for w in weights]
-    if all(f is not None for f in fs) and len({f.superblock for f in fs}) == 1:
+    if all(isinstance(f, BlockScales) for f in fs) and len({f.offset for f in fs}) == 1:
+        factors = BlockScales(torch.cat([f.d for f in fs]), fs[0].offset)
+    elif all(isinstance(f, Factors) for f in fs) and len({f.superblock for f in fs}) == 1:
         factors = Factors(
             *(torch.cat([getattr(f, a) for f in fs]) for a in ("d", "dm", "sc", "mi")),
             fs[0].superblock,

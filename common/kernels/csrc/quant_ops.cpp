@@ -100,11 +100,13 @@ void check_cpu_float(const torch::Tensor& t, const char* name, int64_t dim) {
 //     i = sum_k xq[m, k] u[n, k] over the group (exact integer),
 //     acc = acc + d * ((float)i * s + z * (float)xs), each operation rounded on its own.
 //
-// Two ways to store s and z (packing.py): float32 per group, or factored as the GGUF file has
+// Three ways to store s and z (packing.py): float32 per group; factored as the GGUF file has
 // them, s = wd * sc and z = wdm * mi with wd, wdm fp16 per super-block of S weights along K and
-// sc, mi int8 per group; the kernel rebuilds s and z with one float32 mul each (exact: 11
+// sc, mi int8 per group; or block scales (Q4_0, Q5_0, Q8_0), s = wd per group and
+// z = s * (-offset). The kernel rebuilds s and z with one float32 mul each (exact: 11
 // significant bits times at most 8), then the same arithmetic. Factored weights read 4.625 bits
-// per weight at 4-bit g32 S=256 (6 as float32) and 7.125 at 6-bit g16 S=256 (10).
+// per weight at 4-bit g32 S=256 (6 as float32) and 7.125 at 6-bit g16 S=256 (10); block-scaled
+// 5.5 at 5-bit g32 and 8.5 at 8-bit g32, as the file.
 // ------------------------------------------------------------------------------------------
 
 struct QuantRows {
@@ -211,6 +213,7 @@ struct TileArgs {
   const int8_t* sc;     // int8 scale factors [K/G, 16]
   const int8_t* mi;     // int8 offset factors [K/G, 16]
   int64_t per_block;    // groups per super-block (S / G)
+  float neg_offset;     // block scales (sc, mi null): z = s * neg_offset, s = wd per group
   const int8_t* xq;     // first row's quantized activations; rows K apart
   const float* d;       // first row's group scales; rows K/G apart
   const float* xs;      // first row's group sums; rows K/G apart
@@ -225,7 +228,10 @@ struct TileArgs {
 // three loads hold 16 k: their low 4 bits as two 4-bit loads, then their high 2 bits (k 16h + 4i
 // + b at bits 2i, 2i+1 of byte b). For 5 bits (groups of 32) five loads hold 32 k: their low 4
 // bits as four 4-bit loads, then their fifth bits (k 32h + 4p + b at bit p of byte b).
-template <int BITS, int GROUP, int R, bool FACTORED>
+// How a tile's scales come (TileArgs): float32 s, z; factored; or one float16 scale per group.
+enum ScaleKind { FLOAT32_SCALES, FACTORED_SCALES, BLOCK_SCALES };
+
+template <int BITS, int GROUP, int R, ScaleKind SCALES>
 AVX512_TARGET void tile_vnni(const TileArgs& a) {
   constexpr int STEPS = GROUP / 4; // vpdpbusd per row and group
   static_assert(BITS != 5 || GROUP == 32, "5-bit codes come in groups of 32");
@@ -287,7 +293,10 @@ AVX512_TARGET void tile_vnni(const TileArgs& a) {
       }
     }
     __m512 s, z;
-    if constexpr (FACTORED) {
+    if constexpr (SCALES == BLOCK_SCALES) { // s = d, z = s * (-offset): exact, as the factors
+      s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.wd + g * LANES)));
+      z = _mm512_mul_ps(s, _mm512_set1_ps(a.neg_offset));
+    } else if constexpr (SCALES == FACTORED_SCALES) {
       if (in_block == 0) { // a new super-block: its 16 fp16 factors -> float32 (exact)
         const int64_t b = g / a.per_block;
         wd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.wd + b * LANES)));
@@ -325,24 +334,25 @@ AVX512_TARGET void tile_vnni(const TileArgs& a) {
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(a.out + r * a.n, acc[r]);
 }
 
-template <int BITS, int GROUP, bool FACTORED>
+template <int BITS, int GROUP, ScaleKind SCALES>
 void tile_vnni_rows(const TileArgs& a, int64_t rows) {
   switch (rows) {
-    case 1: return tile_vnni<BITS, GROUP, 1, FACTORED>(a);
-    case 2: return tile_vnni<BITS, GROUP, 2, FACTORED>(a);
-    case 3: return tile_vnni<BITS, GROUP, 3, FACTORED>(a);
-    case 4: return tile_vnni<BITS, GROUP, 4, FACTORED>(a);
-    case 5: return tile_vnni<BITS, GROUP, 5, FACTORED>(a);
-    case 6: return tile_vnni<BITS, GROUP, 6, FACTORED>(a);
-    case 7: return tile_vnni<BITS, GROUP, 7, FACTORED>(a);
-    default: return tile_vnni<BITS, GROUP, 8, FACTORED>(a);
+    case 1: return tile_vnni<BITS, GROUP, 1, SCALES>(a);
+    case 2: return tile_vnni<BITS, GROUP, 2, SCALES>(a);
+    case 3: return tile_vnni<BITS, GROUP, 3, SCALES>(a);
+    case 4: return tile_vnni<BITS, GROUP, 4, SCALES>(a);
+    case 5: return tile_vnni<BITS, GROUP, 5, SCALES>(a);
+    case 6: return tile_vnni<BITS, GROUP, 6, SCALES>(a);
+    case 7: return tile_vnni<BITS, GROUP, 7, SCALES>(a);
+    default: return tile_vnni<BITS, GROUP, 8, SCALES>(a);
   }
 }
 
 template <int BITS, int GROUP>
 void tile_vnni_layout(const TileArgs& a, int64_t rows) {
-  if (a.s == nullptr) return tile_vnni_rows<BITS, GROUP, true>(a, rows);
-  return tile_vnni_rows<BITS, GROUP, false>(a, rows);
+  if (a.s != nullptr) return tile_vnni_rows<BITS, GROUP, FLOAT32_SCALES>(a, rows);
+  if (a.sc == nullptr) return tile_vnni_rows<BITS, GROUP, BLOCK_SCALES>(a, rows);
+  return tile_vnni_rows<BITS, GROUP, FACTORED_SCALES>(a, rows);
 }
 #endif
 
@@ -380,7 +390,12 @@ ALWAYS_INLINE void tile_plain_body(const TileArgs& a, int64_t rows, int bits, in
     float sf[LANES], zf[LANES];
     const float* s = sf;
     const float* z = zf;
-    if (a.s == nullptr) { // factored: the same float32 products as the VNNI kernel
+    if (a.s == nullptr && a.sc == nullptr) { // block scales: as the VNNI kernel
+      for (int64_t j = 0; j < LANES; ++j) {
+        sf[j] = c10::detail::fp16_ieee_to_fp32_value(a.wd[g * LANES + j]);
+        zf[j] = sf[j] * a.neg_offset;
+      }
+    } else if (a.s == nullptr) { // factored: the same float32 products as the VNNI kernel
       const int64_t b = g / a.per_block;
       for (int64_t j = 0; j < LANES; ++j) {
         sf[j] = c10::detail::fp16_ieee_to_fp32_value(a.wd[b * LANES + j]) *
@@ -446,6 +461,7 @@ struct Scales {
   const int8_t* sc = nullptr;
   const int8_t* mi = nullptr;
   int64_t superblock = 0;
+  float neg_offset = 0.0f; // block scales: wd per group, sc and mi null
 };
 
 // 64-byte code loads per tile: 4 k per load (8 bits), 8 (4 bits), 32 per 5 loads (5 bits), 16
@@ -506,6 +522,7 @@ torch::Tensor qmatmul_impl(const torch::Tensor& x, const torch::Tensor& codes, c
                          sw.sc ? sw.sc + tg : nullptr,
                          sw.mi ? sw.mi + tg : nullptr,
                          sw.superblock / group,
+                         sw.neg_offset,
                          qr.q.data() + r0 * k,
                          qr.d.data() + r0 * groups,
                          qr.xs.data() + r0 * groups,
@@ -551,6 +568,21 @@ torch::Tensor qmatmul_factored(torch::Tensor x, torch::Tensor codes, torch::Tens
   sw.sc = sc.data_ptr<int8_t>();
   sw.mi = mi.data_ptr<int8_t>();
   sw.superblock = superblock;
+  return qmatmul_impl(x, codes, sw, n, k, group, bits, path_name);
+}
+
+// Block scales: s = d, z = -offset * d; d float16 [N/16, K/G, 16] (Q4_0, Q5_0, Q8_0).
+torch::Tensor qmatmul_block(torch::Tensor x, torch::Tensor codes, torch::Tensor d, double offset,
+                            int64_t n, int64_t k, int64_t group, int64_t bits,
+                            const std::string& path_name) {
+  check_codes(x, codes, n, k, group, bits);
+  check_lanes(d, "d", torch::kFloat16, n / LANES, k / group);
+  TORCH_CHECK(offset >= 0 && offset < 256 && offset == static_cast<double>(static_cast<int>(offset)),
+              "the code offset must be an integer in 0..255");
+  Scales sw;
+  sw.wd = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  sw.superblock = group;
+  sw.neg_offset = -static_cast<float>(offset);
   return qmatmul_impl(x, codes, sw, n, k, group, bits, path_name);
 }
 
@@ -776,6 +808,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("codes"), py::arg("d"), py::arg("dm"), py::arg("sc"),
         py::arg("mi"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("superblock"),
         py::arg("bits"), py::arg("path") = "");
+  m.def("qmatmul_block", &qmatmul_block,
+        "x [M,K] @ tiled quantized weight with one float16 scale per group (s = d, z = -offset d)",
+        py::arg("x"), py::arg("codes"), py::arg("d"), py::arg("offset"), py::arg("n"),
+        py::arg("k"), py::arg("group"), py::arg("bits"), py::arg("path") = "");
   m.def("rmsnorm", &rmsnorm, "(x * r) * weight per row", py::arg("x"), py::arg("weight"),
         py::arg("eps"), py::arg("path") = "");
   m.def("silu_mul", &silu_mul, "silu(gate) * up", py::arg("gate_up"),

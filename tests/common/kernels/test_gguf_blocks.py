@@ -12,11 +12,13 @@ import torch
 from common import model_catalog
 from common.kernels import gguf_blocks
 from common.kernels.gguf_blocks import SUPPORTED, decode, decode_rows, read_index, row_bytes
+from common.kernels.packing import BlockScales
 
 T = gguf.GGMLQuantizationType
 # byte offsets of each block's fp16 fields (the rest of a block is any bytes at all)
 FP16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2)}
 FP16_FIELDS[T.Q6_K] = (208,)
+BLOCK_OFFSET = {T.Q4_0: 8, T.Q5_0: 16, T.Q8_0: 128}
 GROUP_BITS = {T.Q4_0: (32, 4), T.Q4_1: (32, 4), T.Q4_K: (32, 4)}
 GROUP_BITS |= {T.Q5_0: (32, 5), T.Q6_K: (16, 6), T.Q8_0: (32, 8)}
 MAX_CODE = {T.Q4_0: 15, T.Q4_1: 15, T.Q4_K: 15, T.Q5_0: 31, T.Q6_K: 63, T.Q8_0: 255}
@@ -41,7 +43,11 @@ def assert_exact(data: np.ndarray, qtype: T, n: int, k: int) -> gguf_blocks.RowW
     assert int(weight.u.max()) <= MAX_CODE[qtype]
     assert torch.equal(weight.dequantize(), expected)
     assert weight.factors is not None, "d or dm not a float16"
-    assert weight.factors.superblock == gguf.GGML_QUANT_SIZES[qtype][0]
+    if qtype in BLOCK_OFFSET:  # one float16 scale per group, the codes offset by a constant
+        assert isinstance(weight.factors, BlockScales)
+        assert weight.factors.offset == BLOCK_OFFSET[qtype]
+    else:
+        assert weight.factors.superblock == gguf.GGML_QUANT_SIZES[qtype][0]
     s, z = weight.factors.scales()  # the file's factors give s and z to the bit (zero's sign too)
     assert torch.equal(s.view(torch.int32), weight.s.view(torch.int32))
     assert torch.equal(z.view(torch.int32), weight.z.view(torch.int32))
@@ -49,13 +55,17 @@ def assert_exact(data: np.ndarray, qtype: T, n: int, k: int) -> gguf_blocks.RowW
 
 
 def test_factors_fall_back_where_a_product_overflows_float16():
-    """Q8_0's dm = -128 d is no float16 for |d| > 511.75: that tensor keeps float32 s and z."""
+    """Q6_K's dm = -32 d is no float16 for |d| > 2047: that tensor keeps float32 s and z. Block
+    scales keep d alone (z = -128 d in float32), so a Q8_0 d of 1000 keeps them."""
+    data = random_blocks(T.Q6_K, 16, 256)  # one block per row
+    data[0, 208:210] = np.frombuffer(np.float16(4000.0).tobytes(), dtype=np.uint8)
+    weight = decode(data, T.Q6_K, 16, 256)
+    assert weight.factors is None
+    expected = gguf.quants.dequantize(data, T.Q6_K).reshape(16, 256)
+    assert torch.equal(weight.dequantize(), torch.from_numpy(expected))
     data = random_blocks(T.Q8_0, 16, 64)
     data[0, :2] = np.frombuffer(np.float16(1000.0).tobytes(), dtype=np.uint8)
-    weight = decode(data, T.Q8_0, 16, 64)
-    assert weight.factors is None
-    expected = gguf.quants.dequantize(data, T.Q8_0).reshape(16, 64)
-    assert torch.equal(weight.dequantize(), torch.from_numpy(expected))
+    assert float(assert_exact(data, T.Q8_0, 16, 64).z[0, 0]) == -128_000.0
 
 
 @pytest.mark.parametrize("qtype", sorted(SUPPORTED), ids=lambda t: t.name)

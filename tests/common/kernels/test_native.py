@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.kernels import native, reference
-from common.kernels.packing import tile
+from common.kernels.packing import BlockScales, tile
 from tests.common.kernels.test_reference import (
     FACTORED_KINDS,
     MAX_ROWS,
@@ -16,6 +16,7 @@ from tests.common.kernels.test_reference import (
     Attention,
     assert_rows_invariant,
     attention_op,
+    random_block_weight,
     random_factored_weight,
     random_weight,
 )
@@ -49,6 +50,8 @@ def native_qmatmul(ext, x, t, path=""):
     f = t.factors
     if f is None:
         return ext.qmatmul(x, t.codes, t.s, t.z, t.n, t.k, t.group, t.bits, path)
+    if isinstance(f, BlockScales):
+        return ext.qmatmul_block(x, t.codes, f.d, f.offset, t.n, t.k, t.group, t.bits, path)
     args = (t.n, t.k, t.group, f.superblock, t.bits, path)
     return ext.qmatmul_factored(x, t.codes, f.d, f.dm, f.sc, f.mi, *args)
 
@@ -68,6 +71,30 @@ def test_qmatmul_factored_bit_identical(ext, bits, group, superblock):
         expected = reference.qmatmul(x[:m], w)
         for path in paths(ext):
             assert torch.equal(native_qmatmul(ext, x[:m], t, path), expected), (m, path)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_qmatmul_block_scales_bit_identical(ext, bits):
+    """The kernel reads d alone (Q4_0, Q5_0, Q8_0) and makes z = -offset * d: the reference's
+    bits on every path."""
+    w = random_block_weight(48, 512, bits, seed=bits)
+    t = tile(w)
+    assert isinstance(t.factors, BlockScales) and t.s is None
+    x = torch.randn(max(FACTORED_ROW_COUNTS), 512, generator=torch.Generator().manual_seed(6))
+    x[3, :32] = 0.0
+    for m in FACTORED_ROW_COUNTS:
+        expected = reference.qmatmul(x[:m], w)
+        for path in paths(ext):
+            assert torch.equal(native_qmatmul(ext, x[:m], t, path), expected), (m, path)
+
+
+def test_qmatmul_block_scales_checks(ext):
+    t = tile(random_block_weight(16, 256, 5))
+    x = torch.randn(1, 256)
+    with pytest.raises(RuntimeError, match="offset"):
+        ext.qmatmul_block(x, t.codes, t.factors.d, 16.5, 16, 256, 32, 5)
+    with pytest.raises(RuntimeError, match="d must be"):
+        ext.qmatmul_block(x, t.codes, t.factors.d.float(), 16, 16, 256, 32, 5)
 
 
 def test_qmatmul_factored_checks_shapes(ext):
@@ -171,11 +198,13 @@ def check_across_threads(store, key, threads, out):
 
 @pytest.mark.parametrize(
     ("bits", "group", "superblock"),
-    [(4, 32, None), (8, 16, None), (4, 32, 256), (6, 16, 256), (5, 32, 32)],
+    [(4, 32, None), (8, 16, None), (4, 32, 256), (6, 16, 256), (5, 32, 32), (5, 32, "block")],
 )
 def test_qmatmul_invariant(ext, threads, across_threads, bits, group, superblock):
     if superblock is None:
         t = tile(random_weight(1536, 576, group, bits, seed=12))
+    elif superblock == "block":  # one float16 scale per group
+        t = tile(random_block_weight(1536, 768, bits, seed=12))
     else:  # factored scales
         t = tile(random_factored_weight(1536, 768, group, bits, superblock, seed=12))
     x = torch.randn(MAX_ROWS, t.k, generator=torch.Generator().manual_seed(13))

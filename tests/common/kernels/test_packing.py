@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.kernels.packing import Factors, RowWeight, concat, tile, untile
+from common.kernels.packing import BlockScales, Factors, RowWeight, concat, tile, untile
 from tests.common.kernels.test_reference import (
     FACTORED_KINDS,
+    random_block_weight,
     random_factored_weight,
     random_weight,
 )
@@ -88,3 +89,26 @@ def test_five_bit_codes_need_groups_of_32():
     with pytest.raises(ValueError, match="groups of 32"):
         RowWeight(u, torch.ones(16, 4), torch.zeros(16, 4), bits=5)
     assert RowWeight(u, torch.ones(16, 2), torch.zeros(16, 2), bits=5).group == 32
+
+
+@pytest.mark.parametrize(("bits", "per_weight"), [(4, 4.5), (5, 5.5), (8, 8.5)])
+def test_block_scales_round_trip(bits, per_weight):
+    """Q4_0, Q5_0 and Q8_0 stream d alone: the file's bits per weight."""
+    w = random_block_weight(48, 512, bits, seed=5)
+    t = tile(w)
+    assert isinstance(t.factors, BlockScales) and tuple(t.factors.d.shape) == (3, 16, 16)
+    assert t.nbytes() * 8 / w.u.numel() == per_weight
+    back = untile(t)
+    assert torch.equal(back.u, w.u) and back.factors.offset == w.factors.offset
+    assert_same_bits(back.s, w.s)
+    assert_same_bits(back.z, w.z)
+
+
+def test_concat_keeps_block_scales_of_one_offset():
+    a, b = random_block_weight(16, 256, 5, seed=1), random_block_weight(32, 256, 5, seed=2)
+    both = concat([a, b])
+    assert isinstance(both.factors, BlockScales) and both.factors.d.shape == (48, 8)
+    assert_same_bits(both.z, torch.cat([a.z, b.z]))
+    eight = random_block_weight(16, 256, 8, seed=3)
+    mixed = RowWeight(eight.u & 0x1F, eight.s, eight.z, 5, eight.factors)  # offset 128
+    assert concat([a, mixed]).factors is None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.kernels import reference
-from common.kernels.packing import Factors, RowWeight
+from common.kernels.packing import BlockScales, Factors, RowWeight
 
 ROW_COUNTS = [*range(1, 71), 128, 256, 257, 511, 512, 513]
 MAX_ROWS = max(ROW_COUNTS)
@@ -44,6 +44,17 @@ def random_factored_weight(
 
     factors = Factors(halves(), halves(), small(), small(), superblock)
     return RowWeight(u, *factors.scales(), bits, factors)
+
+
+def random_block_weight(n: int, k: int, bits: int, seed: int = 0) -> RowWeight:
+    """Random codes and one random float16 scale per group of 32 (Q4_0, Q5_0, Q8_0's shape:
+    ``z = -offset * d``, offset ``2 ** (bits - 1)``), zeros, subnormals and negatives among them."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
+    d = (torch.randn(n, k // 32, generator=gen) * 1e-3).half()
+    d.view(-1)[:5] = torch.tensor([0.0, 6e-8, -3e-6, -0.0, 60000.0]).half()
+    block = BlockScales(d, 2 ** (bits - 1))
+    return RowWeight(u, *block.scales(), bits, block)
 
 
 # (bits, group, super-block): Q4_K's, Q6_K's, Q8_0's, Q5_0's and Q4_0 / Q4_1's shapes
