@@ -70,7 +70,7 @@ from benchmarks import llama_cpp
 from benchmarks.load_test import one_request
 from benchmarks.report import figure, percentile, ratio, to_jsonable, write_json
 from benchmarks.systems import scrape
-from deploy.harness import complete, launched, with_metrics_ports
+from deploy.harness import complete, launched, status_kb, with_metrics_ports
 
 SYSTEMS = ("generate", "target", "pipespec-k2", "pipespec-k3", "llama-server", "llama-server-np1")
 SERVED = {"target": "pipespec-k1", "pipespec-k2": "pipespec-k2", "pipespec-k3": "pipespec-k3"}
@@ -542,24 +542,12 @@ def serve_interleaved(
                         continue
                     log(f"{system} clients={clients} repeat={repeat}: {summary_line(rounds[-1])}")
         for system, served in served_systems.items():
-            peaks = {name: peak_rss_gb(pid) for name, pid in served.pids.items()}
+            peaks = {name: status_kb(pid, "VmHWM") for name, pid in served.pids.items()}
             log(
                 f"{system} peak RSS (VmHWM), GB: "
-                + ", ".join(f"{name} {gb:.2f}" for name, gb in peaks.items() if gb is not None)
+                + ", ".join(f"{name} {kb * 1024 / 1e9:.2f}" for name, kb in peaks.items() if kb)
             )
     return rounds, errors
-
-
-def peak_rss_gb(pid: int) -> float | None:
-    """A live process's peak resident set (``VmHWM`` of ``/proc/PID/status``), in GB (None:
-    gone, or no ``/proc``)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        return None
-    return None
 
 
 def served_request(client, pid, res, encode, reference: dict[str, str] | None) -> Request:

@@ -48,7 +48,7 @@ from benchmarks.load_test import (
     save_simulation_tokenizer,
     simulated_config,
 )
-from deploy.harness import launched, on_loopback
+from deploy.harness import launched, on_loopback, status_kb
 from deploy.launch import LaunchError, System, read_config
 
 SIM_MAX_TOKENS = 64
@@ -104,13 +104,7 @@ def request_errors(results: Sequence[Result], exact_tokens: int | None) -> list[
 
 def rss_mb(pid: int) -> float:
     """VmRSS in MB; 0 for a process that is gone (exited, between restarts)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return (status_kb(pid, "VmRSS") or 0) / 1024
 
 
 def open_fds(pid: int) -> int:

@@ -341,6 +341,23 @@ class StageEngine:
         passes to come, over every running request (``lead_advice.wanted_drafts``)."""
         now = self.clock()
         running = [r for r in self.requests.values() if self.schedule.wants_pass(r, now)]
+        if self.config.max_drafting_load is not None:  # the cores rule's cap on the load
+            self._loads.append(len(running))
+            over = not drafting_allowed(self._loads, self.config.max_drafting_load)
+            for r in running:  # a request that ran above the cap ends without drafts
+                r.over_drafting_load = r.over_drafting_load or over
+        if all(r.over_drafting_load for r in running):
+            wanted = [0] * len(running)  # nothing to weigh
+        else:
+            wanted = self._wanted_drafts(running)
+            wanted = [0 if r.over_drafting_load else w for r, w in zip(running, wanted)]
+        by_request = {r.request_id: w for r, w in zip(running, wanted)}
+        for p in plan:
+            p.r.lead = replace(p.r.lead, wanted=by_request.get(p.r.request_id, 0))
+
+    def _wanted_drafts(self, running: list[LevelRequest]) -> list[int]:
+        """What the draft policy would check per running request, from the finished requests'
+        record (``lead_advice.evidence``) and each request's own acceptance so far."""
         prior, on_time, sharing = lead_advice.evidence(self._record, self.config.sharing_cost)
         chances = [
             lead_advice.draft_chances(
@@ -351,7 +368,7 @@ class StageEngine:
         # under the cores rule a late drafter costs passes, not drafts (draft_lengths' reach)
         reach = [t for _, t in chances] if sharing > 1.0 else None
         values = [a for a, _ in chances] if reach else [a * t for a, t in chances]
-        wanted = lead_advice.wanted_drafts(
+        return lead_advice.wanted_drafts(
             values,
             self.config.draft_cap,
             self.backend.cost_curve,
@@ -359,15 +376,6 @@ class StageEngine:
             sharing,
             reach,
         )
-        if self.config.max_drafting_load is not None:  # the cores rule's cap on the load
-            self._loads.append(len(running))
-            over = not drafting_allowed(self._loads, self.config.max_drafting_load)
-            for r in running:  # a request that ran above the cap ends without drafts
-                r.over_drafting_load = r.over_drafting_load or over
-            wanted = [0 if r.over_drafting_load else w for r, w in zip(running, wanted)]
-        by_request = {r.request_id: w for r, w in zip(running, wanted)}
-        for p in plan:
-            p.r.lead = replace(p.r.lead, wanted=by_request.get(p.r.request_id, 0))
 
     def _apply_cores_rule(self, plan: list[PlannedRun]) -> None:
         """Threads for this pass (``draft_policy.pass_threads``), set only when they change."""

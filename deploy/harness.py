@@ -147,6 +147,18 @@ def launched(
     return running(System(plan, log_dir), **options)
 
 
+def status_kb(pid: int, field: str) -> int | None:
+    """One ``kB`` field of a live process's ``/proc/PID/status`` (``VmRSS``, ``VmHWM``, ...); None
+    when the process is gone or there is no ``/proc``."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def exit_codes(system: System) -> dict[str, int | None]:
     return {c.spec.name: c.process.returncode for c in system.children}
 

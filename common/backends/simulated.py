@@ -75,10 +75,6 @@ class SimulatedBackend(HistoryBackend):
             f"simulated-{vocab}" if tokenizer is None else _fingerprint_of(tokenizer, vocab)
         )
 
-    @property
-    def tokenizer_fingerprint(self) -> str | None:
-        return self._fingerprint
-
     def pass_seconds(self, batch_tokens: int) -> float:
         """What a pass over ``batch_tokens`` tokens (all requests together) costs."""
         if self.cost_per_token_ms:

@@ -63,3 +63,17 @@ def test_a_shipped_config_on_loopback_moves_off_its_fixed_ports(monkeypatch):
     registry = f"tcp://127.0.0.1:{gateway.registry_port}"
     assert all(c.env["PIPESPEC_STAGE_GATEWAY"] == registry for c in plan.children[1:])
     assert shipped["gateway"]["http_port"] == 8000  # the file's own config is left alone
+
+
+def test_status_kb_reads_a_live_process_and_none_for_a_gone_one():
+    import os
+    import subprocess
+    import sys
+
+    rss = harness.status_kb(os.getpid(), "VmRSS")
+    assert rss is not None and rss > 1000  # a Python with pytest: more than a megabyte
+    assert harness.status_kb(os.getpid(), "VmHWM") >= rss
+    assert harness.status_kb(os.getpid(), "NoSuchField") is None
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: no /proc entry
+    assert harness.status_kb(gone.pid, "VmRSS") is None

@@ -62,7 +62,7 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
             t.start()
         time.sleep(3)
         old = (first.process, metrics_port, tmp_path / "logs" / "stage1.log")
-        joined: list[subprocess.Popen] = []
+        joined: list[tuple[subprocess.Popen, int]] = []  # (process, metrics port)
         moved_at = None
         try:
             deadline = time.monotonic() + 120
@@ -80,13 +80,13 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
                 if unfinished_at_drain(old[2]) > 0:
                     moved_at = done_at_sigterm
                     break
-                old = (joined[-1], joined[-1].metrics_port, tmp_path / f"replica{attempt}.log")
+                old = (*joined[-1], tmp_path / f"replica{attempt}.log")
             time.sleep(4)
         finally:
             stop.set()
             for t in threads:
                 t.join(timeout=180)
-            for proc in joined:
+            for proc, _ in joined:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=30)
@@ -101,12 +101,12 @@ def test_add_replica_then_sigterm_the_first(tmp_path):
     want = {p: oracle.text(oracle.ids(p, MAX_TOKENS)) for p in prompts}
     wrong = [p for p, r in results if r["choices"][0]["text"] != want[p]]
     assert not wrong, f"{len(wrong)} of {len(results)} differ from the target's greedy output"
-    assert first.process.returncode == 0 and all(p.returncode == 0 for p in joined)
+    assert first.process.returncode == 0 and all(p.returncode == 0 for p, _ in joined)
 
 
-def start_replica(env: dict[str, str], log_path) -> subprocess.Popen:
-    """One more target replica with the first one's settings and its own metrics port (kept as
-    ``.metrics_port`` on the process)."""
+def start_replica(env: dict[str, str], log_path) -> tuple[subprocess.Popen, int]:
+    """One more target replica with the first one's settings and its own metrics port: the
+    process and that port."""
     port = free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -116,8 +116,7 @@ def start_replica(env: dict[str, str], log_path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    proc.metrics_port = port
-    return proc
+    return proc, port
 
 
 def unfinished_at_drain(log_path) -> int:
