@@ -163,6 +163,10 @@ def check_start(msg: Start, level: int, replica: str, backend: BatchedBackend) -
     target = level == len(msg.route) - 1
     if target and not backend.can_verify:
         return f"backend {backend.kind!r} cannot be the target"
+    if target and not backend.can_target:
+        return (
+            "this stage scores only part of the vocabulary (draft_vocab): it cannot be the target"
+        )
     return _check_sizes(msg, backend) or _check_options(msg, target, backend)
 
 

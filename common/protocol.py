@@ -223,6 +223,7 @@ class Heartbeat(Message):
     model: str = ""
     backend: str = ""
     can_verify: bool = True
+    can_target: bool = True  # False: scores part of the vocabulary only (a drafter's draft_vocab)
     tokenizer_fingerprint: str | None = None  # None: works on raw ids (n-gram)
     max_context: int = 0  # positions; 0 = unknown
     restarts: int = Field(default=0, ge=0)  # times a supervisor restarted this replica

@@ -62,6 +62,13 @@ class StageSettings(TransportSettings):
         "above it (the launcher sets 1 for a target sharing its machine); None: the draft policy "
         "alone decides",
     )
+    draft_vocab: int | None = Field(
+        None,
+        ge=16,
+        description="quantized drafter: score only token ids 0 .. draft_vocab - 1 (the first rows "
+        "of its head, a multiple of 16), so each token reads a fraction of the head; drafts only "
+        "(a stage with it refuses to be the target); None: the whole vocabulary",
+    )
     early_exit_layers: int | None = Field(None, ge=1, description="early-exit: layers kept")
     ngram_max: int = Field(3, ge=1, description="n-gram drafter: longest suffix to match")
     ngram_min: int = Field(1, ge=1, description="n-gram drafter: shortest suffix to match")
@@ -149,6 +156,8 @@ class StageSettings(TransportSettings):
             raise ValueError("backend 'early-exit' needs `early_exit_layers`")
         if self.ngram_min > self.ngram_max:
             raise ValueError("ngram_min must be <= ngram_max")
+        if self.draft_vocab is not None and self.backend != "quantized":
+            raise ValueError("draft_vocab is a setting of the quantized backend")
         return self
 
     def engine_config(self) -> EngineConfig:

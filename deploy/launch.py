@@ -251,6 +251,11 @@ def plan_from_config(config: dict[str, Any]) -> Plan:
         except ValueError as exc:
             raise LaunchError(f"[[stages]] #{i + 1}: {exc}") from None
         levels.add(stage.level)
+        if stage.level == gateway.num_levels - 1 and stage.draft_vocab is not None:
+            raise LaunchError(
+                f"[[stages]] #{i + 1}: draft_vocab is for drafters; the target (level "
+                f"{stage.level}) scores the whole vocabulary"
+            )
         if stage.level == gateway.num_levels - 1 and target is None:
             target = stage
         for r in range(replicas):

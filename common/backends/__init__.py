@@ -49,6 +49,7 @@ def load_backend(settings: StageSettings) -> BatchedBackend:
             threads=settings.threads,
             name=settings.model,
             tokenizer=settings.tokenizer or str(tokenizer),
+            draft_vocab=settings.draft_vocab,
         )
     if settings.backend in ("hf", "early-exit"):
         from common.backends.batched_hf import HFBatchedBackend

@@ -98,6 +98,7 @@ class BatchedBackend(ABC):
     name: str = ""
     kind: str = ""
     can_verify: bool = True  # False: may only draft (level 0)
+    can_target: bool = True  # False: its logits are not the model's (a drafter's pruned head)
     has_logits: bool = True  # False: greedy predictions only (no sampling, no logprobs)
     max_context: int = 0  # positions per request; 0 = unbounded
     vocab_size: int = 0  # token ids it accepts are 0 .. vocab_size - 1; 0 = any

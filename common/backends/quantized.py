@@ -38,7 +38,7 @@ from common import kernels
 from common.backends.batched import Run, RunResult
 from common.backends.gguf_model import GGUFTensors, ModelShape
 from common.backends.pooled import PooledRunner
-from common.kernels.packing import concat
+from common.kernels.packing import LANES, concat, first_rows
 
 log = structlog.get_logger()
 
@@ -160,6 +160,7 @@ class QuantizedRunner(PooledRunner):
         threads: int | None = None,
         name: str | None = None,
         tokenizer: str | None = None,
+        draft_vocab: int | None = None,
     ):
         if threads is not None:
             torch.set_num_threads(threads)
@@ -177,7 +178,7 @@ class QuantizedRunner(PooledRunner):
             self.layers = [_Layer(tensors, i) for i in range(shape.layers)]
             self.norm = tensors.vector("output_norm.weight")
             head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-            self.head = _Projection([tensors.weight(head)], [None])
+            self.head = _Projection([self._head_weight(tensors.weight(head), draft_vocab)], [None])
         self._new_pool(kv_pool_tokens, block_size)
         log.info(
             "quantized_runner_ready",
@@ -186,6 +187,18 @@ class QuantizedRunner(PooledRunner):
             threads=torch.get_num_threads(),
             seconds=round(time.perf_counter() - started, 1),
         )
+
+    def _head_weight(self, weight, draft_vocab: int | None):
+        """The head, or for a drafter with ``draft_vocab`` its first rows: logits for token ids
+        ``0 .. draft_vocab - 1`` only (each the full head's, bit for bit), so a drafter reads a
+        fraction of the head (BPE vocabularies list tokens in merge order, roughly the most
+        frequent first). Such a runner may draft and verify drafts, never be the target."""
+        if draft_vocab is None or draft_vocab >= weight.n:
+            return weight
+        if draft_vocab % LANES:
+            raise ValueError(f"draft_vocab {draft_vocab} must be a multiple of {LANES}")
+        self.can_target = False
+        return first_rows(weight, draft_vocab)
 
     # -- the pool ---------------------------------------------------------------------------------
 

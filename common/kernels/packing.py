@@ -310,6 +310,28 @@ def untile(t: TiledWeight) -> RowWeight:
     return RowWeight(u.contiguous(), *factors.scales(), t.bits, factors)
 
 
+def first_rows(w: RowWeight, n: int) -> RowWeight:
+    """Output features ``0 .. n - 1`` of ``w`` (new tensors): each computed as in ``w``.
+
+    >>> w = RowWeight(torch.arange(64, dtype=torch.uint8).view(32, 2), torch.ones(32, 1),
+    ...               torch.zeros(32, 1), bits=8)
+    >>> first_rows(w, 16).u.shape, int(first_rows(w, 16).u[15, 1])
+    (torch.Size([16, 2]), 31)
+    """
+    if not 0 < n <= w.n:
+        raise ValueError(f"{n} rows of a {w.n}-row weight")
+
+    def head(t: torch.Tensor) -> torch.Tensor:
+        return t[:n].contiguous()
+
+    f = w.factors
+    if isinstance(f, BlockScales):
+        f = BlockScales(head(f.d), f.offset)
+    elif f is not None:
+        f = Factors(head(f.d), head(f.dm), head(f.sc), head(f.mi), f.superblock)
+    return RowWeight(head(w.u), head(w.s), head(w.z), w.bits, f)
+
+
 def concat(weights: list[RowWeight]) -> RowWeight:
     """Stack weights along the output features (q, k and v; gate and up): one call instead of
     several, with every column computed as it would be alone."""

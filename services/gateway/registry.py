@@ -225,6 +225,8 @@ class ReplicaRegistry:
             return f"level {hb.level} is not below num_levels={self.num_levels}"
         if hb.level == self.target_level and not hb.can_verify:
             return f"level {hb.level} is the target but backend {hb.backend!r} cannot verify"
+        if hb.level == self.target_level and not hb.can_target:
+            return f"level {hb.level} is the target but scores only part of the vocabulary"
         fp = hb.tokenizer_fingerprint
         if (
             fp is not None

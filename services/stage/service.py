@@ -232,6 +232,7 @@ class StageService:
             model=b.name,
             backend=b.kind,
             can_verify=b.can_verify,
+            can_target=b.can_target,
             tokenizer_fingerprint=b.tokenizer_fingerprint,
             max_context=b.max_context,
             restarts=self.settings.restarts,

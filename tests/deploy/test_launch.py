@@ -81,6 +81,11 @@ def test_free_ports_are_never_handed_out_twice_even_when_the_os_offers_one_again
         (lambda c: c["gateway"].pop("num_levels"), "[gateway]"),
         (lambda c: c.update(stage=[]), "unknown top-level key(s) ['stage']"),
         (lambda c: c["stages"][0].update(model="@no-such-model"), "unknown model 'no-such-model'"),
+        (lambda c: c["stages"][1].update(draft_vocab=64), "a setting of the quantized backend"),
+        (
+            lambda c: c["stages"][1].update(backend="quantized", draft_vocab=64),
+            "draft_vocab is for drafters",
+        ),
     ],
 )
 def test_config_errors_say_what_is_wrong(change, words):

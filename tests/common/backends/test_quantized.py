@@ -258,3 +258,31 @@ def test_smollm2_prefills_equal_one_token_at_a_time(smollm2, threads):
     rng = random.Random(11)
     seq = [rng.randrange(100, 40000) for _ in range(513)]
     prefills_equal_one_token_at_a_time(smollm2, seq, (128, 256, 257, 511, 512, 513), threads)
+
+
+def test_a_draft_vocabulary_scores_the_first_token_ids_as_the_whole_head_does(tiny):
+    """``draft_vocab``: the logits of token ids below it, bit for bit the full runner's, and a
+    runner that refuses to be the target (it may still draft, and verify the level below)."""
+    from common.level_request import check_start
+    from common.protocol import RouteHop, Start
+
+    full = QuantizedRunner(str(tiny), kv_pool_tokens=256)
+    part = QuantizedRunner(str(tiny), kv_pool_tokens=256, draft_vocab=48)
+    seq = [5, 6, 7, 40, 41, 9, 9, 77]
+    for runner in (full, part):
+        runner.open("a", 16)
+    want = full.step([Run("a", seq)])["a"]
+    got = part.step([Run("a", seq)])["a"]
+    assert got.logits.shape == (len(seq), 48) and full.can_target and not part.can_target
+    assert torch.equal(got.logits, want.logits[:, :48])
+    assert got.greedy == got.logits.argmax(dim=-1).tolist()
+
+    hops = [
+        RouteHop(level=i, replica=f"r{i}", inbox="tcp://x:1", notices="tcp://x:2") for i in (0, 1)
+    ]
+    start = Start(request_id="q", prompt=[5, 6], max_tokens=4, route=hops, reply_to="tcp://g:3")
+    assert check_start(start, 0, "r0", part) is None  # a drafter
+    assert "cannot be the target" in check_start(start, 1, "r1", part)
+    assert check_start(start, 1, "r1", full) is None
+    with pytest.raises(ValueError, match="multiple of 16"):
+        QuantizedRunner(str(tiny), kv_pool_tokens=256, draft_vocab=40)

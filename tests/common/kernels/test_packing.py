@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.kernels.packing import BlockScales, Factors, RowWeight, concat, tile, untile
+from common.kernels.packing import BlockScales, Factors, RowWeight, concat, first_rows, tile, untile
 from tests.common.kernels.test_reference import (
     FACTORED_KINDS,
     random_block_weight,
@@ -112,3 +112,19 @@ def test_concat_keeps_block_scales_of_one_offset():
     eight = random_block_weight(16, 256, 8, seed=3)
     mixed = RowWeight(eight.u & 0x1F, eight.s, eight.z, 5, eight.factors)  # offset 128
     assert concat([a, mixed]).factors is None
+
+
+@pytest.mark.parametrize("kind", ["float32", "factored", "block"])
+def test_first_rows_keep_every_row_as_it_was(kind):
+    w = {
+        "float32": lambda: random_weight(48, 64, 16, 8, seed=4),
+        "factored": lambda: random_factored_weight(48, 512, 32, 4, 256, seed=4),
+        "block": lambda: random_block_weight(48, 512, 5, seed=4),
+    }[kind]()
+    head = first_rows(w, 32)
+    assert torch.equal(head.u, w.u[:32]) and type(head.factors) is type(w.factors)
+    assert_same_bits(head.s, w.s[:32])
+    assert_same_bits(head.z, w.z[:32])
+    assert torch.equal(tile(head).codes, tile(w).codes[:2])
+    with pytest.raises(ValueError, match="rows"):
+        first_rows(w, 49)

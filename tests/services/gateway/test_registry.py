@@ -75,6 +75,7 @@ def test_missing_level_is_named(registry):
         ),
         (beat("too-high", 3), "level 3 is not below num_levels=3"),
         (beat("weak-target", 2, can_verify=False), "is the target but backend"),
+        (beat("pruned-target", 2, can_target=False), "only part of the vocabulary"),
     ],
 )
 def test_refused_replicas_are_counted_remembered_and_never_routed(registry, hb, reason):
