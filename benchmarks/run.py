@@ -89,6 +89,7 @@ MODEL_SETS = {
         "mid": "qwen2.5-coder-0.5b",
         "mid_layers": None,
         "drafter_cost": 0.0,
+        "mid_draft_vocab": 65536,  # the quantized 0.5B's, as deploy/configs/qwen-k3.toml
         "names": ("n-gram", "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B"),
     },
     "smollm2": {
@@ -133,6 +134,8 @@ def real_stages(
             raise SystemExit("the quantized runner has no early-exit drafter: use --models qwen")
         target = {"backend": "quantized", "model": f"@{models['target']}"}
         mid = {"backend": "quantized", "model": f"@{models['mid']}"}
+        if models.get("mid_draft_vocab"):
+            mid["draft_vocab"] = models["mid_draft_vocab"]
         overrides = {k_: v for k_, v in overrides.items() if k_ != "dtype"}
     else:
         target = {"backend": "hf", "model": str(model_dir(models["target"])), "threads": 1}

@@ -10,8 +10,8 @@ Systems, each behind an OpenAI ``/v1/completions`` endpoint and driven by the sa
 client (``benchmarks.load_test.one_request``), one request at a time:
     target        our services, k=1: Qwen2.5-Coder-1.5B on the quantized runner, every core
     pipespec-k3   our services: n-gram -> 0.5B -> 1.5B, quantized, the launcher's cores rule,
-                  ``drafter_cost`` 0 (one client: drafts are always worth checking; the shipped
-                  deploy/configs/qwen-k3.toml sets 0.2 for load)
+                  as deploy/configs/qwen-k3.toml (``drafter_cost`` 0, the 0.5B's ``draft_vocab``
+                  65536)
     llama-ar      ``llama-server -np 1 -t 2 -tb 2`` on the 1.5B file
     llama-spec-N  ``llama-server -md <0.5B> --spec-type draft-simple --spec-draft-n-max N -t 2
                   -tb 2 -td 2 --poll 0`` (N: --spec-n; no polling: its two thread pools take
@@ -52,7 +52,7 @@ OURS = {
     "target": [{"level": 0, "backend": "quantized", "model": f"@{TARGET}"}],
     "pipespec-k3": [
         {"level": 0, "backend": "ngram"},
-        {"level": 1, "backend": "quantized", "model": f"@{DRAFT}"},
+        {"level": 1, "backend": "quantized", "model": f"@{DRAFT}", "draft_vocab": 65536},
         {"level": 2, "backend": "quantized", "model": f"@{TARGET}"},
     ],
 }
